@@ -1,0 +1,59 @@
+"""The task message that crosses TasksQueue (one per input row), and the names derived from it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Literal
+
+from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
+from pydantic import BaseModel, ConfigDict, Field, Json
+
+TASK_VERSION = 1
+MAX_PROMPT_CHARS = 4000
+MAX_ROW_ID_CHARS = 256
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
+DEFAULT_SIDE = 1024
+MAX_IMAGES_PER_ROW = 4
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class ImageTask(BaseModel):
+    """One row of an input file, ready for the image API. Version 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = TASK_VERSION
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    row_id: str = Field(min_length=1, max_length=MAX_ROW_ID_CHARS)
+    row_number: int = Field(ge=1, description="1-based data row in the input file (header excluded)")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    width: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)
+    height: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_ROW, description="images to make for this row")
+    model: str | None = Field(None, description="overrides ATLAS_MODEL for this row")
+
+    @property
+    def image_name(self) -> str:
+        return safe_name(self.row_id)
+
+
+class TaskRecord(SqsRecordModel):
+    """An SQS record whose body is an ImageTask (Powertools parses and validates it)."""
+
+    body: Json[ImageTask]  # type: ignore[assignment]
+
+
+def safe_name(row_id: str) -> str:
+    """A file name made from a row id: only [A-Za-z0-9_-], never empty, never a path.
+
+    Ids that had to be changed get a short hash of the original, so two different ids
+    ("a b" and "a_b") never share a name.
+    """
+    slug = _UNSAFE.sub("_", row_id).strip("_-")[:80] or "row"
+    if slug != row_id:
+        slug = f"{slug}-{hashlib.sha256(row_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return slug

@@ -1,0 +1,247 @@
+"""Reading an input file (CSV or JSONL) row by row, as a stream, and turning each row into a task or a rejection."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagepipe.contract import (
+    DEFAULT_SIDE,
+    MAX_PROMPT_CHARS,
+    MAX_ROW_ID_CHARS,
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_STEP,
+    ImageTask,
+)
+
+KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "width", "height")
+FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+# A prompt is at most 4,000 characters; a field far larger than that is rejected, not a crash.
+csv.field_size_limit(1_000_000)
+
+
+class InputUnreadable(Exception):
+    """The file as a whole cannot be read (no header, no prompt column, unknown format)."""
+
+
+class RowRejected(Exception):
+    """This row cannot become a task; the message says why, in words a user can act on."""
+
+
+@dataclass(frozen=True)
+class RawRow:
+    number: int  # 1-based data row, header excluded
+    values: dict[str, Any] | None  # None when the row could not be parsed at all
+    problem: str | None = None
+
+
+@dataclass
+class ReadReport:
+    """What the reader noticed about the file besides the rows."""
+
+    format: str = "csv"
+    ignored_columns: list[str] = field(default_factory=list)
+    blank_rows: int = 0
+
+
+def format_for_key(key: str) -> str:
+    for suffix, fmt in FORMATS.items():
+        if key.lower().endswith(suffix):
+            return fmt
+    raise InputUnreadable(f"unsupported file type for {key!r}: use a .csv or .jsonl file")
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines (ends kept) from a stream of byte chunks, holding at most one line in memory."""
+    pending = b""
+    for chunk in chunks:
+        lines = (pending + chunk).splitlines(keepends=True)
+        pending = lines.pop() if lines else b""
+        yield from lines
+    if pending:
+        yield pending
+
+
+def decode_lines(byte_lines: Iterable[bytes]) -> Iterator[str]:
+    """Text lines from raw lines. Bytes that are not UTF-8 survive as lone surrogates so the
+    row that holds them can be rejected, instead of the whole file failing."""
+    first = True
+    for raw in byte_lines:
+        text = raw.decode("utf-8", errors="surrogateescape")
+        if first:
+            text = text.removeprefix("\ufeff")
+            first = False
+        yield text
+
+
+def read_rows(lines: Iterable[str], fmt: str, report: ReadReport) -> Iterator[RawRow]:
+    report.format = fmt
+    if fmt == "csv":
+        yield from _read_csv(lines, report)
+    elif fmt == "jsonl":
+        yield from _read_jsonl(lines, report)
+    else:
+        raise InputUnreadable(f"unsupported format {fmt!r}")
+
+
+def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
+    reader = csv.reader(lines)
+    header: list[str] | None = None
+    number = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            if header is None:
+                raise InputUnreadable(f"the CSV header cannot be read: {exc}") from None
+            number += 1
+            yield RawRow(number, None, f"the CSV row cannot be read: {exc}")
+            continue
+        if header is None:
+            header = [name.strip().lower() for name in fields]
+            _check_header(header, report)
+            continue
+        if not any(value.strip() for value in fields):
+            report.blank_rows += 1
+            continue
+        number += 1
+        if len(fields) > len(header):
+            yield RawRow(
+                number,
+                None,
+                f"the row has {len(fields)} fields but the header has {len(header)} "
+                "(quote prompts that contain commas)",
+            )
+            continue
+        yield RawRow(number, dict(zip(header, fields, strict=False)))
+    if header is None:
+        raise InputUnreadable(
+            "the file is empty: expected a header line such as id,prompt,negative_prompt,width,height"
+        )
+
+
+def _check_header(header: list[str], report: ReadReport) -> None:
+    if "prompt" not in header:
+        raise InputUnreadable(
+            f"the CSV header has no 'prompt' column (found: {', '.join(header) or 'nothing'}); "
+            "expected id,prompt,negative_prompt,width,height"
+        )
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise InputUnreadable(f"the CSV header repeats column(s): {', '.join(duplicates)}")
+    report.ignored_columns = [name for name in header if name not in KNOWN_COLUMNS]
+
+
+def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
+    number = 0
+    ignored: set[str] = set()
+    for line in lines:
+        if not line.strip():
+            report.blank_rows += 1
+            continue
+        number += 1
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield RawRow(number, None, f"the line is not valid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(value, dict):
+            yield RawRow(number, None, f"the line is JSON but not an object (got {type(value).__name__})")
+            continue
+        ignored.update(k for k in value if k not in KNOWN_COLUMNS)
+        yield RawRow(number, value)
+    report.ignored_columns = sorted(ignored)
+
+
+def to_task(job_id: str, row: RawRow) -> ImageTask:
+    """The validated task for a row, or RowRejected with the reason."""
+    if row.values is None:
+        raise RowRejected(row.problem or "the row cannot be read")
+    values = row.values
+    for name, value in values.items():
+        if isinstance(value, str) and _has_undecodable_bytes(value):
+            raise RowRejected(f"the {name} is not valid UTF-8 text: save the file as UTF-8")
+    row_id = _row_id(values, row.number)
+    prompt = _text(values.get("prompt"), "prompt")
+    if not prompt:
+        raise RowRejected("the prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RowRejected(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    negative = _text(values.get("negative_prompt"), "negative_prompt")
+    if len(negative) > MAX_PROMPT_CHARS:
+        raise RowRejected(
+            f"the negative_prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}"
+        )
+    return ImageTask(
+        job_id=job_id,
+        row_id=row_id,
+        row_number=row.number,
+        prompt=prompt,
+        negative_prompt=negative,
+        width=_side(values.get("width"), "width"),
+        height=_side(values.get("height"), "height"),
+    )
+
+
+def row_id_of(row: RawRow) -> str | None:
+    """The row's id as written, for reporting a rejected row (None when there is none)."""
+    if row.values is None:
+        return None
+    value = row.values.get("id")
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _row_id(values: dict[str, Any], number: int) -> str:
+    if "id" not in values:
+        return str(number)  # no id column: the row number is the id
+    value = values["id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RowRejected("the id must be text or a whole number")
+    text = str(value).strip()
+    if not text:
+        raise RowRejected("the id is empty")
+    if len(text) > MAX_ROW_ID_CHARS:
+        raise RowRejected(f"the id is {len(text)} characters; the limit is {MAX_ROW_ID_CHARS}")
+    return text
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowRejected(f"the {name} must be text")
+    return value.strip()
+
+
+def _side(value: Any, name: str) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return DEFAULT_SIDE
+    if isinstance(value, bool):
+        raise RowRejected(f"the {name} must be a whole number of pixels")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isdigit():
+            raise RowRejected(f"the {name} {text!r} is not a whole number of pixels")
+        value = int(text)
+    if not isinstance(value, int):
+        raise RowRejected(f"the {name} must be a whole number of pixels")
+    if not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP:
+        raise RowRejected(
+            f"the {name} {value} is out of range: use a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}"
+        )
+    return value
+
+
+def _has_undecodable_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

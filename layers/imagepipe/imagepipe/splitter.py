@@ -1,0 +1,211 @@
+"""Turning one uploaded file into tasks on TasksQueue, and recording what became of every row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from imagepipe.contract import JOB_ID_PATTERN, ImageTask, safe_name
+from imagepipe.layout import STATUS_REJECTED, JobLayout
+from imagepipe.records import now_iso, put_json
+from imagepipe.rows import (
+    InputUnreadable,
+    RawRow,
+    ReadReport,
+    RowRejected,
+    decode_lines,
+    format_for_key,
+    read_rows,
+    row_id_of,
+    split_lines,
+    to_task,
+)
+
+SQS_BATCH = 10
+READ_CHUNK = 256 * 1024
+MANIFEST_SPLITTING, MANIFEST_SPLIT, MANIFEST_UNREADABLE = "splitting", "split", "unreadable"
+
+
+class SendFailed(Exception):
+    """SQS kept refusing some tasks for reasons on its side; the invocation fails and is retried."""
+
+
+@dataclass
+class SplitResult:
+    job_id: str
+    status: str
+    rows: int = 0
+    queued: int = 0
+    rejected: int = 0
+    error: dict[str, str] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def job_id_for(bucket: str, key: str, etag: str, metadata: dict[str, str]) -> str:
+    """The uploader may name the job (object metadata job-id); otherwise the same object
+    always gives the same job id, so a redelivered S3 event does not start a second job."""
+    given = metadata.get("job-id", "")
+    if re.match(JOB_ID_PATTERN, given):
+        return given
+    stem = safe_name(PurePosixPath(key).stem).split("-")[0][:40] or "job"
+    digest = hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:10]
+    return f"{stem}-{digest}"
+
+
+class TaskSender:
+    """Sends tasks ten at a time with SendMessageBatch, resending the entries SQS reports as Failed."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        on_rejected: Callable[[ImageTask, str], None],
+        max_attempts: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._sqs, self._queue_url, self._on_rejected = sqs, queue_url, on_rejected
+        self._max_attempts, self._sleep = max_attempts, sleep
+        self._pending: list[ImageTask] = []
+        self.sent = 0
+
+    def add(self, task: ImageTask) -> None:
+        self._pending.append(task)
+        if len(self._pending) == SQS_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        entries = {str(i): task for i, task in enumerate(self._pending)}
+        self._pending = []
+        for attempt in range(1, self._max_attempts + 1):
+            if not entries:
+                return
+            response = self._sqs.send_message_batch(
+                QueueUrl=self._queue_url,
+                Entries=[{"Id": i, "MessageBody": t.model_dump_json()} for i, t in entries.items()],
+            )
+            self.sent += len(response.get("Successful", []))
+            retry: dict[str, ImageTask] = {}
+            for failure in response.get("Failed", []):
+                task = entries[failure["Id"]]
+                if failure.get("SenderFault"):
+                    # Resending cannot help: the row is rejected with SQS's reason.
+                    self._on_rejected(
+                        task, f"the task could not be queued: {failure.get('Message') or failure['Code']}"
+                    )
+                else:
+                    retry[failure["Id"]] = task
+            entries = retry
+            if entries and attempt < self._max_attempts:
+                self._sleep(min(0.1 * 2**attempt, 2.0))
+        if entries:
+            raise SendFailed(f"SQS did not accept {len(entries)} task(s) after {self._max_attempts} attempts")
+
+
+class RowLog:
+    """rows.jsonl: one line per input row, spooled to disk past a few MB so memory stays flat."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024)  # noqa: SIM115 - closed by split_object
+        self.queued = 0
+        self.rejected = 0
+
+    def write(
+        self, row: int, row_id: str | None, name: str | None, status: str, error: dict | None = None
+    ) -> None:
+        line = {"row": row, "id": row_id, "name": name, "status": status, "n": 1, "error": error}
+        self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+        if status == STATUS_REJECTED:
+            self.rejected += 1
+        else:
+            self.queued += 1
+
+
+def split_object(
+    *, s3: Any, sqs: Any, bucket: str, key: str, queue_url: str, output_bucket: str
+) -> SplitResult:
+    obj = s3.get_object(Bucket=bucket, Key=key)
+    job_id = job_id_for(bucket, key, obj.get("ETag", "").strip('"'), obj.get("Metadata", {}))
+    layout = JobLayout(job_id)
+    source = {
+        "bucket": bucket,
+        "key": key,
+        "etag": obj.get("ETag", "").strip('"'),
+        "size": obj.get("ContentLength"),
+    }
+    started = now_iso()
+    manifest: dict[str, Any] = {
+        "job_id": job_id,
+        "source": source,
+        "status": MANIFEST_SPLITTING,
+        "started_at": started,
+    }
+    put_json(s3, output_bucket, layout.manifest_key, manifest)
+
+    log = RowLog()
+    result = SplitResult(job_id=job_id, status=MANIFEST_SPLIT)
+    report = ReadReport()
+
+    def reject(row: int, row_id: str | None, reason: str) -> None:
+        log.write(row, row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason})
+
+    sender = TaskSender(sqs, queue_url, on_rejected=lambda task, reason: _unqueue(log, task, reason))
+    seen: dict[str, int] = {}
+    try:
+        fmt = format_for_key(key)
+        for raw in read_rows(decode_lines(split_lines(obj["Body"].iter_chunks(READ_CHUNK))), fmt, report):
+            _split_row(raw, job_id, seen, log, reject, sender)
+        sender.flush()
+    except InputUnreadable as exc:
+        result.status = MANIFEST_UNREADABLE
+        result.error = {"type": "unreadable", "message": str(exc)}
+
+    log.file.seek(0)
+    s3.upload_fileobj(
+        log.file, output_bucket, layout.rows_key, ExtraArgs={"ContentType": "application/x-ndjson"}
+    )
+    log.file.close()
+    result.rows, result.queued, result.rejected = log.queued + log.rejected, log.queued, log.rejected
+    if report.ignored_columns:
+        result.warnings.append(f"ignored column(s): {', '.join(report.ignored_columns)}")
+    manifest.update(
+        status=result.status,
+        format=report.format,
+        rows=result.rows,
+        queued=result.queued,
+        rejected=result.rejected,
+        blank_rows=report.blank_rows,
+        warnings=result.warnings,
+        error=result.error,
+        split_at=now_iso(),
+    )
+    put_json(s3, output_bucket, layout.manifest_key, manifest)
+    return result
+
+
+def _split_row(
+    raw: RawRow, job_id: str, seen: dict[str, int], log: RowLog, reject, sender: TaskSender
+) -> None:
+    try:
+        task = to_task(job_id, raw)
+    except RowRejected as exc:
+        reject(raw.number, row_id_of(raw), str(exc))
+        return
+    first = seen.setdefault(task.row_id, raw.number)
+    if first != raw.number:
+        reject(raw.number, task.row_id, f"duplicate id {task.row_id!r}: row {first} already uses it")
+        return
+    log.write(raw.number, task.row_id, task.image_name, "queued")
+    sender.add(task)
+
+
+def _unqueue(log: RowLog, task: ImageTask, reason: str) -> None:
+    # The row was logged as queued before SQS refused it: log the rejection, which wins when read back.
+    log.queued -= 1
+    log.write(task.row_number, task.row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason})

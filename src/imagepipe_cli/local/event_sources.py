@@ -1,0 +1,253 @@
+"""Lambda's event sources, played locally: the SQS poller (batch size, partial batch response,
+concurrency) and S3 -> function notifications."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from imagepipe_cli.local.lambda_runtime import FunctionError
+from imagepipe_cli.local.stack import QueueMapping, S3Trigger
+
+S3_EVENTS_QUEUE = "imagepipe-local-s3-events"
+ASYNC_RETRIES = 2  # Lambda retries an asynchronous (S3-triggered) invocation twice
+
+
+class Invocable(Protocol):
+    def invoke(self, event: dict) -> Any: ...
+
+
+def lambda_sqs_event(messages: list[dict], queue_arn: str, region: str) -> dict:
+    """The event Lambda builds from ReceiveMessage results."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {
+                    name: {
+                        "stringValue": value.get("StringValue"),
+                        "binaryValue": value.get("BinaryValue"),
+                        "stringListValues": [],
+                        "binaryListValues": [],
+                        "dataType": value["DataType"],
+                    }
+                    for name, value in m.get("MessageAttributes", {}).items()
+                },
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": region,
+            }
+            for m in messages
+        ]
+    }
+
+
+def failed_message_ids(response: Any, message_ids: list[str], report_batch_item_failures: bool) -> set[str]:
+    """Which messages go back to the queue, by Lambda's rules for the handler's response."""
+    if not report_batch_item_failures:
+        return set()
+    if not isinstance(response, dict) or not response.get("batchItemFailures"):
+        return set()
+    failed = set()
+    for item in response["batchItemFailures"]:
+        identifier = item.get("itemIdentifier") if isinstance(item, dict) else None
+        if not identifier or identifier not in message_ids:
+            return set(message_ids)  # a malformed response fails the whole batch, as in Lambda
+        failed.add(identifier)
+    return failed
+
+
+@dataclass
+class PollerStats:
+    invocations: int = 0
+    function_errors: int = 0
+    deleted: int = 0
+    returned: int = 0
+    last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SqsPoller:
+    """Drives a function from a queue as an SQS event source mapping does: up to `concurrency`
+    invocations in flight, each with up to `batch_size` messages; the messages a batch reports as
+    failed (or all of them, on a function error) return to the queue, the rest are deleted.
+
+    One local liberty: a failed message becomes visible again after `retry_delay_s` instead of the
+    queue's full VisibilityTimeout, so retries and redrive to the DLQ take seconds, not half an hour.
+    maxReceiveCount and the redrive itself are SQS's own (moto's)."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        mapping: QueueMapping,
+        function: Invocable,
+        *,
+        region: str,
+        batch_size: int | None = None,
+        concurrency: int | None = None,
+        retry_delay_s: int = 1,
+        wait_s: int = 1,
+    ) -> None:
+        self._sqs, self._mapping, self._function, self._region = sqs, mapping, function, region
+        self.batch_size = batch_size or mapping.batch_size
+        self.concurrency = concurrency or mapping.max_concurrency
+        self._retry_delay_s, self._wait_s = retry_delay_s, wait_s
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stats = PollerStats()
+
+    def start(self) -> None:
+        for index in range(self.concurrency):
+            thread = threading.Thread(target=self._run, name=f"sqs-poller-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+
+    def poll_once(self) -> int:
+        """Receive one batch and invoke the function with it; returns how many messages it had."""
+        messages = self._sqs.receive_message(
+            QueueUrl=self._mapping.queue_url,
+            MaxNumberOfMessages=self.batch_size,
+            WaitTimeSeconds=self._wait_s,
+            MessageSystemAttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        if messages:
+            self._invoke(messages)
+        return len(messages)
+
+    def _invoke(self, messages: list[dict]) -> None:
+        ids = [m["MessageId"] for m in messages]
+        try:
+            response = self._function.invoke(
+                lambda_sqs_event(messages, self._mapping.queue_arn, self._region)
+            )
+            failed = failed_message_ids(response, ids, self._mapping.report_batch_item_failures)
+            error = None
+        except FunctionError as exc:
+            failed, error = set(ids), str(exc)
+        done = [m for m in messages if m["MessageId"] not in failed]
+        back = [m for m in messages if m["MessageId"] in failed]
+        if done:
+            self._sqs.delete_message_batch(
+                QueueUrl=self._mapping.queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
+            )
+        if back:
+            self._sqs.change_message_visibility_batch(
+                QueueUrl=self._mapping.queue_url,
+                Entries=[
+                    {
+                        "Id": str(i),
+                        "ReceiptHandle": m["ReceiptHandle"],
+                        "VisibilityTimeout": self._retry_delay_s,
+                    }
+                    for i, m in enumerate(back)
+                ],
+            )
+        with self.stats.lock:
+            self.stats.invocations += 1
+            self.stats.deleted += len(done)
+            self.stats.returned += len(back)
+            if error:
+                self.stats.function_errors += 1
+                self.stats.last_error = error
+
+
+def complete_s3_event(event: dict) -> dict:
+    """moto's S3 event records leave out fields AWS always sends (and Powertools' S3Model
+    requires); add them as AWS fills them, keeping anything moto did send."""
+    for record in event.get("Records") or []:
+        record.setdefault("userIdentity", {"principalId": "AWS:LOCAL"})
+        record.setdefault("requestParameters", {"sourceIPAddress": "127.0.0.1"})
+        record.setdefault("responseElements", {"x-amz-request-id": "LOCAL", "x-amz-id-2": "LOCAL"})
+        s3 = record.get("s3", {})
+        s3.get("bucket", {}).setdefault("ownerIdentity", {"principalId": "LOCAL"})
+        s3.get("object", {}).setdefault("sequencer", f"{time.time_ns():020X}")
+    return event
+
+
+@dataclass
+class Delivery:
+    function: str
+    event: dict
+    result: Any = None
+    error: str | None = None
+
+
+class S3Notifications:
+    """S3 -> function notifications. moto does not deliver the template's S3 -> Lambda
+    notification, but it does deliver S3 -> SQS; so the bucket notifies a local queue with the
+    template's own events and filters, and each event is passed to the function as Lambda would
+    (asynchronously: a failed invocation is tried twice more)."""
+
+    def __init__(self, s3: Any, sqs: Any, triggers: list[S3Trigger], functions: dict[str, Invocable]) -> None:
+        self._s3, self._sqs, self._triggers, self._functions = s3, sqs, triggers, functions
+        self._queue_url = ""
+
+    def setup(self) -> None:
+        self._queue_url = self._sqs.create_queue(QueueName=S3_EVENTS_QUEUE)["QueueUrl"]
+        queue_arn = self._sqs.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        by_bucket: dict[str, list[dict]] = {}
+        for index, trigger in enumerate(self._triggers):
+            config: dict[str, Any] = {
+                "Id": f"{trigger.function}-{index}",
+                "QueueArn": queue_arn,
+                "Events": trigger.events,
+            }
+            rules = ((trigger.filter or {}).get("S3Key") or {}).get("Rules")
+            if rules:
+                config["Filter"] = {"Key": {"FilterRules": rules}}
+            by_bucket.setdefault(trigger.bucket, []).append(config)
+        for bucket, configs in by_bucket.items():
+            self._s3.put_bucket_notification_configuration(
+                Bucket=bucket, NotificationConfiguration={"QueueConfigurations": configs}
+            )
+
+    def poll_once(self, wait_s: int = 0) -> list[Delivery]:
+        messages = self._sqs.receive_message(
+            QueueUrl=self._queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s
+        ).get("Messages", [])
+        deliveries = []
+        for message in messages:
+            event = complete_s3_event(json.loads(message["Body"]))
+            function = self._function_for(event)
+            if function:
+                deliveries.append(self._deliver(function, event))
+            self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
+        return deliveries
+
+    def _function_for(self, event: dict) -> str | None:
+        records = event.get("Records") or []
+        if records:
+            config_id = records[0].get("s3", {}).get("configurationId", "")
+            return config_id.rsplit("-", 1)[0] or None
+        bucket = event.get("Bucket")  # s3:TestEvent: no configuration id, only the bucket
+        return next((t.function for t in self._triggers if t.bucket == bucket), None)
+
+    def _deliver(self, function: str, event: dict) -> Delivery:
+        delivery = Delivery(function, event)
+        for _ in range(1 + ASYNC_RETRIES):
+            try:
+                delivery.result, delivery.error = self._functions[function].invoke(event), None
+                break
+            except FunctionError as exc:
+                delivery.error = str(exc)
+        return delivery

@@ -1,0 +1,148 @@
+"""Running a deployed function's handler locally the way Lambda does: code from the function's CodeUri,
+the environment the stack gave it, a context object, and one invocation at a time per environment."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from imagepipe_cli.local.stack import DeployedFunction
+
+
+class FunctionError(Exception):
+    """The handler raised: Lambda reports this as a function error (the whole event failed)."""
+
+    def __init__(self, function: str, error_type: str, message: str) -> None:
+        super().__init__(function, error_type, message)
+        self.function, self.error_type, self.message = function, error_type, message
+
+    def __str__(self) -> str:
+        return f"{self.function} failed: {self.error_type}: {self.message}"
+
+
+@dataclass
+class LambdaContext:
+    function_name: str
+    memory_limit_in_mb: int
+    invoked_function_arn: str
+    aws_request_id: str
+    deadline: float
+    function_version: str = "$LATEST"
+    log_group_name: str = ""
+    log_stream_name: str = "local"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.deadline - time.time()) * 1000))
+
+
+def make_context(function: DeployedFunction, region: str = "us-east-1") -> LambdaContext:
+    return LambdaContext(
+        function_name=function.name,
+        memory_limit_in_mb=function.memory,
+        invoked_function_arn=f"arn:aws:lambda:{region}:123456789012:function:{function.name}",
+        aws_request_id=str(uuid.uuid4()),
+        deadline=time.time() + function.timeout,
+        log_group_name=f"/aws/lambda/{function.name}",
+    )
+
+
+def load_handler(code_dir: Path, handler: str, module_name: str | None = None) -> Callable[[dict, Any], Any]:
+    """Import `module.function` from the function's code folder, as Lambda's bootstrap does.
+
+    module_name lets two functions whose modules are both `app` live in one process (tests)."""
+    module_path, _, function_name = handler.rpartition(".")
+    source = code_dir / (module_path.replace(".", "/") + ".py")
+    name = module_name or module_path
+    spec = importlib.util.spec_from_file_location(name, source)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"handler module {source} not found")
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, function_name)
+
+
+class InlineFunction:
+    """The handler called in this process (tests: works under moto's in-process mock_aws)."""
+
+    def __init__(self, function: DeployedFunction, region: str = "us-east-1") -> None:
+        self.function, self.region = function, region
+        self._handler = load_handler(function.code_dir, function.handler, f"local_{function.logical_id}")
+
+    def invoke(self, event: dict) -> Any:
+        try:
+            result = self._handler(json.loads(json.dumps(event)), make_context(self.function, self.region))
+        except Exception as exc:
+            raise FunctionError(self.function.logical_id, type(exc).__name__, str(exc)) from exc
+        return json.loads(json.dumps(result))
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessFunction:
+    """Up to `concurrency` execution environments, each a separate process with the function's own
+    environment variables and module state, handling one event at a time - like Lambda."""
+
+    def __init__(
+        self,
+        function: DeployedFunction,
+        *,
+        concurrency: int,
+        env_overrides: dict[str, str],
+        log_path: Path,
+        region: str,
+    ) -> None:
+        self.function, self.region = function, region
+        env = {**function.env, **env_overrides}
+        self._pool = ProcessPoolExecutor(
+            max_workers=concurrency,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_environment,
+            initargs=(str(function.code_dir), function.handler, env, str(log_path)),
+        )
+
+    def invoke(self, event: dict) -> Any:
+        return self._pool.submit(
+            _invoke, self.function.logical_id, event, make_context(self.function, self.region)
+        ).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_HANDLER: Callable[[dict, Any], Any] | None = None
+
+
+def _start_environment(code_dir: str, handler: str, env: dict[str, str], log_path: str) -> None:
+    """Runs once in each new worker process: Lambda's init phase."""
+    global _HANDLER
+    os.environ.update(env)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)  # the function's stdout/stderr (Powertools' JSON logs) go to its log file
+    os.dup2(log, 2)
+    sys.path.insert(0, code_dir)  # LAMBDA_TASK_ROOT is on the path in Lambda
+    _HANDLER = load_handler(Path(code_dir), handler)
+
+
+def _invoke(logical_id: str, event: dict, context: LambdaContext) -> Any:
+    assert _HANDLER is not None
+    try:
+        result = _HANDLER(event, context)
+        return json.loads(json.dumps(result))
+    except Exception as exc:
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise FunctionError(logical_id, type(exc).__name__, str(exc)) from None

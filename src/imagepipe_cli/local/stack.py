@@ -1,0 +1,195 @@
+"""Creating the stack that template.yaml declares on moto (server or in-process) and reading it back
+by its Outputs, functions and event source mappings - the way a deployed stack is found."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import string
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagepipe_cli.local.template import ARTIFACT_BUCKET, Template, translate
+
+ClientFactory = Callable[[str], Any]
+
+
+class StackError(Exception):
+    """The local stack could not be created; the message says which resource and why."""
+
+
+@dataclass(frozen=True)
+class DeployedFunction:
+    logical_id: str
+    name: str
+    code_dir: Path
+    handler: str
+    env: dict[str, str]
+    timeout: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class QueueMapping:
+    """An SQS event source mapping as the stack recorded it: what Lambda's poller would honour."""
+
+    function: str  # logical id
+    queue_arn: str
+    queue_url: str
+    batch_size: int
+    max_concurrency: int
+    report_batch_item_failures: bool
+
+
+@dataclass(frozen=True)
+class S3Trigger:
+    function: str  # logical id
+    bucket: str
+    events: list[str]
+    filter: dict[str, Any] | None
+
+
+@dataclass
+class LocalStack:
+    name: str
+    region: str
+    outputs: dict[str, str]
+    parameters: dict[str, str]
+    functions: dict[str, DeployedFunction] = field(default_factory=dict)
+    queue_mappings: list[QueueMapping] = field(default_factory=list)
+    s3_triggers: list[S3Trigger] = field(default_factory=list)
+
+
+def deploy_stack(
+    client: ClientFactory, template: Template, *, stack_name: str, parameters: dict[str, str], region: str
+) -> LocalStack:
+    cfn_template = translate(template, parameters, region)
+    _upload_code(client("s3"), template)
+    cfn = client("cloudformation")
+    cfn.create_stack(
+        StackName=stack_name,
+        TemplateBody=json.dumps(cfn_template),
+        Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in parameters.items()],
+        Capabilities=["CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"],
+    )
+    stack = cfn.describe_stacks(StackName=stack_name)["Stacks"][0]
+    if stack["StackStatus"] != "CREATE_COMPLETE":
+        raise StackError(
+            f"stack {stack_name} is {stack['StackStatus']}: {stack.get('StackStatusReason', '')}"
+        )
+    physical = {
+        r["LogicalResourceId"]: r.get("PhysicalResourceId", "")
+        for r in cfn.describe_stack_resources(StackName=stack_name)["StackResources"]
+        if r.get("LogicalResourceId")
+    }
+    resolved = _parameter_values(template, parameters)
+    _create_unsupported(client, cfn_template, physical, resolved)
+
+    local = LocalStack(
+        name=stack_name,
+        region=region,
+        outputs={o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])},
+        parameters=resolved,
+    )
+    lam, sqs = client("lambda"), client("sqs")
+    for logical_id in template.resources_of_type("AWS::Serverless::Function"):
+        config = lam.get_function_configuration(FunctionName=physical[logical_id])
+        local.functions[logical_id] = DeployedFunction(
+            logical_id=logical_id,
+            name=config["FunctionName"],
+            code_dir=template.code_dir(logical_id),
+            handler=config["Handler"],
+            env={k: str(v) for k, v in config.get("Environment", {}).get("Variables", {}).items()},
+            timeout=int(config.get("Timeout", 3)),
+            memory=int(config.get("MemorySize", 128)),
+        )
+        for mapping in lam.list_event_source_mappings(FunctionName=config["FunctionName"])[
+            "EventSourceMappings"
+        ]:
+            # Lambda's poller is played by the local runtime; left enabled, moto would try to run
+            # the function in Docker as soon as a message arrives.
+            lam.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)
+            queue_name = mapping["EventSourceArn"].split(":")[-1]
+            local.queue_mappings.append(
+                QueueMapping(
+                    function=logical_id,
+                    queue_arn=mapping["EventSourceArn"],
+                    queue_url=sqs.get_queue_url(QueueName=queue_name)["QueueUrl"],
+                    batch_size=int(mapping.get("BatchSize", 10)),
+                    max_concurrency=int(mapping.get("ScalingConfig", {}).get("MaximumConcurrency", 1000)),
+                    report_batch_item_failures="ReportBatchItemFailures"
+                    in mapping.get("FunctionResponseTypes", []),
+                )
+            )
+        for event in (template.function_property(logical_id, "Events") or {}).values():
+            if event.get("Type") == "S3":
+                props = event["Properties"]
+                events = props["Events"] if isinstance(props["Events"], list) else [props["Events"]]
+                local.s3_triggers.append(
+                    S3Trigger(logical_id, physical[props["Bucket"]["Ref"]], events, props.get("Filter"))
+                )
+    return local
+
+
+def _upload_code(s3: Any, template: Template) -> None:
+    """What `sam package` does: each function's and layer's folder, zipped, in an artifacts bucket."""
+    s3.create_bucket(Bucket=ARTIFACT_BUCKET)
+    kinds = ("AWS::Serverless::Function", "AWS::Serverless::LayerVersion")
+    for logical_id in [name for kind in kinds for name in template.resources_of_type(kind)]:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            root = template.code_dir(logical_id)
+            for path in sorted(root.rglob("*.py")):
+                if "__pycache__" not in path.parts:
+                    archive.write(path, path.relative_to(root).as_posix())
+        s3.put_object(Bucket=ARTIFACT_BUCKET, Key=f"{logical_id}.zip", Body=buffer.getvalue())
+
+
+def _parameter_values(template: Template, given: dict[str, str]) -> dict[str, str]:
+    values = {
+        name: str(spec.get("Default", "")) for name, spec in template.body.get("Parameters", {}).items()
+    }
+    values.update({k: str(v) for k, v in given.items()})
+    return values
+
+
+def _create_unsupported(
+    client: ClientFactory, cfn_template: dict[str, Any], physical: dict[str, str], params: dict[str, str]
+) -> None:
+    """moto's CloudFormation skips some resource types; create those from the template's own
+    Properties so the local stack still has every resource the template declares."""
+    for logical_id, resource in cfn_template.get("Resources", {}).items():
+        if logical_id in physical:
+            continue
+        kind, props = resource["Type"], resource.get("Properties", {})
+        if kind == "AWS::SecretsManager::Secret":
+            client("secretsmanager").create_secret(
+                Name=_resolve(props["Name"], params, logical_id),
+                Description=props.get("Description", ""),
+                SecretString=_generated_secret(props.get("GenerateSecretString", {})),
+            )
+        else:
+            raise StackError(
+                f"moto cannot create {logical_id} ({kind}) and imagepipe does not create it either"
+            )
+
+
+def _resolve(value: Any, params: dict[str, str], logical_id: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"Ref"} and value["Ref"] in params:
+        return params[value["Ref"]]
+    raise StackError(f"{logical_id}: cannot resolve {value!r} locally")
+
+
+def _generated_secret(spec: dict[str, Any]) -> str:
+    """What CloudFormation's GenerateSecretString makes: the template plus one random string."""
+    template = json.loads(spec.get("SecretStringTemplate", "{}"))
+    alphabet = string.ascii_letters + string.digits
+    if key := spec.get("GenerateStringKey"):
+        template[key] = "".join(secrets.choice(alphabet) for _ in range(int(spec.get("PasswordLength", 32))))
+    return json.dumps(template)

@@ -1,0 +1,101 @@
+"""Reading template.yaml and translating it to CloudFormation, so the local stack is the deployed one."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARTIFACT_BUCKET = "imagepipe-local-artifacts"
+
+
+class _CfnLoader(yaml.SafeLoader):
+    pass
+
+
+def _intrinsic(loader: yaml.Loader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{suffix}": value}
+
+
+_CfnLoader.add_multi_constructor("!", _intrinsic)
+
+
+@dataclass(frozen=True)
+class Template:
+    path: Path
+    body: dict[str, Any]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        return self.body.get("Resources", {})
+
+    def resources_of_type(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {name: r for name, r in self.resources.items() if r.get("Type") == kind}
+
+    def parameter(self, name: str) -> dict[str, Any]:
+        return self.body.get("Parameters", {}).get(name, {})
+
+    def code_dir(self, logical_id: str) -> Path:
+        props = self.resources[logical_id].get("Properties", {})
+        uri = props.get("CodeUri") or props.get("ContentUri")
+        return (self.base_dir / uri).resolve()
+
+    def function_property(self, logical_id: str, name: str) -> Any:
+        """A function property, falling back to Globals.Function as SAM does."""
+        props = self.resources[logical_id].get("Properties", {})
+        if name in props:
+            return props[name]
+        return self.body.get("Globals", {}).get("Function", {}).get(name)
+
+
+def load_template(path: Path) -> Template:
+    with open(path, encoding="utf-8") as handle:
+        body = yaml.load(handle, Loader=_CfnLoader)  # noqa: S506 - a SafeLoader subclass
+    return Template(Path(path).resolve(), body)
+
+
+def translate(template: Template, parameters: dict[str, str], region: str) -> dict[str, Any]:
+    """The CloudFormation template that `sam deploy` would create, with local code pointing at
+    zips in ARTIFACT_BUCKET (what `sam package` does with S3 URIs)."""
+    from samtranslator.translator.transform import transform
+
+    sam = copy.deepcopy(template.body)
+    for logical_id, resource in sam.get("Resources", {}).items():
+        props = resource.get("Properties", {})
+        for key in ("CodeUri", "ContentUri"):
+            if isinstance(props.get(key), str) and not props[key].startswith("s3://"):
+                props[key] = f"s3://{ARTIFACT_BUCKET}/{logical_id}.zip"
+    previous = os.environ.get("AWS_DEFAULT_REGION")
+    os.environ["AWS_DEFAULT_REGION"] = region  # the translator reads the region for pseudo parameters
+    try:
+        return transform(sam, parameters, _NoManagedPolicies())
+    finally:
+        if previous is None:
+            os.environ.pop("AWS_DEFAULT_REGION", None)
+        else:
+            os.environ["AWS_DEFAULT_REGION"] = previous
+
+
+class _NoManagedPolicies:
+    """The template names no AWS managed policy by its short name, so nothing needs looking up."""
+
+    def load(self) -> dict[str, str]:
+        return {}
