@@ -14,7 +14,9 @@ from imagepipe.generator import TaskProcessor
 from imagepipe.observability import logger, metrics, tracer
 from imagepipe.settings import GeneratorSettings
 
-processor = BatchProcessor(event_type=EventType.SQS, model=TaskRecord)
+# A batch in which every task failed is still an ordinary partial response (every message
+# listed), not a function error: the failures are the tasks', already logged and recorded.
+processor = BatchProcessor(event_type=EventType.SQS, model=TaskRecord, raise_on_entire_batch_failure=False)
 
 
 @cache

@@ -8,11 +8,13 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -75,21 +77,43 @@ def load_handler(code_dir: Path, handler: str, module_name: str | None = None) -
 
 
 class InlineFunction:
-    """The handler called in this process (tests: works under moto's in-process mock_aws)."""
+    """The handler called in this process, one event at a time, with the function's environment
+    set for the call (tests: works under moto's in-process mock_aws)."""
 
-    def __init__(self, function: DeployedFunction, region: str = "us-east-1") -> None:
+    def __init__(
+        self, function: DeployedFunction, region: str = "us-east-1", env_overrides: dict | None = None
+    ) -> None:
         self.function, self.region = function, region
+        self._env = {**function.env, **(env_overrides or {})}
+        self._lock = threading.Lock()
         self._handler = load_handler(function.code_dir, function.handler, f"local_{function.logical_id}")
 
     def invoke(self, event: dict) -> Any:
-        try:
-            result = self._handler(json.loads(json.dumps(event)), make_context(self.function, self.region))
-        except Exception as exc:
-            raise FunctionError(self.function.logical_id, type(exc).__name__, str(exc)) from exc
+        with self._lock, _environment(self._env):
+            try:
+                result = self._handler(
+                    json.loads(json.dumps(event)), make_context(self.function, self.region)
+                )
+            except Exception as exc:
+                raise FunctionError(self.function.logical_id, type(exc).__name__, str(exc)) from exc
         return json.loads(json.dumps(result))
 
     def close(self) -> None:
         pass
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class ProcessFunction:

@@ -1,0 +1,61 @@
+# imagepipe: `make demo` runs the whole pipeline locally; `make test` runs every check. Both set themselves up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+BUILD_DIR := .aws-sam/build
+# `sam build` for a python3.12 runtime needs a python3.12 on PATH.
+PY312_DIR := $(shell dirname "$$(command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)" 2>/dev/null)
+# The SAM CLI and cfn-lint never need a real account here: fake credentials, no metadata lookups.
+AWS_OFFLINE := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=testing \
+	AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
+
+.PHONY: demo test lint template build pytest bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imagepipe needs Python 3.11 or newer; found " + sys.version.split()[0] + " (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# aws-sam-cli pins its own boto3, so it lives in a venv of its own.
+$(SAM_VENV)/.installed:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip install -q --disable-pip-version-check aws-sam-cli==1.170.0
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/imagepipe run examples/prompts.csv --out output
+
+test: lint template build pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+template: $(BIN)/.installed $(SAM_VENV)/.installed
+	$(AWS_OFFLINE) $(BIN)/cfn-lint template.yaml
+	$(AWS_OFFLINE) $(SAM) validate --lint
+
+build: $(SAM_VENV)/.installed
+	@if [ -z "$(PY312_DIR)" ] || [ "$(PY312_DIR)" = "." ]; then \
+		echo "sam build: no python3.12 found on PATH or under /root/.pyenv; skipping the build check"; \
+	else \
+		$(AWS_OFFLINE) PATH="$(PY312_DIR):$$PATH" $(SAM) build --build-dir $(BUILD_DIR) && \
+		for fn in CsvSplitterFunction ImageGeneratorFunction; do \
+			(cd $(BUILD_DIR)/$$fn && PYTHONPATH=../SharedLayer/python POWERTOOLS_TRACE_DISABLED=true \
+				$(PY312_DIR)/python3.12 -c "import app; print('built $$fn imports on', __import__('sys').version.split()[0])") || exit 1; \
+		done; \
+	fi
+
+pytest: $(BIN)/.installed
+	$(BIN)/pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) $(SAM_VENV) .aws-sam output bench/out

@@ -1,0 +1,77 @@
+"""The whole path in-process: upload -> splitter -> TasksQueue -> Lambda's poller -> generator ->
+results read back from the stack, including retries and the dead-letter queue."""
+
+import json
+
+from conftest import EXAMPLES
+
+
+def test_every_row_ends_succeeded_failed_or_rejected_with_a_reason(pipeline_factory):
+    # Given one refused prompt, one that always errors, one bad row and two good rows
+    pipeline = pipeline_factory("refuse=forbidden", "fail=doomed")
+    body = (
+        b"id,prompt,negative_prompt,width,height\n"
+        b"ok1,a calm lake,,512,512\n"
+        b"nope,a forbidden thing,,512,512\n"
+        b"bad,a huge image,,4096,512\n"
+        b"dlq,a doomed ship,,512,512\n"
+        b"ok2,a quiet forest,,512,512\n"
+    )
+    job = pipeline.split("inbox/five.csv", body)
+
+    # When Lambda's poller drains the queue
+    pipeline.drain()
+
+    # Then every row is accounted for, in input order
+    results = pipeline.results(job["job_id"])
+    assert [(r.id, r.status) for r in results.rows] == [
+        ("ok1", "succeeded"),
+        ("nope", "failed"),
+        ("bad", "rejected"),
+        ("dlq", "failed"),
+        ("ok2", "succeeded"),
+    ]
+    assert results.finished
+    by_id = {r.id: r for r in results.rows}
+    assert by_id["ok1"].images == [f"jobs/{job['job_id']}/images/ok1.png"]
+    assert "HTTP 500" in by_id["dlq"].error["message"]
+
+
+def test_a_task_that_keeps_failing_lands_in_the_dead_letter_queue_after_max_receives(pipeline_factory):
+    pipeline = pipeline_factory("fail=doomed")
+    job = pipeline.split("inbox/one.csv", b"id,prompt\nx,a doomed ship\n")
+
+    pipeline.drain()
+
+    # Then the API was tried maxReceiveCount (3) times, the task sits in the DLQ, and it is reported failed
+    assert pipeline.emulator.stats()["generation_requests"] == int(
+        pipeline.stack.parameters["TaskMaxReceiveCount"]
+    )
+    dead = pipeline.queued_messages(pipeline.dead_letter_queue)
+    assert [json.loads(m["Body"])["row_id"] for m in dead] == ["x"]
+    assert pipeline.queued_messages() == []
+    (row,) = pipeline.results(job["job_id"]).rows
+    assert row.status == "failed" and row.error["type"] == "unavailable"
+
+
+def test_a_partial_batch_failure_retries_only_the_failed_message(pipeline_factory):
+    # Given three tasks in one batch, one of which meets a transient 503 once
+    pipeline = pipeline_factory("flaky=unlucky:1")
+    job = pipeline.split("inbox/three.csv", b"id,prompt\n1,a happy cat\n2,an unlucky dog\n3,a happy bird\n")
+
+    pipeline.drain()
+
+    # Then the two good tasks were generated once each and the flaky one twice; all succeeded
+    assert pipeline.emulator.stats()["generation_requests"] == 4
+    assert [r.status for r in pipeline.results(job["job_id"]).rows] == ["succeeded"] * 3
+
+
+def test_a_queued_task_with_no_outcome_is_reported_lost_not_left_out(pipeline):
+    # Given a split job whose tasks vanish before any generator sees them
+    job = pipeline.split("inbox/prompts.csv", (EXAMPLES / "prompts.csv").read_bytes())
+    pipeline.client("sqs").purge_queue(QueueUrl=pipeline.tasks_queue)
+
+    results = pipeline.results(job["job_id"])
+
+    assert [r.status for r in results.rows] == ["failed"] * 3
+    assert all(r.error["type"] == "lost" for r in results.rows)

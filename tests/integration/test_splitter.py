@@ -1,0 +1,86 @@
+"""CsvSplitterFunction on the stack from template.yaml (in-process moto), fed the events in events/."""
+
+import json
+
+from conftest import EXAMPLES, load_event
+
+
+def test_every_row_of_the_brief_csv_becomes_one_task_on_the_queue(pipeline):
+    # Given the brief's CSV uploaded under a key with a space (S3 sends it URL-encoded)
+    body = (EXAMPLES / "prompts.csv").read_bytes()
+
+    # When the splitter gets the S3 event
+    job = pipeline.split("inbox/spring campaign.csv", body)
+
+    # Then each row is one task on TasksQueue, with the row's prompt and size
+    tasks = [json.loads(m["Body"]) for m in pipeline.queued_messages()]
+    assert sorted(t["row_id"] for t in tasks) == ["1", "2", "3"]
+    assert {t["prompt"] for t in tasks} == {"a cat on a table", "a dog in a garden", "a bird in a tree"}
+    assert all(t["width"] == t["height"] == 1024 and t["job_id"] == job["job_id"] for t in tasks)
+    assert (job["status"], job["rows"], job["queued"], job["rejected"]) == ("split", 3, 3, 0)
+
+
+def test_a_bad_row_is_rejected_with_its_reason_and_the_others_are_queued(pipeline):
+    # Given a file whose second row has an impossible width and fourth an empty prompt
+    body = (
+        b"id,prompt,negative_prompt,width,height\n"
+        b"a,a red fox,,512,512\n"
+        b"b,a blue whale,,99999,512\n"
+        b'c,"a prompt, with a comma",,,\n'
+        b"d,,,512,512\n"
+    )
+
+    # When it is split
+    job = pipeline.split("inbox/mixed.csv", body)
+
+    # Then a, c are queued; b, d are recorded as rejected with a reason a person can act on
+    assert sorted(json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()) == ["a", "c"]
+    results = {r.id: r for r in pipeline.results(job["job_id"]).rows}
+    assert results["b"].status == "rejected"
+    assert "width 99999 is out of range" in results["b"].error["message"]
+    assert results["d"].status == "rejected" and results["d"].error["message"] == "the prompt is empty"
+    assert (job["rows"], job["queued"], job["rejected"]) == (4, 2, 2)
+
+
+def test_the_uploader_can_name_the_job_and_the_manifest_records_the_counts(pipeline):
+    job = pipeline.split("inbox/prompts.csv", (EXAMPLES / "prompts.csv").read_bytes(), job_id="campaign-42")
+
+    manifest = json.loads(
+        pipeline.client("s3")
+        .get_object(Bucket=pipeline.output_bucket, Key="jobs/campaign-42/manifest.json")["Body"]
+        .read()
+    )
+    assert job["job_id"] == "campaign-42"
+    assert manifest["status"] == "split" and manifest["rows"] == 3 and manifest["queued"] == 3
+    assert manifest["source"]["key"] == "inbox/prompts.csv"
+
+
+def test_a_file_without_a_prompt_column_is_reported_unreadable_and_queues_nothing(pipeline):
+    job = pipeline.split("inbox/wrong.csv", b"id,text\n1,a cat\n")
+
+    assert job["status"] == "unreadable"
+    assert "no 'prompt' column" in job["error"]["message"]
+    assert pipeline.queued_messages() == []
+
+
+def test_jsonl_rows_are_split_like_csv_rows(pipeline):
+    job = pipeline.split("inbox/prompts.jsonl", (EXAMPLES / "prompts.jsonl").read_bytes())
+
+    tasks = {json.loads(m["Body"])["row_id"]: json.loads(m["Body"]) for m in pipeline.queued_messages()}
+    assert set(tasks) == {"sunrise", "teapot"}
+    assert (tasks["sunrise"]["width"], tasks["sunrise"]["height"]) == (1024, 576)
+    assert tasks["teapot"]["negative_prompt"] == "text, watermark"
+    assert job["queued"] == 2
+
+
+def test_s3_test_event_is_skipped(pipeline):
+    assert pipeline.splitter.invoke(load_event("s3_test_event.json")) == {"jobs": []}
+    assert pipeline.queued_messages() == []
+
+
+def test_the_same_upload_delivered_twice_keeps_one_job_id(pipeline):
+    # S3 may deliver an event more than once: the job id comes from the object, not the delivery.
+    event = pipeline.upload("inbox/prompts.csv", (EXAMPLES / "prompts.csv").read_bytes())
+    first = pipeline.splitter.invoke(event)["jobs"][0]["job_id"]
+    second = pipeline.splitter.invoke(event)["jobs"][0]["job_id"]
+    assert first == second
