@@ -1,0 +1,102 @@
+"""`imagepipe run` as a user runs it: a real process, moto server over HTTP, the emulator over HTTP."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import EXAMPLES, ROOT
+
+
+def imagepipe(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imagepipe_cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def read_results(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_the_brief_csv_becomes_one_png_per_row_and_a_results_line_per_row(tmp_path):
+    # When a user runs the main job on the example file
+    run = imagepipe("run", str(EXAMPLES / "prompts.csv"), "--out", str(tmp_path), "--no-progress")
+
+    # Then it exits 0, says it used the emulator, and every row has its image
+    assert run.returncode == 0, run.stderr
+    assert "EMULATOR" in run.stdout
+    assert "3 succeeded, 0 failed, 0 rejected" in run.stdout
+    results = read_results(tmp_path)
+    assert [(r["id"], r["status"], r["error"]) for r in results] == [
+        ("1", "succeeded", None),
+        ("2", "succeeded", None),
+        ("3", "succeeded", None),
+    ]
+    for result in results:
+        (path,) = result["images"]
+        with Image.open(tmp_path / path) as image:
+            assert (image.format, image.size) == ("PNG", (1024, 1024))
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["1.png", "2.png", "3.png"]
+
+
+def test_bad_rows_and_api_failures_are_reported_and_the_exit_code_is_1(tmp_path):
+    # Given a file with a rejected row, a refused prompt and a prompt the API always fails
+    source = tmp_path / "mixed.csv"
+    source.write_text(
+        "id,prompt,negative_prompt,width,height\n"
+        "good,a lighthouse at dusk,,512,512\n"
+        "tiny,a small thing,,10,10\n"
+        "nope,a forbidden picture,,512,512\n"
+        "doom,a doomed ship,,512,512\n"
+    )
+    out = tmp_path / "out"
+
+    run = imagepipe(
+        "run", str(source), "--out", str(out), "--no-progress",
+        "--emulator-fault", "refuse=forbidden", "--emulator-fault", "fail=doomed",
+    )  # fmt: skip
+
+    assert run.returncode == 1, run.stderr
+    statuses = {r["id"]: (r["status"], r["error"] and r["error"]["type"]) for r in read_results(out)}
+    assert statuses == {
+        "good": ("succeeded", None),
+        "tiny": ("rejected", "rejected"),
+        "nope": ("failed", "refused"),
+        "doom": ("failed", "unavailable"),  # after 3 attempts, from the dead-letter queue
+    }
+    assert "row 2 (id 'tiny'): rejected: the width 10 is out of range" in run.stdout
+
+
+def test_an_unreadable_file_exits_2_with_one_line_and_no_traceback(tmp_path):
+    source = tmp_path / "notes.csv"
+    source.write_text("title,description\nhello,world\n")
+
+    run = imagepipe("run", str(source), "--out", str(tmp_path / "out"), "--no-progress")
+
+    assert run.returncode == 2
+    assert "no 'prompt' column" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_misuse_exits_2_with_a_reason_and_no_traceback(tmp_path):
+    cases = [
+        (["run", str(tmp_path / "missing.csv")], "no such file"),
+        (["run", str(EXAMPLES / "prompts.csv"), "--concurrency", "0"], "must be at least 1"),
+        (["run", str(EXAMPLES / "prompts.csv"), "--batch-size", "many"], "is not a whole number"),
+        (["run", str(EXAMPLES / "prompts.csv"), "--emulator-fault", "explode"], "unknown fault"),
+        (["run", str(ROOT / "pyproject.toml")], "only takes .csv and .jsonl"),
+        (
+            ["run", str(EXAMPLES / "prompts.csv"), "--batch-size", "11", "--out", str(tmp_path)],
+            "between 1 and 10",
+        ),
+    ]
+    for args, reason in cases:
+        run = imagepipe(*args)
+        assert run.returncode == 2, (args, run.stderr)
+        assert reason in run.stderr, (args, run.stderr)
+        assert "Traceback" not in run.stderr
