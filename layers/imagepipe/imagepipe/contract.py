@@ -18,6 +18,7 @@ MAX_IMAGES_PER_ROW = 4
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_HASHED = re.compile(r"-[0-9a-f]{8}$")
 
 
 class ImageTask(BaseModel):
@@ -54,6 +55,7 @@ def safe_name(row_id: str) -> str:
     ("a b" and "a_b") never share a name.
     """
     slug = _UNSAFE.sub("_", row_id).strip("_-")[:80] or "row"
-    if slug != row_id:
+    # An id that already looks like a hashed name is hashed too, so it cannot take another id's name.
+    if slug != row_id or _HASHED.search(row_id):
         slug = f"{slug}-{hashlib.sha256(row_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return slug

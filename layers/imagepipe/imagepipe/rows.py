@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from imagepipe.contract import (
     DEFAULT_SIDE,
     MAX_PROMPT_CHARS,
@@ -89,7 +91,8 @@ def read_rows(lines: Iterable[str], fmt: str, report: ReadReport) -> Iterator[Ra
 
 
 def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
-    reader = csv.reader(lines)
+    # strict: an unclosed quote is an error on that row, not a prompt that swallows the rest of the file.
+    reader = csv.reader(lines, skipinitialspace=True, strict=True)
     header: list[str] | None = None
     number = 0
     while True:
@@ -104,6 +107,8 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
             yield RawRow(number, None, f"the CSV row cannot be read: {exc}")
             continue
         if header is None:
+            if not any(value.strip() for value in fields):
+                continue  # blank lines before the header
             header = [name.strip().lower() for name in fields]
             _check_header(header, report)
             continue
@@ -151,6 +156,9 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
         except json.JSONDecodeError as exc:
             yield RawRow(number, None, f"the line is not valid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
+            yield RawRow(number, None, f"the line cannot be read as JSON: {type(exc).__name__}")
+            continue
         if not isinstance(value, dict):
             yield RawRow(number, None, f"the line is JSON but not an object (got {type(value).__name__})")
             continue
@@ -178,15 +186,20 @@ def to_task(job_id: str, row: RawRow) -> ImageTask:
         raise RowRejected(
             f"the negative_prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}"
         )
-    return ImageTask(
-        job_id=job_id,
-        row_id=row_id,
-        row_number=row.number,
-        prompt=prompt,
-        negative_prompt=negative,
-        width=_side(values.get("width"), "width"),
-        height=_side(values.get("height"), "height"),
-    )
+    width, height = _side(values.get("width"), "width"), _side(values.get("height"), "height")
+    try:
+        return ImageTask(
+            job_id=job_id,
+            row_id=row_id,
+            row_number=row.number,
+            prompt=prompt,
+            negative_prompt=negative,
+            width=width,
+            height=height,
+        )
+    except ValidationError as exc:  # anything the checks above did not foresee is still this row's problem
+        first = exc.errors()[0]
+        raise RowRejected(f"the {'.'.join(map(str, first['loc']))} is not valid: {first['msg']}") from None
 
 
 def row_id_of(row: RawRow) -> str | None:
@@ -231,7 +244,7 @@ def _side(value: Any, name: str) -> int:
         value = int(value)
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise RowRejected(f"the {name} {text!r} is not a whole number of pixels")
         value = int(text)
     if not isinstance(value, int):
@@ -244,4 +257,5 @@ def _side(value: Any, name: str) -> int:
 
 
 def _has_undecodable_bytes(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    # Undecodable bytes arrive as \udc80-\udcff; JSON can also spell lone surrogates out.
+    return any("\ud800" <= ch <= "\udfff" for ch in text)

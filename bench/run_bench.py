@@ -1,0 +1,286 @@
+"""`make bench`: how long `imagepipe run` takes for N rows (emulator latency fixed), how much memory the
+splitter needs for a large file, and the brief's naive script on the same emulator for comparison.
+
+Figures are medians of --repeat runs on this machine, measured in one go; read the ratios, not the
+absolute seconds (the machine is shared)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+
+from imagepipe_cli.emulator import AtlasEmulator, EmulatorConfig
+from imagepipe_cli.local.moto_server import MotoServer
+from imagepipe_cli.local.stack import deploy_stack
+from imagepipe_cli.local.template import load_template
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+
+
+def write_csv(path: Path, rows: int, side: int = 512) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("id,prompt,negative_prompt,width,height\n")
+        for i in range(1, rows + 1):
+            handle.write(
+                f'{i},"product shot {i}, a ceramic mug on a wooden table, soft light","blurry",{side},{side}\n'
+            )
+    return path
+
+
+def bench_run(rows: int, latency_ms: float, concurrency: int | None) -> dict:
+    """Wall time of the whole `imagepipe run` command, start-up included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_csv(Path(tmp) / f"bench-{rows}.csv", rows)
+        args = [
+            sys.executable,
+            "-m",
+            "imagepipe_cli",
+            "run",
+            str(source),
+            "--out",
+            str(Path(tmp) / "out"),
+            "--no-progress",
+            "--emulator-latency-ms",
+            str(latency_ms),
+        ]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        started = time.monotonic()
+        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.monotonic() - started
+        if done.returncode != 0:
+            raise SystemExit(f"imagepipe run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        results = [
+            json.loads(line) for line in (Path(tmp) / "out" / "results.jsonl").read_text().splitlines()
+        ]
+        ok = sum(r["status"] == "succeeded" for r in results)
+    return {"rows": rows, "seconds": seconds, "succeeded": ok, "rows_per_s": rows / seconds}
+
+
+_SPLITTER_PROBE = r"""
+import json, os, resource, sys, tracemalloc
+from pathlib import Path
+from imagepipe_cli.local.lambda_runtime import load_handler
+from imagepipe_cli.local.event_sources import complete_s3_event
+handler = load_handler(Path(sys.argv[1]), "app.lambda_handler")
+import boto3
+boto3.client("s3"); boto3.client("sqs")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+event = json.loads(sys.stdin.read())
+class Context:
+    function_name = "CsvSplitterFunction"; memory_limit_in_mb = 512; aws_request_id = "bench"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench"
+    def get_remaining_time_in_millis(self): return 900000
+result = handler(event, Context())
+peak = tracemalloc.get_traced_memory()[1]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"job": result["jobs"][0], "rss_before_kib": before, "rss_peak_kib": after, "python_peak_bytes": peak}))
+"""
+
+
+def bench_splitter_memory(rows: int) -> dict:
+    """Peak memory of one splitter invocation on a `rows`-row file, against moto server, while a
+    consumer keeps the queue short (moto's SendMessage slows with queue depth; Lambda's pollers
+    drain the queue the same way on AWS)."""
+    template = load_template(ROOT / "template.yaml")
+    with tempfile.TemporaryDirectory() as tmp, MotoServer(Path(tmp) / "moto.log") as moto:
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+
+        def client(name: str):
+            return session.client(name, endpoint_url=moto.url)
+
+        stack = deploy_stack(
+            client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"
+        )
+        source = write_csv(Path(tmp) / "big.csv", rows)
+        key = "inbox/big.csv"
+        client("s3").upload_file(str(source), stack.outputs["InputBucketName"], key)
+        event = json.loads((ROOT / "events" / "s3_put_csv.json").read_text())
+        record = event["Records"][0]["s3"]
+        record["bucket"]["name"] = stack.outputs["InputBucketName"]
+        record["object"]["key"] = key
+
+        stop = threading.Event()
+        consumed = [0]
+
+        def consume() -> None:
+            sqs = client("sqs")
+            url = stack.outputs["TasksQueueUrl"]
+            while not stop.is_set():
+                messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
+                    "Messages", []
+                )
+                if messages:
+                    sqs.delete_message_batch(
+                        QueueUrl=url,
+                        Entries=[
+                            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                            for i, m in enumerate(messages)
+                        ],
+                    )
+                    consumed[0] += len(messages)
+
+        consumers = [threading.Thread(target=consume, daemon=True) for _ in range(4)]
+        for thread in consumers:
+            thread.start()
+        env = {
+            **os.environ,
+            **stack.functions["CsvSplitterFunction"].env,
+            "AWS_ENDPOINT_URL": moto.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_LOG_LEVEL": "WARNING",
+            "POWERTOOLS_METRICS_DISABLED": "true",
+        }
+        started = time.monotonic()
+        probe = subprocess.run(
+            [sys.executable, "-c", _SPLITTER_PROBE, str(stack.functions["CsvSplitterFunction"].code_dir)],
+            input=json.dumps(event),
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        seconds = time.monotonic() - started
+        stop.set()
+        for thread in consumers:
+            thread.join()
+        if probe.returncode != 0:
+            raise SystemExit(f"splitter probe failed:\n{probe.stderr[-3000:]}")
+        measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    return {
+        "rows": rows,
+        "file_mib": source.stat().st_size / 2**20 if source.exists() else None,
+        "queued": measured["job"]["queued"],
+        "seconds": seconds,
+        "rss_peak_mib": measured["rss_peak_kib"] / 1024,
+        "rss_growth_mib": (measured["rss_peak_kib"] - measured["rss_before_kib"]) / 1024,
+        "python_peak_mib": measured["python_peak_bytes"] / 2**20,
+    }
+
+
+def bench_brief_script(rows: int, latency_ms: float) -> dict:
+    """The brief's batch_generate: a thread pool of 10, a new token per image, files on local disk."""
+    with (
+        AtlasEmulator(EmulatorConfig(latency_ms=latency_ms)) as emulator,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        import base64
+
+        def generate(i: int) -> None:
+            with httpx.Client() as http:
+                token = http.get(
+                    emulator.token_url,
+                    params={
+                        "grant_type": "client_credentials",
+                        "client_id": "emulator-access-key",
+                        "client_secret": "emulator-secret-key",
+                    },
+                ).json()
+                answer = http.post(
+                    f"{emulator.base_url}/v1/images/generations",
+                    headers={"Authorization": f"Bearer {token['access_token']}"},
+                    json={
+                        "model": "ernie-image-8b",
+                        "prompt": f"product shot {i}",
+                        "n": 1,
+                        "size": "512x512",
+                        "response_format": "b64_json",
+                    },
+                ).json()
+                Path(tmp, f"{i}.png").write_bytes(base64.b64decode(answer["data"][0]["b64_json"]))
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            list(pool.map(generate, range(rows)))
+        seconds = time.monotonic() - started
+        stats = emulator.stats()
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "http_calls_per_image": (stats["token_requests"] + stats["generation_requests"]) / rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--rows", default="1000,10000", help="row counts for `imagepipe run` (comma-separated)"
+    )
+    parser.add_argument("--splitter-rows", type=int, default=100_000)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per size; the median is reported")
+    parser.add_argument("--skip", default="", help="comma-separated: run,splitter,brief")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    OUT.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "latency_ms": args.latency_ms,
+        "cpus": os.cpu_count(),
+        "runs": [],
+        "brief": [],
+        "splitter": None,
+    }
+
+    for rows in [int(r) for r in args.rows.split(",") if r and "run" not in skip]:
+        runs = [bench_run(rows, args.latency_ms, args.concurrency) for _ in range(args.repeat)]
+        median = statistics.median(r["seconds"] for r in runs)
+        report["runs"].append(
+            {
+                "rows": rows,
+                "median_seconds": median,
+                "rows_per_s": rows / median,
+                "succeeded": runs[0]["succeeded"],
+                "all": [r["seconds"] for r in runs],
+            }
+        )
+        print(f"imagepipe run, {rows} rows: {median:.1f} s ({rows / median:.0f} rows/s)", flush=True)
+        if "brief" not in skip:
+            brief = [bench_brief_script(rows, args.latency_ms) for _ in range(args.repeat)]
+            b_median = statistics.median(b["seconds"] for b in brief)
+            report["brief"].append(
+                {
+                    "rows": rows,
+                    "median_seconds": b_median,
+                    "http_calls_per_image": brief[0]["http_calls_per_image"],
+                }
+            )
+            print(
+                f"brief's script, {rows} rows: {b_median:.1f} s, "
+                f"{brief[0]['http_calls_per_image']:.0f} HTTP calls per image",
+                flush=True,
+            )
+    if "splitter" not in skip:
+        report["splitter"] = bench_splitter_memory(args.splitter_rows)
+        s = report["splitter"]
+        print(
+            f"splitter, {s['rows']} rows ({s['file_mib']:.1f} MiB): peak RSS {s['rss_peak_mib']:.0f} MiB "
+            f"(+{s['rss_growth_mib']:.0f} MiB during the invocation; Python heap peak {s['python_peak_mib']:.1f} MiB), "
+            f"{s['seconds']:.0f} s",
+            flush=True,
+        )
+    (OUT / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"written: {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The task message that crosses TasksQueue (imagepipe.contract) and the file names made from row ids."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from imagepipe.contract import ImageTask, TaskRecord, safe_name
+
+from conftest import load_event
+
+SAFE = re.compile(r"[A-Za-z0-9_-]+")
+TASK = {"job_id": "spring-campaign", "row_id": "1", "row_number": 1, "prompt": "a cat on a table"}
+
+
+# --------------------------------------------------------------------------- safe_name
+
+
+@pytest.mark.parametrize("row_id", ["1", "42", "cat_01", "Row-7", "a" * 80])
+def test_a_simple_id_is_its_own_file_name(row_id):
+    assert safe_name(row_id) == row_id
+
+
+@pytest.mark.parametrize(
+    ("row_id", "name"),
+    [
+        ("a b", "a_b-c8687a08"),
+        ("../../etc/passwd", "etc_passwd-3754d6cb"),
+        ("", "row-e3b0c442"),
+        ("..", "row-5ec1f7e7"),
+        ("猫", "row-a810bf84"),
+    ],
+)
+def test_a_changed_id_gets_the_same_name_in_every_release(row_id, name):
+    # Images and outcomes of earlier attempts are found by this name: it must not drift.
+    assert safe_name(row_id) == name
+
+
+def test_ids_that_differ_after_the_first_80_characters_get_different_names():
+    # Given two long ids that only differ at the end
+    first, second = "a" * 100 + "1", "a" * 100 + "2"
+
+    # When named
+    names = safe_name(first), safe_name(second)
+
+    # Then both are shortened, and still distinct
+    assert names[0] != names[1]
+    assert all(len(name) <= 89 and name.startswith("a" * 80) for name in names)
+
+
+def test_a_name_is_only_letters_digits_underscore_and_dash_for_any_id():
+    import hypothesis
+
+    st = hypothesis.strategies
+
+    @hypothesis.settings(database=None, max_examples=500, deadline=None)
+    @hypothesis.given(st.text(st.characters(exclude_categories=())))  # lone surrogates included
+    @hypothesis.example("../../etc/passwd")
+    @hypothesis.example("")
+    @hypothesis.example("..")
+    @hypothesis.example(".")
+    @hypothesis.example("/")
+    @hypothesis.example("__--__")
+    @hypothesis.example("\udcff")  # what an undecodable byte becomes
+    def check(row_id: str) -> None:
+        name = safe_name(row_id)
+
+        # Never empty, never a path or a hidden file, the same every time
+        assert SAFE.fullmatch(name), name
+        assert "/" not in name and "." not in name
+        assert safe_name(row_id) == name
+
+    check()
+
+
+def test_two_different_ids_never_share_a_name():
+    import hypothesis
+
+    st = hypothesis.strategies
+    # Small alphabets so the generated pairs often collapse to the same slug.
+    ids = st.text(st.sampled_from("aB1 _-./é"), max_size=12) | st.text(max_size=12)
+
+    @hypothesis.settings(database=None, max_examples=500, deadline=None)
+    @hypothesis.given(ids, ids)
+    @hypothesis.example("a b", "a_b")
+    @hypothesis.example("a/b", "a.b")
+    @hypothesis.example("", "row")
+    @hypothesis.example("x", "_x_")
+    def check(first: str, second: str) -> None:
+        hypothesis.assume(first != second)
+        assert safe_name(first) != safe_name(second)
+
+    check()
+
+
+def test_an_id_that_looks_like_a_changed_name_does_not_take_that_name():
+    # Given one row with id "a b" and another whose id is the name "a b" is given
+    changed = safe_name("a b")
+
+    # Then the two rows still get different names (else one image overwrites the other)
+    assert safe_name(changed) != changed
+
+
+def test_a_task_image_is_named_after_its_row_id():
+    task = ImageTask(**{**TASK, "row_id": "cat photo #1"})
+
+    assert task.image_name == safe_name("cat photo #1")
+    assert SAFE.fullmatch(task.image_name)
+
+
+# --------------------------------------------------------------------------- ImageTask
+
+
+def test_a_task_without_size_or_count_asks_for_one_1024_square_image():
+    task = ImageTask(**TASK)
+
+    assert (task.version, task.width, task.height, task.n, task.negative_prompt, task.model) == (
+        1,
+        1024,
+        1024,
+        1,
+        "",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"version": 2}, "version"),
+        ({"seed": 7}, "seed"),
+        ({"width": 4096}, "width"),
+        ({"height": 100}, "height"),
+        ({"n": 5}, "n"),
+        ({"job_id": "../other-job"}, "job_id"),
+        ({"prompt": ""}, "prompt"),
+    ],
+    ids=["version-2", "extra-field", "width-4096", "height-not-multiple-of-8", "n-5", "job-id-path", "empty"],
+)
+def test_a_message_that_is_not_a_valid_version_1_task_is_refused(change, field):
+    with pytest.raises(ValidationError) as raised:
+        ImageTask(**{**TASK, **change})
+
+    assert [error["loc"] for error in raised.value.errors()] == [(field,)]
+
+
+def test_a_task_comes_back_unchanged_from_its_queue_message():
+    task = ImageTask(**{**TASK, "negative_prompt": "blurry", "width": 768, "height": 512, "n": 2})
+
+    assert ImageTask.model_validate_json(task.model_dump_json()) == task
+
+
+def test_the_sqs_records_lambda_receives_parse_into_tasks():
+    # Given the SQS event Lambda gets for three queued rows (each body is JSON text)
+    records = load_event("sqs_tasks.json")["Records"]
+
+    # When each record is parsed
+    parsed = [TaskRecord.model_validate(record) for record in records]
+
+    # Then every body is a validated ImageTask, with its row's values
+    assert all(isinstance(record.body, ImageTask) for record in parsed)
+    dog = parsed[1]
+    assert (dog.messageId, dog.body.row_id, dog.body.prompt, dog.body.negative_prompt) == (
+        "059f36b4-87a3-44ab-83d2-661975951042",
+        "2",
+        "a dog in a garden",
+        "blurry",
+    )
+    assert (dog.body.width, dog.body.height, dog.body.job_id) == (768, 512, "spring-campaign")
+    assert [record.body.row_number for record in parsed] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"version": 2, "something": "else"}', "a cat on a table", json.dumps({**TASK, "width": 4096})],
+    ids=["version-2", "not-json", "width-4096"],
+)
+def test_an_sqs_record_whose_body_is_not_a_task_is_refused(body):
+    record = {**load_event("sqs_tasks.json")["Records"][0], "body": body}
+
+    with pytest.raises(ValidationError):
+        TaskRecord.model_validate(record)

@@ -1,0 +1,417 @@
+"""Reading input files row by row (imagepipe.rows): which rows become tasks, which are rejected and why."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+
+from imagepipe.contract import ImageTask
+from imagepipe.rows import (
+    InputUnreadable,
+    RawRow,
+    ReadReport,
+    RowRejected,
+    decode_lines,
+    format_for_key,
+    read_rows,
+    row_id_of,
+    split_lines,
+    to_task,
+)
+
+from conftest import EXAMPLES
+
+JOB = "job-1"
+HEADER = b"id,prompt,negative_prompt,width,height\n"
+
+
+class Rejected(NamedTuple):
+    number: int
+    message: str
+
+
+def chunked(data: bytes, size: int | None) -> list[bytes]:
+    if size is None:
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def read(data: bytes, fmt: str = "csv", chunk_size: int | None = None) -> tuple[list[RawRow], ReadReport]:
+    """The raw rows of a file's bytes, read the way the splitter reads an S3 object."""
+    report = ReadReport()
+    rows = list(read_rows(decode_lines(split_lines(chunked(data, chunk_size))), fmt, report))
+    return rows, report
+
+
+def outcomes(
+    data: bytes, fmt: str = "csv", chunk_size: int | None = None
+) -> tuple[list[ImageTask | Rejected], ReadReport]:
+    """Each row as its task, or as the rejection a user would see."""
+    rows, report = read(data, fmt, chunk_size)
+    results: list[ImageTask | Rejected] = []
+    for row in rows:
+        try:
+            results.append(to_task(JOB, row))
+        except RowRejected as exc:
+            results.append(Rejected(row.number, str(exc)))
+    return results, report
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_the_brief_csv_template_gives_one_task_per_row():
+    # Given the brief's template: id,prompt,negative_prompt,width,height with every value quoted
+    data = (EXAMPLES / "prompts.csv").read_bytes()
+
+    # When it is read
+    results, report = outcomes(data)
+
+    # Then each row is a task with its id, prompt and size, numbered from 1 after the header
+    assert [(t.row_id, t.row_number, t.prompt, t.width, t.height) for t in results] == [
+        ("1", 1, "a cat on a table", 1024, 1024),
+        ("2", 2, "a dog in a garden", 1024, 1024),
+        ("3", 3, "a bird in a tree", 1024, 1024),
+    ]
+    assert all(t.job_id == JOB and t.negative_prompt == "" for t in results)
+    assert (report.format, report.ignored_columns, report.blank_rows) == ("csv", [], 0)
+
+
+def test_quoted_commas_and_a_newline_inside_a_quoted_prompt_stay_in_the_prompt():
+    # Given prompts with commas and a line break, quoted
+    data = HEADER + b'1,"a cat, black, on a mat","dogs, birds",512,768\n2,"first line\nsecond line",,,\n'
+
+    # When read
+    (cat, two_lines), _ = outcomes(data)
+
+    # Then each quoted value is one field, and the two-line prompt is one row, not two
+    assert (cat.prompt, cat.negative_prompt, cat.width, cat.height) == (
+        "a cat, black, on a mat",
+        "dogs, birds",
+        512,
+        768,
+    )
+    assert (two_lines.row_id, two_lines.row_number, two_lines.prompt) == ("2", 2, "first line\nsecond line")
+
+
+def test_a_bom_and_a_header_in_another_case_with_spaces_are_accepted():
+    # Given a file saved by Excel: UTF-8 BOM, CRLF, header in capitals with spaces around names
+    data = b"\xef\xbb\xbf ID , Prompt ,NEGATIVE_PROMPT, Width,HEIGHT \r\nfox,a red fox,,256,128\r\n"
+
+    # When read
+    (task,), report = outcomes(data)
+
+    # Then the columns are recognised (none of them ignored) and the row is a task
+    assert (task.row_id, task.prompt, task.width, task.height) == ("fox", "a red fox", 256, 128)
+    assert report.ignored_columns == []
+
+
+def test_a_file_without_a_prompt_column_is_unreadable_and_names_the_columns_found():
+    with pytest.raises(InputUnreadable) as raised:
+        read(b"id,text,width\n1,a cat,512\n")
+
+    assert "no 'prompt' column" in str(raised.value)
+    assert "found: id, text, width" in str(raised.value)
+
+
+def test_an_empty_file_is_unreadable_and_says_a_header_is_expected():
+    with pytest.raises(InputUnreadable, match="the file is empty: expected a header line"):
+        read(b"")
+
+
+def test_a_row_with_more_fields_than_the_header_is_rejected_with_a_hint_to_quote():
+    # Given a prompt with a comma that was not quoted, between two good rows
+    data = HEADER + b"1,a cat,,512,512\n2,a cat, black,,512,512\n3,a dog,,512,512\n"
+
+    # When read
+    results, _ = outcomes(data)
+
+    # Then only that row is rejected, with the counts and what to do about it
+    assert results[1] == Rejected(
+        2, "the row has 6 fields but the header has 5 (quote prompts that contain commas)"
+    )
+    assert [r.row_id for r in (results[0], results[2])] == ["1", "3"]
+
+
+def test_blank_lines_and_empty_rows_are_skipped_and_counted_not_rejected():
+    # Given blank lines, a row of empty fields and a line of spaces between two rows
+    data = HEADER + b"1,a cat,,,\n\n,,,,\n   \n2,a dog,,,\n"
+
+    # When read
+    results, report = outcomes(data)
+
+    # Then there are two tasks, numbered as the 1st and 2nd rows, and three skipped lines
+    assert [(t.row_id, t.row_number) for t in results] == [("1", 1), ("2", 2)]
+    assert report.blank_rows == 3
+
+
+def test_a_blank_width_or_height_means_1024():
+    (task,), _ = outcomes(HEADER + b'1,a cat,,"",512\n')
+
+    assert (task.width, task.height) == (1024, 512)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "message"),
+    [
+        ("wide", "512", "the width 'wide' is not a whole number of pixels"),
+        ("-512", "512", "the width '-512' is not a whole number of pixels"),
+        ("512.5", "512", "the width '512.5' is not a whole number of pixels"),
+        ("99999", "512", "the width 99999 is out of range: use a multiple of 8 from 64 to 2048"),
+        ("32", "512", "the width 32 is out of range"),
+        ("512", "1020", "the height 1020 is out of range: use a multiple of 8"),
+    ],
+)
+def test_a_size_that_is_not_a_usable_number_of_pixels_is_rejected_with_the_value(width, height, message):
+    data = HEADER + f"1,a cat,,{width},{height}\n".encode()
+
+    (result,), _ = outcomes(data)
+
+    assert isinstance(result, Rejected)
+    assert result.message.startswith(message)
+
+
+def test_a_prompt_over_the_limit_is_rejected_and_one_at_the_limit_is_kept():
+    # Given a 4,000-character prompt, a 4,001-character one, and a 4,001-character negative prompt
+    data = HEADER + b"".join(
+        [
+            b"ok," + b"x" * 4000 + b",,,\n",
+            b"long," + b"x" * 4001 + b",,,\n",
+            b"neg,a cat," + b"y" * 4001 + b",,\n",
+        ]
+    )
+
+    # When read
+    (ok, long, neg), _ = outcomes(data)
+
+    # Then the limit itself is fine and one more character is rejected with both numbers
+    assert isinstance(ok, ImageTask) and len(ok.prompt) == 4000
+    assert long == Rejected(2, "the prompt is 4001 characters; the limit is 4000")
+    assert neg == Rejected(3, "the negative_prompt is 4001 characters; the limit is 4000")
+
+
+def test_without_an_id_column_the_row_number_is_the_id():
+    results, _ = outcomes(b"prompt,width\na cat,512\na dog,\n")
+
+    assert [(t.row_id, t.image_name, t.width) for t in results] == [("1", "1", 512), ("2", "2", 1024)]
+
+
+def test_an_empty_id_is_rejected_and_a_rejected_row_keeps_the_id_it_was_written_with():
+    # Given a row with an empty id and a row with an id but an impossible width
+    data = HEADER + b" ,a cat,,,\ncat-7,a cat,,wide,\n"
+
+    # When read
+    rows, _ = read(data)
+    results, _ = outcomes(data)
+
+    # Then both are rejected; the second is reported under its id, the first under none
+    assert results == [
+        Rejected(1, "the id is empty"),
+        Rejected(2, "the width 'wide' is not a whole number of pixels"),
+    ]
+    assert [row_id_of(row) for row in rows] == [None, "cat-7"]
+
+
+def test_a_row_that_is_not_utf8_is_rejected_and_the_rows_around_it_are_read():
+    # Given a file where one row was saved as Latin-1 (é, è) and one holds a stray 0xFF byte
+    data = HEADER + b"1,a cat,,,\n2,caf\xe9 cr\xe8me,,,\n3,a dog,\xff,,\n4,a bird,,,\n"
+
+    # When read
+    results, _ = outcomes(data)
+
+    # Then those two rows are rejected with a message about the encoding; the others are tasks
+    assert results[1] == Rejected(2, "the prompt is not valid UTF-8 text: save the file as UTF-8")
+    assert results[2] == Rejected(3, "the negative_prompt is not valid UTF-8 text: save the file as UTF-8")
+    assert [(t.row_id, t.prompt) for t in (results[0], results[3])] == [("1", "a cat"), ("4", "a bird")]
+
+
+def test_a_width_with_a_superscript_digit_is_rejected_not_a_crash():
+    # Given a width typed as "512²" (str.isdigit() is True for superscripts)
+    data = HEADER + "1,a cat,,512²,512\n".encode()
+
+    # When read, Then the row is rejected like any other non-number (not a crash of the whole file)
+    (result,), _ = outcomes(data)
+    assert result == Rejected(1, "the width '512²' is not a whole number of pixels")
+
+
+def test_an_unbalanced_quote_does_not_silently_swallow_the_following_rows():
+    # Given a prompt whose opening quote is never closed, followed by two good rows
+    data = HEADER + b'1,"a cat on a table,,512,512\n2,a dog,,512,512\n3,a bird,,512,512\n'
+
+    # When read
+    results, _ = outcomes(data)
+
+    # Then the broken row is rejected; it does not become one task holding the other rows as its prompt
+    assert not any(isinstance(r, ImageTask) and "a dog" in r.prompt for r in results)
+    assert isinstance(results[0], Rejected)
+
+
+def test_spaces_after_commas_work_in_rows_as_they_do_in_the_header():
+    # Given a hand-written file with a space after each comma, prompts quoted
+    data = (
+        b"id, prompt, negative_prompt, width, height\n"
+        b'1, "a cat, black", "", 512, 512\n'
+        b'2, "a dog", , 512, 512\n'
+    )
+
+    # When read
+    results, _ = outcomes(data)
+
+    # Then the prompts are the quoted text, without the quote characters
+    assert [getattr(r, "prompt", r) for r in results] == ["a cat, black", "a dog"]
+
+
+# --------------------------------------------------------------------------- bytes to lines
+
+
+def test_lines_cut_anywhere_between_chunks_give_the_same_rows():
+    # Given a CRLF file with multi-byte characters (é, ☕)
+    data = 'id,prompt\r\n1,café ☕\r\n2,"two\r\nlines"\r\n3,thé\r\n'.encode()
+    whole, _ = outcomes(data)
+
+    # When the bytes arrive with a CRLF split between two chunks
+    cut = data.index(b"\r\n") + 1
+    split_crlf = list(split_lines([data[:cut], data[cut:]]))
+
+    # Then the lines are the same as unsplit, and so are the rows read one byte at a time
+    assert split_crlf == [
+        b"id,prompt\r\n",
+        "1,café ☕\r\n".encode(),
+        b'2,"two\r\n',
+        b'lines"\r\n',
+        "3,thé\r\n".encode(),
+    ]
+    for size in (1, 2, 5):
+        assert outcomes(data, chunk_size=size)[0] == whole
+    assert [t.prompt for t in whole] == ["café ☕", "two\r\nlines", "thé"]
+
+
+def test_split_lines_gives_the_same_lines_however_the_bytes_are_chunked():
+    import hypothesis
+
+    st = hypothesis.strategies
+    pieces = st.sampled_from([b"a", b",", b'"', b"\r", b"\n", b"\r\n", "é".encode(), b"\xff", b""])
+
+    @hypothesis.settings(database=None, max_examples=300, deadline=None)
+    @hypothesis.given(data=st.lists(pieces, max_size=40).map(b"".join), cuts=st.lists(st.integers(0, 80)))
+    def check(data: bytes, cuts: list[int]) -> None:
+        bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+        chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+        lines = list(split_lines(chunks))
+
+        assert lines == list(split_lines([data]))
+        assert b"".join(lines) == data
+        for line in lines[:-1]:
+            assert line.endswith((b"\n", b"\r"))
+        for line in lines:
+            body = line.removesuffix(b"\n").removesuffix(b"\r")
+            assert b"\r" not in body and b"\n" not in body
+
+    check()
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+def test_jsonl_objects_with_numbers_and_whole_number_ids_become_tasks():
+    # Given the example JSONL plus a line with a numeric id and a float height
+    data = (EXAMPLES / "prompts.jsonl").read_bytes() + b'{"id": 7, "prompt": "a robot", "height": 512.0}\n'
+
+    # When read
+    results, report = outcomes(data, "jsonl")
+
+    # Then every line is a task; numbers are sizes, the numeric id is text
+    assert [(t.row_id, t.width, t.height, t.negative_prompt) for t in results] == [
+        ("sunrise", 1024, 576, ""),
+        ("teapot", 1024, 1024, "text, watermark"),
+        ("7", 1024, 512, ""),
+    ]
+    assert report.format == "jsonl"
+
+
+def test_a_jsonl_line_that_is_not_a_json_object_is_rejected_and_the_others_are_read():
+    # Given a trailing comma on line 2 and an array on line 3, between good lines
+    data = (
+        b'{"id": "a", "prompt": "one"}\n'
+        b'{"id": "b", "prompt": "two",}\n'
+        b"[1, 2]\n"
+        b"\n"
+        b'{"id": "c", "prompt": "three"}\n'
+    )
+
+    # When read
+    results, report = outcomes(data, "jsonl")
+
+    # Then each bad line is rejected with what is wrong; the blank line is only counted
+    assert results[1] == Rejected(
+        2, "the line is not valid JSON: Expecting property name enclosed in double quotes at column 29"
+    )
+    assert results[2] == Rejected(3, "the line is JSON but not an object (got list)")
+    assert [(t.row_id, t.row_number) for t in (results[0], results[3])] == [("a", 1), ("c", 4)]
+    assert report.blank_rows == 1
+
+
+def test_a_jsonl_id_that_is_not_text_or_a_whole_number_is_rejected():
+    results, _ = outcomes(b'{"id": 1.5, "prompt": "a"}\n{"id": true, "prompt": "b"}\n', "jsonl")
+
+    assert [r.message for r in results] == ["the id must be text or a whole number"] * 2
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"[" * 100_000, b'{"id": "big", "prompt": "a", "width": ' + b"9" * 5000 + b"}"],
+    ids=["deeply-nested", "5000-digit-number"],
+)
+def test_a_jsonl_line_the_json_parser_gives_up_on_is_rejected_alone(line):
+    # Given one pathological line between two good ones
+    data = b'{"id": "a", "prompt": "one"}\n' + line + b'\n{"id": "c", "prompt": "three"}\n'
+
+    # When read
+    results, _ = outcomes(data, "jsonl")
+
+    # Then that line is rejected and the others are tasks
+    assert isinstance(results[1], Rejected)
+    assert [getattr(r, "row_id", None) for r in results] == ["a", None, "c"]
+
+
+def test_a_jsonl_prompt_with_an_escaped_lone_surrogate_is_rejected_not_a_crash():
+    # Given valid JSON whose prompt escapes half of a surrogate pair
+    data = b'{"id": "x", "prompt": "a \\ud800 b"}\n{"id": "y", "prompt": "fine"}\n'
+
+    # When read, Then the row is rejected and the next one is a task
+    results, _ = outcomes(data, "jsonl")
+    assert isinstance(results[0], Rejected)
+    assert results[1].row_id == "y"
+
+
+def test_columns_the_pipeline_does_not_use_are_reported_not_fatal():
+    # Given extra keys in JSONL lines and an extra column in a CSV
+    jsonl = b'{"prompt": "a", "seed": 1}\n{"prompt": "b", "style": "oil", "seed": 2}\n'
+    csv_data = b"id,prompt,notes\n1,a cat,remember the hat\n"
+
+    # When both are read
+    jsonl_results, jsonl_report = outcomes(jsonl, "jsonl")
+    csv_results, csv_report = outcomes(csv_data)
+
+    # Then the rows are tasks and the unknown names are listed once each
+    assert jsonl_report.ignored_columns == ["seed", "style"]
+    assert csv_report.ignored_columns == ["notes"]
+    assert all(isinstance(r, ImageTask) for r in jsonl_results + csv_results)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    ("key", "fmt"),
+    [("inbox/spring.csv", "csv"), ("inbox/SPRING.CSV", "csv"), ("inbox/spring.JSONL", "jsonl")],
+)
+def test_the_format_comes_from_the_file_extension_in_any_case(key, fmt):
+    assert format_for_key(key) == fmt
+
+
+def test_another_file_type_is_unreadable_and_says_which_types_work():
+    with pytest.raises(InputUnreadable, match=r"'inbox/prompts.txt': use a \.csv or \.jsonl file"):
+        format_for_key("inbox/prompts.txt")
