@@ -124,7 +124,7 @@ class Pipeline:
 
     def poller(self, **options: Any) -> SqsPoller:
         (mapping,) = self.stack.queue_mappings
-        return SqsPoller(self.client("sqs"), mapping, self.generator, region=REGION, wait_s=0, **options)
+        return SqsPoller(self.client("sqs"), mapping, self.generator, region=REGION, **options)
 
     def drain(self, max_polls: int = 200) -> int:
         """Lambda's poller, one batch at a time, until the queue is empty; failed tasks come back at once."""

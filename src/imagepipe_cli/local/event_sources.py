@@ -93,12 +93,12 @@ class SqsPoller:
         batch_size: int | None = None,
         concurrency: int | None = None,
         retry_delay_s: int = 1,
-        wait_s: int = 1,
+        idle_sleep_s: float = 0.2,
     ) -> None:
         self._sqs, self._mapping, self._function, self._region = sqs, mapping, function, region
         self.batch_size = batch_size or mapping.batch_size
         self.concurrency = concurrency or mapping.max_concurrency
-        self._retry_delay_s, self._wait_s = retry_delay_s, wait_s
+        self._retry_delay_s, self._idle_sleep_s = retry_delay_s, idle_sleep_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = PollerStats()
@@ -116,14 +116,17 @@ class SqsPoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
+            if not self.poll_once():
+                self._stop.wait(
+                    self._idle_sleep_s
+                )  # short polls: the local moto serves one request at a time
 
     def poll_once(self) -> int:
         """Receive one batch and invoke the function with it; returns how many messages it had."""
         messages = self._sqs.receive_message(
             QueueUrl=self._mapping.queue_url,
             MaxNumberOfMessages=self.batch_size,
-            WaitTimeSeconds=self._wait_s,
+            WaitTimeSeconds=0,
             MessageSystemAttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])
@@ -144,10 +147,12 @@ class SqsPoller:
         done = [m for m in messages if m["MessageId"] not in failed]
         back = [m for m in messages if m["MessageId"] in failed]
         if done:
-            self._sqs.delete_message_batch(
+            deleted = self._sqs.delete_message_batch(
                 QueueUrl=self._mapping.queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
             )
+            if deleted.get("Failed"):
+                error = f"SQS did not delete {len(deleted['Failed'])} processed message(s): {deleted['Failed'][0]}"
         if back:
             self._sqs.change_message_visibility_batch(
                 QueueUrl=self._mapping.queue_url,
@@ -221,9 +226,9 @@ class S3Notifications:
                 Bucket=bucket, NotificationConfiguration={"QueueConfigurations": configs}
             )
 
-    def poll_once(self, wait_s: int = 0) -> list[Delivery]:
+    def poll_once(self) -> list[Delivery]:
         messages = self._sqs.receive_message(
-            QueueUrl=self._queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s
+            QueueUrl=self._queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0
         ).get("Messages", [])
         deliveries = []
         for message in messages:

@@ -1,12 +1,27 @@
-"""moto in server mode, in its own process on loopback: the local AWS."""
+"""moto in server mode, in its own process on loopback: the local AWS.
+
+Two changes from `python -m moto.server`, both about running thousands of tasks, neither about what
+an API call answers:
+- requests are handled one at a time. moto's SQS model is not thread-safe - under concurrent
+  DeleteMessage/SendMessage calls we saw deleted messages come back and a message delivered twice -
+  and moto is bound by one interpreter lock anyway, so serialising costs little. Clients therefore
+  must not long-poll (WaitTimeSeconds=0).
+- moto 5.2.5's SQS work grows with queue depth: every SendMessage and every received message
+  recounts the whole queue, reading a slow clock once per message (ReceiveMessage took 1 s at a
+  depth of 1,000 here). `speed_up_moto_sqs` reads the clock once per count, reads the retention
+  period directly, and keeps the queue's Approximate* counts for up to 0.1 s (AWS documents them as
+  approximate and eventually consistent)."""
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -24,7 +39,15 @@ class MotoServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's exit
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "imagepipe_cli.local.moto_server",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -64,3 +87,83 @@ def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+class _OneAtATime:
+    """WSGI middleware: one request inside moto at a time."""
+
+    def __init__(self, app: Any) -> None:
+        self._app, self._lock = app, threading.Lock()
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        with self._lock:
+            # Read the whole body inside the lock, so a slow client cannot hold moto mid-request.
+            return list(self._app(environ, start_response))
+
+
+COUNT_TTL_S = 0.1
+
+
+def speed_up_moto_sqs() -> None:
+    import moto
+    from moto.sqs import models
+
+    if moto.__version__ != "5.2.5":
+        return  # written against 5.2.5's internals; a newer moto runs as it is
+    original_unix_time = models.unix_time
+
+    def unix_time(dt: Any = None) -> float:
+        return time.time() if dt is None else original_unix_time(dt)
+
+    def unix_time_millis(dt: Any = None) -> float:
+        return unix_time(dt) * 1000.0
+
+    models.unix_time, models.unix_time_millis = unix_time, unix_time_millis
+
+    def counts(queue: Any) -> tuple[int, int, int]:
+        cached = queue.__dict__.get("_imagepipe_counts")
+        now = time.time()
+        if cached and now - cached[0] < COUNT_TTL_S:
+            return cached[1]
+        now_ms = now * 1000.0
+        available = not_visible = delayed = 0
+        for message in queue._messages:
+            is_delayed = now_ms < message.delayed_until
+            is_visible = now_ms > message.visible_at
+            delayed += is_delayed
+            not_visible += not is_visible
+            available += is_visible and not is_delayed
+        queue.__dict__["_imagepipe_counts"] = (now, (available, not_visible, delayed))
+        return available, not_visible, delayed
+
+    models.Queue.approximate_number_of_messages = property(lambda q: counts(q)[0])
+    models.Queue.approximate_number_of_messages_not_visible = property(lambda q: counts(q)[1])
+    models.Queue.approximate_number_of_messages_delayed = property(lambda q: counts(q)[2])
+
+    def is_message_valid_based_on_retention_period(self: Any, queue_name: str, message: Any) -> bool:
+        queue = self.get_queue(queue_name)
+        retain_until = int(queue.message_retention_period) + message.sent_timestamp / 1000
+        return retain_until > unix_time()
+
+    models.SQSBackend.is_message_valid_based_on_retention_period = is_message_valid_based_on_retention_period
+
+
+def main(argv: list[str] | None = None) -> None:
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import run_simple
+
+    parser = argparse.ArgumentParser(description="moto server, one request at a time")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    speed_up_moto_sqs()
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(args.host, args.port, _OneAtATime(app), threaded=True, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    main()

@@ -286,7 +286,7 @@ def _wait_for_job(
     manifest: dict | None = None
     quiet_checks = 0
     while time.monotonic() < deadline:
-        for delivery in notifications.poll_once(wait_s=0):
+        for delivery in notifications.poll_once():
             if delivery.error:
                 raise RunError(
                     f"the splitter failed 3 times on the upload: {delivery.error} (see {options.out}/logs)"
