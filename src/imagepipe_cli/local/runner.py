@@ -37,6 +37,7 @@ REGION = "us-east-1"
 STACK_NAME = "imagepipe-local"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
+SPLIT_START_TIMEOUT_S = 120
 
 
 class RunError(Exception):
@@ -138,7 +139,8 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
             poller.start()
             cleanup.callback(poller.stop)
 
-        key = f"inbox/{options.input.name}"
+        # S3 suffix filters are case-sensitive: name the object so that the template's filter matches.
+        key = f"inbox/{options.input.stem}{options.input.suffix.lower()}"
         s3.upload_file(
             str(options.input),
             stack.outputs["InputBucketName"],
@@ -282,10 +284,13 @@ def _wait_for_job(
     invocation is in flight. (Rows are then counted from the stack's records, not from here.)"""
     output_bucket = stack.outputs["OutputBucketName"]
     manifest_key = f"jobs/{job_id}/manifest.json"
-    deadline = time.monotonic() + options.timeout_s
+    started = time.monotonic()
+    deadline = started + options.timeout_s
     manifest: dict | None = None
     quiet_checks = 0
     while time.monotonic() < deadline:
+        if manifest is None and time.monotonic() - started > SPLIT_START_TIMEOUT_S:
+            raise RunError(f"the upload did not start a job within {SPLIT_START_TIMEOUT_S} s (see {options.out}/logs)")
         for delivery in notifications.poll_once():
             if delivery.error:
                 raise RunError(
