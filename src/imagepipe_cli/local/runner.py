@@ -290,7 +290,9 @@ def _wait_for_job(
     quiet_checks = 0
     while time.monotonic() < deadline:
         if manifest is None and time.monotonic() - started > SPLIT_START_TIMEOUT_S:
-            raise RunError(f"the upload did not start a job within {SPLIT_START_TIMEOUT_S} s (see {options.out}/logs)")
+            raise RunError(
+                f"the upload did not start a job within {SPLIT_START_TIMEOUT_S} s (see {options.out}/logs)"
+            )
         for delivery in notifications.poll_once():
             if delivery.error:
                 raise RunError(
