@@ -123,9 +123,12 @@ def bench_splitter_memory(rows: int) -> dict:
             sqs = client("sqs")
             url = stack.outputs["TasksQueueUrl"]
             while not stop.is_set():
-                messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
+                # no long polls: the local moto serves one request at a time
+                messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
                     "Messages", []
                 )
+                if not messages:
+                    stop.wait(0.05)
                 if messages:
                     sqs.delete_message_batch(
                         QueueUrl=url,
