@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 BUILD_DIR := .aws-sam/build
-# `sam build` for a python3.12 runtime needs a python3.12 on PATH.
-PY312_DIR := $(shell dirname "$$(command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)" 2>/dev/null)
+# `sam build` for a python3.12 runtime needs a python3.12 on PATH (a pyenv shim is not enough).
+PY312 := $(shell for p in /root/.pyenv/versions/3.12*/bin/python3.12 $$(command -v python3.12); do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
+PY312_DIR := $(patsubst %/,%,$(dir $(PY312)))
 # The SAM CLI and cfn-lint never need a real account here: fake credentials, no metadata lookups.
 AWS_OFFLINE := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=testing \
 	AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
@@ -41,13 +43,13 @@ template: $(BIN)/.installed $(SAM_VENV)/.installed
 	$(AWS_OFFLINE) $(SAM) validate --lint
 
 build: $(SAM_VENV)/.installed
-	@if [ -z "$(PY312_DIR)" ] || [ "$(PY312_DIR)" = "." ]; then \
+	@if [ -z "$(PY312)" ]; then \
 		echo "sam build: no python3.12 found on PATH or under /root/.pyenv; skipping the build check"; \
 	else \
 		$(AWS_OFFLINE) PATH="$(PY312_DIR):$$PATH" $(SAM) build --build-dir $(BUILD_DIR) && \
 		for fn in CsvSplitterFunction ImageGeneratorFunction; do \
 			(cd $(BUILD_DIR)/$$fn && PYTHONPATH=../SharedLayer/python POWERTOOLS_TRACE_DISABLED=true \
-				$(PY312_DIR)/python3.12 -c "import app; print('built $$fn imports on', __import__('sys').version.split()[0])") || exit 1; \
+				$(PY312) -c "import app; print('built $$fn imports on', __import__('sys').version.split()[0])") || exit 1; \
 		done; \
 	fi
 
