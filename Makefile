@@ -42,13 +42,16 @@ template: $(BIN)/.installed $(SAM_VENV)/.installed
 	$(AWS_OFFLINE) $(BIN)/cfn-lint template.yaml
 	$(AWS_OFFLINE) $(SAM) validate --lint
 
+# sam build, then each built function must import on python3.12 with only its layer and boto3
+# (which Lambda's python3.12 runtime provides).
 build: $(SAM_VENV)/.installed
 	@if [ -z "$(PY312)" ]; then \
 		echo "sam build: no python3.12 found on PATH or under /root/.pyenv; skipping the build check"; \
 	else \
 		$(AWS_OFFLINE) PATH="$(PY312_DIR):$$PATH" $(SAM) build --build-dir $(BUILD_DIR) && \
+		$(PY312) -m pip install -q --disable-pip-version-check --root-user-action=ignore --target .aws-sam/lambda-runtime boto3 && \
 		for fn in CsvSplitterFunction ImageGeneratorFunction; do \
-			(cd $(BUILD_DIR)/$$fn && PYTHONPATH=../SharedLayer/python POWERTOOLS_TRACE_DISABLED=true \
+			(cd $(BUILD_DIR)/$$fn && PYTHONPATH=../SharedLayer/python:../../lambda-runtime POWERTOOLS_TRACE_DISABLED=true \
 				$(PY312) -c "import app; print('built $$fn imports on', __import__('sys').version.split()[0])") || exit 1; \
 		done; \
 	fi

@@ -109,6 +109,7 @@ def bench_splitter_memory(rows: int) -> dict:
             client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"
         )
         source = write_csv(Path(tmp) / "big.csv", rows)
+        file_mib = source.stat().st_size / 2**20
         key = "inbox/big.csv"
         client("s3").upload_file(str(source), stack.outputs["InputBucketName"], key)
         event = json.loads((ROOT / "events" / "s3_put_csv.json").read_text())
@@ -170,7 +171,7 @@ def bench_splitter_memory(rows: int) -> dict:
         measured = json.loads(probe.stdout.strip().splitlines()[-1])
     return {
         "rows": rows,
-        "file_mib": source.stat().st_size / 2**20 if source.exists() else None,
+        "file_mib": file_mib,
         "queued": measured["job"]["queued"],
         "seconds": seconds,
         "rss_peak_mib": measured["rss_peak_kib"] / 1024,
