@@ -390,6 +390,7 @@ class _Progress:
         self._enabled = enabled
         self._started = time.monotonic()
         self._last_line = 0.0
+        self._line = ""
 
     def show(self, manifest: dict | None, done: int, retried: int) -> None:
         if not self._enabled:
@@ -404,6 +405,7 @@ class _Progress:
         else:
             line = f"splitting the file... {done} tasks done"
         line += f"  {rate:5.1f}/s" + (f"  {retried} retried" if retried else "")
+        self._line = line
         if self._tty:
             self._stream.write("\r" + line.ljust(79))
             self._stream.flush()
@@ -412,6 +414,8 @@ class _Progress:
             self._last_line = time.monotonic()
 
     def done(self) -> None:
-        if self._enabled and self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
+        if not self._enabled:
+            return
+        # A terminal has the last line already; a log gets it once more, final.
+        self._stream.write("\n" if self._tty else self._line + "\n")
+        self._stream.flush()
