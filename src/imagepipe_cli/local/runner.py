@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,7 +108,7 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
         }
         functions = {
             logical_id: cleanup.enter_context(
-                _closing(
+                closing(
                     ProcessFunction(
                         fn,
                         concurrency=_concurrency_for(stack, logical_id, options),
@@ -244,17 +244,6 @@ def _concurrency_for(stack: LocalStack, logical_id: str, options: RunOptions) ->
         if mapping.function == logical_id:
             return options.concurrency or mapping.max_concurrency
     return 1  # S3-triggered: one file, one invocation at a time is plenty locally
-
-
-class _closing:
-    def __init__(self, thing: Any) -> None:
-        self.thing = thing
-
-    def __enter__(self) -> Any:
-        return self.thing
-
-    def __exit__(self, *exc: object) -> None:
-        self.thing.close()
 
 
 def _new_job_id(path: Path) -> str:
