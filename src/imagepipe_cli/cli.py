@@ -31,6 +31,16 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
 def _fault(text: str) -> str:
     try:
         parse_fault(text)
@@ -105,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     emu = commands.add_parser("emulator", help="serve the Atlas API emulator on loopback until Ctrl-C")
-    emu.add_argument("--port", type=int, default=8790, help="port (default: 8790; 0 picks a free one)")
+    emu.add_argument("--port", type=_port, default=8790, help="port (default: 8790; 0 picks a free one)")
     emu.add_argument(
         "--latency-ms", type=_non_negative, default=0.0, metavar="MS", help="time to make one image"
     )
@@ -133,14 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate_limit == 0:
             print("imagepipe: error: --rate-limit must be more than 0", file=sys.stderr)
             return EXIT_USAGE
-        serve(
-            EmulatorConfig(
-                port=args.port,
-                latency_ms=args.latency_ms,
-                rate_limit=args.rate_limit,
-                faults=tuple(parse_fault(f) for f in args.fault),
+        try:
+            serve(
+                EmulatorConfig(
+                    port=args.port,
+                    latency_ms=args.latency_ms,
+                    rate_limit=args.rate_limit,
+                    faults=tuple(parse_fault(f) for f in args.fault),
+                )
             )
-        )
+        except OSError as exc:  # port in use, address not available
+            print(
+                f"imagepipe: error: cannot serve on port {args.port}: {exc.strerror or exc}", file=sys.stderr
+            )
+            return EXIT_USAGE
         return 0
     options = RunOptions(
         input=args.input,
@@ -164,9 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a bug, not the user's input: keep the details in a file
         log = options.out / "logs" / "imagepipe-error.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(traceback.format_exc(), encoding="utf-8")
-        print(f"imagepipe: internal error: {type(exc).__name__}: {exc} (details: {log})", file=sys.stderr)
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+            where = f"details: {log}"
+        except OSError:
+            where = "the details could not be written to a log file"
+        print(f"imagepipe: internal error: {type(exc).__name__}: {exc} ({where})", file=sys.stderr)
         return 3
 
 

@@ -84,3 +84,15 @@ def test_the_same_upload_delivered_twice_keeps_one_job_id(pipeline):
     first = pipeline.splitter.invoke(event)["jobs"][0]["job_id"]
     second = pipeline.splitter.invoke(event)["jobs"][0]["job_id"]
     assert first == second
+
+
+def test_an_id_that_is_not_utf8_is_rejected_and_the_job_still_completes(pipeline):
+    # Given a Latin-1 id among UTF-8 rows
+    body = b"id,prompt\ngood,a red fox\ncaf\xe9,a coffee cup\n"
+
+    job = pipeline.split("inbox/latin1.csv", body)
+
+    # Then the split finishes, the good row is queued and the bad one rejected with the reason
+    assert (job["status"], job["queued"], job["rejected"]) == ("split", 1, 1)
+    rows = pipeline.results(job["job_id"]).rows
+    assert rows[1].status == "rejected" and "not valid UTF-8" in rows[1].error["message"]

@@ -243,8 +243,19 @@ def test_an_unbalanced_quote_does_not_silently_swallow_the_following_rows():
     results, _ = outcomes(data)
 
     # Then the broken row is rejected; it does not become one task holding the other rows as its prompt
-    assert not any(isinstance(r, ImageTask) and "a dog" in r.prompt for r in results)
+    assert all("\n" not in r.prompt for r in results if isinstance(r, ImageTask))
     assert isinstance(results[0], Rejected)
+    # and the rows after it are still read, each as itself
+    assert [r.prompt for r in results[1:]] == ["a dog", "a bird"]
+
+
+def test_a_stray_quote_loses_only_its_own_row_even_with_multiline_prompts_after_it():
+    data = HEADER + b'1,"never closed,,512,512\n2,fine,,512,512\n3,"two\nlines",,512,512\n'
+
+    results, _ = outcomes(data)
+
+    assert isinstance(results[0], Rejected)
+    assert [r.prompt for r in results[1:]] == ["fine", "two\nlines"]
 
 
 def test_spaces_after_commas_work_in_rows_as_they_do_in_the_header():

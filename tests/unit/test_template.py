@@ -73,3 +73,11 @@ def test_the_template_translates_to_cloudformation_with_the_sqs_mapping(template
     cfn = translate(template, {}, "us-east-1")
     kinds = {r["Type"] for r in cfn["Resources"].values()}
     assert {"AWS::Lambda::Function", "AWS::Lambda::EventSourceMapping", "AWS::Lambda::LayerVersion"} <= kinds
+
+
+def test_a_full_batch_of_slow_api_calls_still_fits_in_the_generator_timeout(template):
+    # Tasks in a batch run one after another; a batch that outlives the function loses its progress.
+    env = template.function_property("ImageGeneratorFunction", "Environment")["Variables"]
+    largest_batch = template.parameter("GeneratorBatchSize")["MaxValue"]
+    timeout = template.function_property("ImageGeneratorFunction", "Timeout")
+    assert largest_batch * float(env["ATLAS_TIMEOUT_SECONDS"]) < timeout

@@ -124,18 +124,17 @@ class AtlasClient:
             body["negative_prompt"] = negative_prompt
         creds = self._credentials()
         cache_key = (self._token_url, creds.access_key)
-        for attempt in (1, 2):
+        token = self._tokens.get(cache_key, lambda: self._fetch_token(creds))
+        response = self._post(body, token)
+        payload = _json(response)
+        if _is_token_error(response.status_code, payload):
+            # The token was revoked or expired early: drop it and try once more with a new one
+            # (a second token error is reported by _images as a retryable auth error).
+            self._tokens.invalidate(cache_key, token)
             token = self._tokens.get(cache_key, lambda: self._fetch_token(creds))
             response = self._post(body, token)
             payload = _json(response)
-            if _is_token_error(response.status_code, payload) and attempt == 1:
-                # The token was revoked or expired early: drop it and try once more with a new one.
-                self._tokens.invalidate(cache_key, token)
-                continue
-            return self._images(response, payload)
-        raise ImageApiError(
-            "auth", "the API rejected a freshly issued token", retryable=True, status=response.status_code
-        )
+        return self._images(response, payload)
 
     def _fetch_token(self, creds: Credentials) -> tuple[str, float]:
         if not creds.access_key or not creds.secret_key:
@@ -169,7 +168,7 @@ class AtlasClient:
                 retryable=False,
                 status=response.status_code,
             )
-        return str(payload["access_token"]), float(payload.get("expires_in") or 3600)
+        return str(payload["access_token"]), float(_int(payload.get("expires_in")) or 3600)
 
     def _post(self, body: dict[str, Any], token: str) -> httpx.Response:
         try:
@@ -190,7 +189,7 @@ class AtlasClient:
     def _images(self, response: httpx.Response, payload: dict[str, Any]) -> list[GeneratedImage]:
         status = response.status_code
         if status == 200 and "error_code" in payload:
-            code = int(payload.get("error_code") or 0)
+            code = _int(payload.get("error_code")) or 0
             message = f"error_code {code}: {payload.get('error_msg', 'no message')}"
             if code in TOKEN_ERROR_CODES:
                 raise ImageApiError("auth", message, retryable=True, status=status)
@@ -254,7 +253,15 @@ def sniff_image(raw: bytes) -> GeneratedImage:
 
 
 def _is_token_error(status: int, payload: dict[str, Any]) -> bool:
-    return status == 401 or (status == 200 and payload.get("error_code") in TOKEN_ERROR_CODES)
+    return status == 401 or (status == 200 and _int(payload.get("error_code")) in TOKEN_ERROR_CODES)
+
+
+def _int(value: Any) -> int | None:
+    """A number the API may send as a number or as text; None when it is neither."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -59,3 +59,8 @@ def safe_name(row_id: str) -> str:
     if slug != row_id or _HASHED.search(row_id):
         slug = f"{slug}-{hashlib.sha256(row_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return slug
+
+
+def job_stem(file_stem: str) -> str:
+    """The readable start of a job id made from a file name."""
+    return safe_name(file_stem).split("-")[0][:40] or "job"

@@ -15,7 +15,7 @@ def put_json(s3: Any, bucket: str, key: str, value: Any) -> None:
     s3.put_object(
         Bucket=bucket,
         Key=key,
-        Body=json.dumps(value, ensure_ascii=False).encode("utf-8"),
+        Body=json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace"),
         ContentType="application/json",
     )
 

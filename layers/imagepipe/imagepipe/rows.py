@@ -90,12 +90,36 @@ def read_rows(lines: Iterable[str], fmt: str, report: ReadReport) -> Iterator[Ra
         raise InputUnreadable(f"unsupported format {fmt!r}")
 
 
+class _Tape:
+    """The lines the CSV reader takes for the record being read, so a broken record can be
+    read again from its second line (a field may span lines; an unclosed quote spans to the end)."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self._source = iter(lines)
+        self._replay: list[str] = []
+        self.taken: list[str] = []
+
+    def __iter__(self) -> _Tape:
+        return self
+
+    def __next__(self) -> str:
+        line = self._replay.pop() if self._replay else next(self._source)
+        self.taken.append(line)
+        return line
+
+    def rewind_after_first(self) -> None:
+        self._replay.extend(reversed(self.taken[1:]))
+        self.taken = []
+
+
 def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
-    # strict: an unclosed quote is an error on that row, not a prompt that swallows the rest of the file.
-    reader = csv.reader(lines, skipinitialspace=True, strict=True)
+    tape = _Tape(lines)
+    # strict: a stray quote is an error on that row, not a prompt that swallows the rows after it.
+    reader = csv.reader(tape, skipinitialspace=True, strict=True)
     header: list[str] | None = None
     number = 0
     while True:
+        tape.taken = []
         try:
             fields = next(reader)
         except StopIteration:
@@ -105,6 +129,9 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 raise InputUnreadable(f"the CSV header cannot be read: {exc}") from None
             number += 1
             yield RawRow(number, None, f"the CSV row cannot be read: {exc}")
+            # Only the record's first line is lost to the error; the lines it swallowed are read again.
+            tape.rewind_after_first()
+            reader = csv.reader(tape, skipinitialspace=True, strict=True)
             continue
         if header is None:
             if not any(value.strip() for value in fields):
@@ -258,4 +285,4 @@ def _side(value: Any, name: str) -> int:
 
 def _has_undecodable_bytes(text: str) -> bool:
     # Undecodable bytes arrive as \udc80-\udcff; JSON can also spell lone surrogates out.
-    return any("\ud800" <= ch <= "\udfff" for ch in text)
+    return not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text)

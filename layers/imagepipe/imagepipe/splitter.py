@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from imagepipe.contract import JOB_ID_PATTERN, ImageTask, safe_name
+from imagepipe.contract import JOB_ID_PATTERN, ImageTask, job_stem
 from imagepipe.layout import STATUS_REJECTED, JobLayout
 from imagepipe.records import now_iso, put_json
 from imagepipe.rows import (
@@ -54,7 +54,7 @@ def job_id_for(bucket: str, key: str, etag: str, metadata: dict[str, str]) -> st
     given = metadata.get("job-id", "")
     if re.match(JOB_ID_PATTERN, given):
         return given
-    stem = safe_name(PurePosixPath(key).stem).split("-")[0][:40] or "job"
+    stem = job_stem(PurePosixPath(key).stem)
     digest = hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:10]
     return f"{stem}-{digest}"
 
@@ -120,7 +120,8 @@ class RowLog:
         self, row: int, row_id: str | None, name: str | None, status: str, error: dict | None = None
     ) -> None:
         line = {"row": row, "id": row_id, "name": name, "status": status, "n": 1, "error": error}
-        self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+        # backslashreplace: an id with bytes that are not UTF-8 is still recorded, never a crash.
+        self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
         if status == STATUS_REJECTED:
             self.rejected += 1
         else:

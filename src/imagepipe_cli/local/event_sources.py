@@ -71,6 +71,7 @@ class PollerStats:
     deleted: int = 0
     returned: int = 0
     last_error: str | None = None
+    fatal: str | None = None  # the poller stopped on this error
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -115,11 +116,14 @@ class SqsPoller:
             thread.join()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self.poll_once():
-                self._stop.wait(
-                    self._idle_sleep_s
-                )  # short polls: the local moto serves one request at a time
+        try:
+            while not self._stop.is_set():
+                if not self.poll_once():
+                    # short polls: the local moto serves one request at a time
+                    self._stop.wait(self._idle_sleep_s)
+        except Exception as exc:  # the runner stops the job with this reason instead of waiting for it
+            with self.stats.lock:
+                self.stats.fatal = f"{type(exc).__name__}: {exc}"
 
     def poll_once(self) -> int:
         """Receive one batch and invoke the function with it; returns how many messages it had."""

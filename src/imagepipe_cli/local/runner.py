@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import boto3
 from botocore.config import Config
 
-from imagepipe.contract import safe_name
+from imagepipe.contract import job_stem
 from imagepipe.layout import STATUS_FAILED, STATUS_REJECTED, STATUS_SUCCEEDED
 from imagepipe.records import get_json
 from imagepipe.results import JobResults, collect_results
@@ -168,6 +168,8 @@ def _check_options(options: RunOptions) -> None:
         raise RunError(f"{options.input}: the input bucket only takes .csv and .jsonl files")
     if not os.access(options.input, os.R_OK):
         raise RunError(f"{options.input}: not readable")
+    if options.out.exists() and not options.out.is_dir():
+        raise RunError(f"--out {options.out}: exists and is not a folder")
     if not options.template.is_file():
         raise RunError(f"{options.template}: template not found (use --template)")
     for fault in options.emulator_faults:
@@ -247,7 +249,7 @@ def _concurrency_for(stack: LocalStack, logical_id: str, options: RunOptions) ->
 
 
 def _new_job_id(path: Path) -> str:
-    stem = safe_name(path.stem).split("-")[0][:40] or "job"
+    stem = job_stem(path.stem)
     return f"{stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{os.urandom(2).hex()}"
 
 
@@ -289,6 +291,9 @@ def _wait_for_job(
                 )
         if manifest is None or manifest.get("status") == "splitting":
             manifest = get_json(s3, output_bucket, manifest_key)
+        for poller in pollers:
+            if poller.stats.fatal:
+                raise RunError(f"the queue poller stopped: {poller.stats.fatal} (see {options.out}/logs)")
         done = sum(p.stats.deleted for p in pollers)
         progress.show(manifest, done, sum(p.stats.returned for p in pollers))
         if manifest and manifest.get("status") != "splitting":
