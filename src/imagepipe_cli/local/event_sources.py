@@ -66,11 +66,8 @@ def failed_message_ids(response: Any, message_ids: list[str], report_batch_item_
 
 @dataclass
 class PollerStats:
-    invocations: int = 0
-    function_errors: int = 0
     deleted: int = 0
     returned: int = 0
-    last_error: str | None = None
     fatal: str | None = None  # the poller stopped on this error
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -145,18 +142,15 @@ class SqsPoller:
                 lambda_sqs_event(messages, self._mapping.queue_arn, self._region)
             )
             failed = failed_message_ids(response, ids, self._mapping.report_batch_item_failures)
-            error = None
-        except FunctionError as exc:
-            failed, error = set(ids), str(exc)
+        except FunctionError:
+            failed = set(ids)  # the function's log has the error; Lambda returns the whole batch
         done = [m for m in messages if m["MessageId"] not in failed]
         back = [m for m in messages if m["MessageId"] in failed]
         if done:
-            deleted = self._sqs.delete_message_batch(
+            self._sqs.delete_message_batch(
                 QueueUrl=self._mapping.queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
             )
-            if deleted.get("Failed"):
-                error = f"SQS did not delete {len(deleted['Failed'])} processed message(s): {deleted['Failed'][0]}"
         if back:
             self._sqs.change_message_visibility_batch(
                 QueueUrl=self._mapping.queue_url,
@@ -170,12 +164,8 @@ class SqsPoller:
                 ],
             )
         with self.stats.lock:
-            self.stats.invocations += 1
             self.stats.deleted += len(done)
             self.stats.returned += len(back)
-            if error:
-                self.stats.function_errors += 1
-                self.stats.last_error = error
 
 
 def complete_s3_event(event: dict) -> dict:
