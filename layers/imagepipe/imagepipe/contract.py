@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-TASK_VERSION = 1
+TASK_VERSION = 2
 MAX_PROMPT_CHARS = 4000
 MAX_ROW_ID_CHARS = 256
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
 DEFAULT_SIDE = 1024
-MAX_IMAGES_PER_ROW = 4
+MAX_IMAGES_PER_ROW = 10
+PROVIDER_NAMES = ("atlascloud", "qianfan", "openai", "baidu-oauth")
+DEFAULT_PROVIDER = "atlascloud"
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -22,11 +24,15 @@ _HASHED = re.compile(r"-[0-9a-f]{8}$")
 
 
 class ImageTask(BaseModel):
-    """One row of an input file, ready for the image API. Version 1."""
+    """One row of an input file, ready for its image API. Version 2.
+
+    The splitter resolves `provider` (the row's, else the stack's default) so the generator never
+    guesses. `prediction_id` and `handbacks` are set only on a task handed back to the queue while
+    its asynchronous generation is still running."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1] = TASK_VERSION
+    version: Literal[2] = TASK_VERSION
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     row_id: str = Field(min_length=1, max_length=MAX_ROW_ID_CHARS)
     row_number: int = Field(ge=1, description="1-based data row in the input file (header excluded)")
@@ -35,7 +41,16 @@ class ImageTask(BaseModel):
     width: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)
     height: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_ROW, description="images to make for this row")
-    model: str | None = Field(None, description="overrides ATLAS_MODEL for this row")
+    provider: Literal["atlascloud", "qianfan", "openai", "baidu-oauth"] = DEFAULT_PROVIDER
+    model: str | None = Field(None, max_length=200, description="overrides the stack's model for this row")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance: float | None = Field(None, ge=0, le=50)
+    params: dict[str, Any] = Field(default_factory=dict, description="merged into the provider's request")
+    # Set when an asynchronous generation outlived an invocation and the task came back to the queue.
+    prediction_id: str | None = Field(None, max_length=200)
+    handbacks: int = Field(0, ge=0)
+    submitted_at: float | None = Field(None, description="epoch seconds of the accepted submit")
 
     @property
     def image_name(self) -> str:

@@ -1,0 +1,274 @@
+"""The one interface every image API sits behind: a task in; images, the provider's request id and
+cost out - or a ProviderError that says what to do next. Nothing outside providers/ knows an API's
+field names."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import httpx
+
+from imagepipe.contract import ImageTask
+
+
+class Action(StrEnum):
+    """What the caller does with a failure (providers.md section 5)."""
+
+    RETRY = "retry"  # back off, then try again (SQS retry; DLQ after the last attempt)
+    REAUTH = "reauth"  # re-read the credentials once and try again, else stop
+    FAIL_ROW = "fail_row"  # record the row failed with the provider's reason, now
+    STOP_JOB = "stop_job"  # no more calls to this provider for the job: its remaining rows fail fast
+
+
+class ProviderError(Exception):
+    """A call that gave no images.
+
+    kind: a short word for results (refused, moderation, rate_limited, unavailable, timeout, auth,
+    quota, not_permitted, bad_response, config, answer_lost).
+    maybe_accepted: the request was sent and its answer never arrived, so the provider may have
+    accepted (and charged for) it. A submit in that state is never resent blindly."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        action: Action,
+        status: int | None = None,
+        request_id: str | None = None,
+        maybe_accepted: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.action = kind, message, action
+        self.status, self.request_id, self.maybe_accepted = status, request_id, maybe_accepted
+
+    @property
+    def retryable(self) -> bool:
+        return self.action in (Action.RETRY, Action.REAUTH)
+
+    def as_record(self) -> dict[str, str]:
+        return {"type": self.kind, "message": self.message}
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes
+    extension: str
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished request: its images, the provider's id for it and the price it reported (if any)."""
+
+    images: list[GeneratedImage]
+    request_id: str | None = None
+    cost: float | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An accepted asynchronous request that is still running: poll it again with resume(request_id)."""
+
+    request_id: str
+    status: str = "processing"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a provider accepts, checked at split time so a row it cannot serve is rejected before any
+    paid call. `fields` are the optional per-row fields it takes (seed, steps, guidance, negative_prompt)."""
+
+    min_side: int = 64
+    max_side: int = 2048
+    side_step: int = 8
+    max_n: int = 4
+    max_prompt_chars: int = 4000
+    fields: frozenset[str] = frozenset()
+    sizes: frozenset[tuple[int, int]] | None = None  # only these sizes, when the API has a fixed list
+
+
+class Keys:
+    """The API keys of the configured providers, read through `load(force)`; `refresh()` makes the
+    next read bypass any cache (a key rotated in Secrets Manager is picked up after one 401)."""
+
+    def __init__(self, load: Callable[[bool], Mapping[str, str]]) -> None:
+        self._load = load
+        self._force = False
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> str:
+        with self._lock:
+            force, self._force = self._force, False
+        return str(self._load(force).get(name) or "")
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._force = True
+
+    @classmethod
+    def fixed(cls, values: Mapping[str, str]) -> Keys:
+        return cls(lambda _force: values)
+
+
+@dataclass
+class ProviderConfig:
+    """One provider as a stack configures it."""
+
+    base_url: str
+    keys: Keys
+    http: httpx.Client
+    model: str | None = None  # the stack's default model for this provider (None: the provider's own)
+    options: dict[str, str] = field(default_factory=dict)  # provider-specific (e.g. baidu-oauth's path)
+
+
+class Provider(ABC):
+    name: ClassVar[str]
+    default_model: ClassVar[str]
+    asynchronous: ClassVar[bool] = False
+    key_names: ClassVar[tuple[str, ...]]  # names in the keys secret / local environment
+    public_url: ClassVar[str]
+    limits: ClassVar[Limits]
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self.http = config.http
+        self.keys = config.keys
+
+    def model_for(self, task: ImageTask) -> str:
+        return task.model or self.config.model or self.default_model
+
+    @classmethod
+    def check(cls, task: ImageTask) -> str | None:
+        """Why this provider cannot serve the task (a reason for the user), or None. No network."""
+        limits = cls.limits
+        for side, value in (("width", task.width), ("height", task.height)):
+            if not limits.min_side <= value <= limits.max_side or value % limits.side_step:
+                return (
+                    f"{cls.name} takes a {side} that is a multiple of {limits.side_step} from "
+                    f"{limits.min_side} to {limits.max_side}, not {value}"
+                )
+        if limits.sizes is not None and (task.width, task.height) not in limits.sizes:
+            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(limits.sizes))
+            return f"{cls.name} takes only these sizes: {sizes} (not {task.width}x{task.height})"
+        if task.n > limits.max_n:
+            return f"{cls.name} makes at most {limits.max_n} image(s) per request, not n={task.n}"
+        if len(task.prompt) > limits.max_prompt_chars:
+            return f"{cls.name} takes prompts of at most {limits.max_prompt_chars} characters, not {len(task.prompt)}"
+        for name in ("seed", "steps", "guidance", "negative_prompt"):
+            if getattr(task, name) not in (None, "") and name not in limits.fields:
+                return f"{cls.name} does not take {name}"
+        return None
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        """`call`, re-reading the keys once if the provider says they are wrong; a second refusal
+        stops the job's calls to this provider (the keys are wrong, not the row)."""
+        try:
+            return call()
+        except ProviderError as exc:
+            if exc.action is not Action.REAUTH:
+                raise
+            self.keys.refresh()
+        try:
+            return call()
+        except ProviderError as exc:
+            if exc.action is Action.REAUTH:
+                raise ProviderError(
+                    "auth", exc.message + " (again after re-reading the keys)", action=Action.STOP_JOB,
+                    status=exc.status, request_id=exc.request_id,
+                ) from exc
+            raise
+
+    @abstractmethod
+    def start(self, task: ImageTask) -> Generation | Pending:
+        """Send the task. A synchronous API answers a Generation; an asynchronous one a Pending
+        (or a Generation when the model finished at once)."""
+
+    def resume(self, request_id: str) -> Generation | Pending:
+        """Read an accepted asynchronous request again. Raises ProviderError(RETRY) when the read
+        itself failed (the request is still the provider's: poll again later)."""
+        raise NotImplementedError(f"{self.name} is synchronous")
+
+
+# ---------------------------------------------------------------- helpers the provider modules share
+
+
+def sniff_image(raw: bytes) -> GeneratedImage:
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return GeneratedImage(raw, "png", "image/png")
+    if raw.startswith(b"\xff\xd8\xff"):
+        return GeneratedImage(raw, "jpg", "image/jpeg")
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return GeneratedImage(raw, "webp", "image/webp")
+    raise ProviderError(
+        "bad_response", "the image API returned data that is not a PNG, JPEG or WebP image", action=Action.RETRY
+    )
+
+
+def decode_b64(value: str) -> GeneratedImage:
+    try:
+        return sniff_image(base64.b64decode(value, validate=True))
+    except ValueError as exc:
+        raise ProviderError("bad_response", "an image is not valid base64", action=Action.RETRY) from exc
+
+
+def download(http: httpx.Client, url: str) -> GeneratedImage:
+    """An output URL, fetched at once (such URLs expire). No auth header: they are presigned."""
+    try:
+        response = http.get(url)
+    except httpx.HTTPError as exc:
+        raise ProviderError("unavailable", f"image download failed: {describe(exc)}", action=Action.RETRY) from exc
+    if response.status_code != 200:
+        raise ProviderError(
+            "unavailable", f"image download answered HTTP {response.status_code}", action=Action.RETRY,
+            status=response.status_code,
+        )
+    return sniff_image(response.content)
+
+
+def send(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One HTTP request. A failure before the request left (cannot connect) is plainly retryable; a
+    failure after it left (no answer in time, connection dropped) may have been accepted."""
+    try:
+        return http.request(method, url, **kwargs)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise ProviderError(
+            "unavailable", f"the image API could not be reached: {describe(exc)}", action=Action.RETRY
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise ProviderError(
+            "timeout", f"the image API did not answer in time: {describe(exc)}", action=Action.RETRY,
+            maybe_accepted=True,
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise ProviderError(
+            "unavailable", f"the connection to the image API failed: {describe(exc)}", action=Action.RETRY,
+            maybe_accepted=True,
+        ) from exc
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        value = response.json()
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def as_int(value: Any) -> int | None:
+    """A number the API may send as a number or as text; None when it is neither."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
