@@ -1,5 +1,5 @@
-"""Shared fixtures: the stack from template.yaml on in-process moto, the Atlas emulator, the handlers
-loaded from their CodeUri exactly as the local runtime and Lambda load them."""
+"""Shared fixtures: the stack from template.yaml on in-process moto, the providers' emulators, the
+handlers loaded from their CodeUri exactly as the local runtime and Lambda load them."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import pytest
 from aws_lambda_powertools.utilities import parameters
 from moto import mock_aws
 
-from imagepipe.atlas import TOKENS
+from imagepipe.providers.baidu_oauth import clear_tokens
 from imagepipe.results import JobResults, collect_results
-from imagepipe_cli.emulator import AtlasEmulator, EmulatorConfig, parse_fault
+from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
+from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import SqsPoller
 from imagepipe_cli.local.lambda_runtime import InlineFunction
 from imagepipe_cli.local.stack import LocalStack, deploy_stack
@@ -49,22 +50,30 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "POWERTOOLS_METRICS_NAMESPACE": "imagepipe-tests",
     }.items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "ATLAS_BASE_URL", "ATLAS_ACCESS_KEY", "ATLAS_SECRET_KEY"):
+    for name in (
+        "AWS_ENDPOINT_URL",
+        "AWS_PROFILE",
+        "ATLASCLOUD_API_KEY",
+        "QIANFAN_API_KEY",
+        "OPENAI_API_KEY",
+        "BAIDU_API_KEY",
+        "BAIDU_SECRET_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     # Warm-Lambda caches (the token, the secret) must not leak from one test's emulator to the next.
-    TOKENS.clear()
+    clear_tokens()
     parameters.clear_caches()
 
 
 @pytest.fixture
-def emulator_factory() -> Iterator[Callable[..., AtlasEmulator]]:
-    started: list[AtlasEmulator] = []
+def emulator_factory() -> Iterator[Callable[..., BaseEmulator]]:
+    """start("atlascloud", "refuse=word", latency_ms=...) -> a running emulator of that provider."""
+    started: list[BaseEmulator] = []
 
-    def start(*faults: str, **config: Any) -> AtlasEmulator:
-        emulator = AtlasEmulator(
-            EmulatorConfig(faults=tuple(parse_fault(f) for f in faults), **config)
-        ).start()
-        started.append(emulator)
+    def start(provider: str = "atlascloud", *faults: str, **config: Any) -> BaseEmulator:
+        cls = emulator_class(provider)
+        emulator = cls(EmulatorConfig(faults=tuple(parse_fault(f, cls.FAULTS) for f in faults), **config))
+        started.append(emulator.start())
         return emulator
 
     yield start
@@ -72,15 +81,31 @@ def emulator_factory() -> Iterator[Callable[..., AtlasEmulator]]:
         emulator.stop()
 
 
+# The stack's parameter naming each provider's base URL.
+URL_PARAMETERS = {
+    "atlascloud": "AtlasCloudBaseUrl",
+    "qianfan": "QianfanBaseUrl",
+    "openai": "OpenAIBaseUrl",
+    "baidu-oauth": "BaiduBaseUrl",
+}
+# Generator settings the template does not expose, shortened so tests do not wait on real-time polls.
+FAST_POLLS = {"POLL_INTERVAL_SECONDS": "0.1"}
+
+
 @dataclass
 class Pipeline:
     """The stack from template.yaml on in-process moto, with its two handlers callable in-process."""
 
     stack: LocalStack
-    emulator: AtlasEmulator
+    emulators: dict[str, BaseEmulator]
     client: Callable[[str], Any]
     splitter: InlineFunction
     generator: InlineFunction
+
+    @property
+    def emulator(self) -> BaseEmulator:
+        """The default provider's emulator."""
+        return self.emulators[self.stack.parameters["DefaultProvider"]]
 
     @property
     def input_bucket(self) -> str:
@@ -117,7 +142,10 @@ class Pipeline:
         messages: list[dict] = []
         # Each message read once: it stays hidden for the rest of the test.
         while batch := sqs.receive_message(
-            QueueUrl=queue_url or self.tasks_queue, MaxNumberOfMessages=10, VisibilityTimeout=600
+            QueueUrl=queue_url or self.tasks_queue,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=600,
+            MessageSystemAttributeNames=["All"],
         ).get("Messages", []):
             messages.extend(batch)
         return messages
@@ -134,39 +162,69 @@ class Pipeline:
             polls += 1
         return polls
 
+    def drain_all(self, max_seconds: float = 30.0) -> None:
+        """Lambda's poller until nothing is waiting, in flight or delayed (handed-back predictions come
+        back after their delay, so this waits for them)."""
+        import time
+
+        poller = self.poller(retry_delay_s=0)
+        sqs = self.client("sqs")
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline:
+            if poller.poll_once():
+                continue
+            attrs = sqs.get_queue_attributes(
+                QueueUrl=self.tasks_queue,
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+            )["Attributes"]
+            if not any(int(v) for v in attrs.values()):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the queue was not drained within {max_seconds} s")
+
     def results(self, job_id: str) -> JobResults:
         return collect_results(self.client("s3"), self.output_bucket, job_id, drained=True)
 
 
 @pytest.fixture
-def pipeline_factory(emulator_factory: Callable[..., AtlasEmulator]) -> Iterator[Callable[..., Pipeline]]:
+def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[Callable[..., Pipeline]]:
+    """make(*faults, provider=, also=(other providers), parameters={...}, **emulator config): the stack
+    from template.yaml with `provider` as its default; `also` starts more providers' emulators. The
+    faults and config go to the default provider's emulator."""
     with mock_aws():
 
-        def make(*faults: str, **emulator_config: Any) -> Pipeline:
-            emulator = emulator_factory(*faults, **emulator_config)
+        def make(
+            *faults: str,
+            provider: str = "atlascloud",
+            also: tuple[str, ...] = (),
+            parameters: dict[str, str] | None = None,
+            **emulator_config: Any,
+        ) -> Pipeline:
+            emulators = {provider: emulator_factory(provider, *faults, **emulator_config)}
+            for other in also:
+                emulators[other] = emulator_factory(other)
 
             def client(name: str) -> Any:
                 return boto3.client(name, region_name=REGION)
 
+            urls = {URL_PARAMETERS[name]: e.base_url for name, e in emulators.items()}
             stack = deploy_stack(
                 client,
                 load_template(TEMPLATE),
                 stack_name="imagepipe-local",
-                parameters={"AtlasBaseUrl": emulator.base_url, "AtlasTokenUrl": emulator.token_url},
+                parameters={"DefaultProvider": provider, **urls, **(parameters or {})},
                 region=REGION,
             )
+            keys = {name: value for e in emulators.values() for name, value in e.keys.items()}
             client("secretsmanager").put_secret_value(
-                SecretId=stack.outputs["AtlasCredentialsSecretName"],
-                SecretString=json.dumps(
-                    {"access_key": "emulator-access-key", "secret_key": "emulator-secret-key"}
-                ),
+                SecretId=stack.outputs["ProviderKeysSecretName"], SecretString=json.dumps(keys)
             )
             return Pipeline(
                 stack=stack,
-                emulator=emulator,
+                emulators=emulators,
                 client=client,
                 splitter=InlineFunction(stack.functions["CsvSplitterFunction"], REGION),
-                generator=InlineFunction(stack.functions["ImageGeneratorFunction"], REGION),
+                generator=InlineFunction(stack.functions["ImageGeneratorFunction"], REGION, FAST_POLLS),
             )
 
         yield make

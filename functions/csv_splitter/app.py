@@ -12,8 +12,9 @@ from aws_lambda_powertools.utilities.parser.models import S3Model
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from imagepipe.observability import logger, metrics, tracer
+from imagepipe.rows import RowDefaults
 from imagepipe.settings import SplitterSettings
-from imagepipe.splitter import split_object
+from imagepipe.splitter import provider_check, split_object
 
 
 @cache
@@ -31,6 +32,8 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
         return {"jobs": []}
     settings = SplitterSettings.from_env()
     s3, sqs = _clients()
+    check = provider_check(settings.keys())
+    defaults = RowDefaults(provider=settings.default_provider, model=settings.default_model)
     jobs = []
     for record in parse(event=event, model=S3Model).Records:
         key = unquote_plus(record.s3.object.key)  # S3 events carry URL-encoded keys ('+' for spaces)
@@ -41,6 +44,8 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
             key=key,
             queue_url=settings.tasks_queue_url,
             output_bucket=settings.output_bucket,
+            check=check,
+            defaults=defaults,
         )
         metrics.add_metric(name="RowsQueued", unit=MetricUnit.Count, value=result.queued)
         metrics.add_metric(name="RowsRejected", unit=MetricUnit.Count, value=result.rejected)

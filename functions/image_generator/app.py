@@ -1,39 +1,69 @@
-"""ImageGeneratorFunction: a batch of tasks from TasksQueue becomes images in the output bucket,
-reporting only the failed messages back to SQS (partial batch response)."""
+"""ImageGeneratorFunction: a batch of tasks from TasksQueue becomes images in the output bucket. The
+batch's tasks run concurrently; only the failed messages go back to SQS (partial batch response)."""
 
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import boto3
 import httpx
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch import (
+    AsyncBatchProcessor,
+    EventType,
+    async_process_partial_response,
+)
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from imagepipe.atlas import AtlasClient
 from imagepipe.contract import TaskRecord
-from imagepipe.generator import TaskProcessor
+from imagepipe.generator import GeneratorOptions, TaskProcessor
+from imagepipe.jobstate import JobState
 from imagepipe.observability import logger, metrics, tracer
+from imagepipe.providers import ProviderConfig, provider_class
 from imagepipe.settings import GeneratorSettings
 
 # A batch in which every task failed is still an ordinary partial response (every message
 # listed), not a function error: the failures are the tasks', already logged and recorded.
-processor = BatchProcessor(event_type=EventType.SQS, model=TaskRecord, raise_on_entire_batch_failure=False)
+processor = AsyncBatchProcessor(
+    event_type=EventType.SQS, model=TaskRecord, raise_on_entire_batch_failure=False
+)
+# The tasks of one batch (at most 10) wait on the network side by side.
+_threads = ThreadPoolExecutor(max_workers=10, thread_name_prefix="task")
+# Time kept back from the function's Timeout for recording outcomes after the last poll.
+_RESERVE_S = 20.0
 
 
 @cache
 def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
-    # Built once per execution environment: the HTTP connection pool and the token outlive invocations.
-    api = AtlasClient(
-        base_url=settings.atlas_base_url,
-        token_url=settings.atlas_token_url,
-        model=settings.atlas_model,
-        credentials=settings.credentials_provider(),
-        http=httpx.Client(timeout=settings.atlas_timeout_seconds),
-    )
+    # Built once per execution environment: HTTP connection pools, tokens and keys outlive invocations.
+    http = httpx.Client(timeout=settings.http_timeout_seconds, limits=httpx.Limits(max_connections=20))
+    keys = settings.keys()
+
+    @cache
+    def provider(name: str):
+        options = {"path": settings.baidu_text2image_path} if name == "baidu-oauth" else {}
+        model = settings.default_model if name == settings.default_provider else None
+        return provider_class(name)(
+            ProviderConfig(
+                base_url=settings.base_url(name), keys=keys, http=http, model=model, options=options
+            )
+        )
+
     return TaskProcessor(
-        api=api,
+        providers=provider,
         s3=boto3.client("s3"),
-        bucket=settings.output_bucket,
-        max_attempts=settings.task_max_receive_count,
+        sqs=boto3.client("sqs"),
+        state=JobState(boto3.resource("dynamodb").Table(settings.jobs_table)),
+        options=GeneratorOptions(
+            bucket=settings.output_bucket,
+            queue_url=settings.tasks_queue_url,
+            max_attempts=settings.task_max_receive_count,
+            poll_interval_s=settings.poll_interval_seconds,
+            poll_delay_s=settings.poll_delay_seconds,
+            max_generation_s=settings.max_generation_seconds,
+            claim_stale_s=settings.claim_stale_seconds,
+            prices=settings.prices(),
+        ),
     )
 
 
@@ -41,7 +71,14 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
-    tasks = _task_processor(GeneratorSettings.from_env())
-    return process_partial_response(
-        event=event, record_handler=tasks.handle_record, processor=processor, context=context
+    settings = GeneratorSettings.from_env()
+    tasks = _task_processor(settings)
+    remaining_s = context.get_remaining_time_in_millis() / 1000 - _RESERVE_S
+    poll_until = time.time() + max(0.0, min(settings.poll_budget_seconds, remaining_s))
+
+    async def record_handler(record: TaskRecord) -> None:
+        await asyncio.get_running_loop().run_in_executor(_threads, tasks.handle_record, record, poll_until)
+
+    return async_process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
     )

@@ -1,4 +1,4 @@
-"""The `imagepipe` command: `run` the whole pipeline locally, or serve the Atlas `emulator`."""
+"""The `imagepipe` command: `run` the whole pipeline locally, or serve a provider's `emulator`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from imagepipe_cli.emulator import EmulatorConfig, parse_fault, serve
+from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
+from imagepipe_cli.emulators import EmulatorConfig, emulator_class
+from imagepipe_cli.emulators.base import parse_fault, serve
 from imagepipe_cli.local.runner import EXIT_USAGE, RunError, RunOptions, default_template, run
 
 
@@ -41,14 +43,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _fault(text: str) -> str:
-    try:
-        parse_fault(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagepipe", description="Batch AI-image generation on AWS serverless."
@@ -69,11 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("output"), metavar="DIR", help="output folder (default: ./output)"
     )
     run_cmd.add_argument(
-        "--atlas-url",
-        metavar="URL",
-        help="an Atlas-compatible API (token at URL/oauth/2.0/token); keys from ATLAS_ACCESS_KEY/ATLAS_SECRET_KEY. "
-        "Default: ATLAS_BASE_URL if set, else the built-in emulator",
+        "--provider",
+        choices=PROVIDER_NAMES,
+        default=DEFAULT_PROVIDER,
+        help=f"the image API for rows without a provider column (default: {DEFAULT_PROVIDER})",
     )
+    run_cmd.add_argument(
+        "--api-url",
+        metavar="URL",
+        help="the provider's base URL, without the path (e.g. http://127.0.0.1:8000); keys from its "
+        "environment variables. Default: the public API when its keys are set, else the built-in emulator",
+    )
+    run_cmd.add_argument("--model", metavar="M", help="the model for rows without a model column")
     run_cmd.add_argument(
         "--concurrency",
         type=_positive_int,
@@ -98,12 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_cmd.add_argument(
         "--emulator-fault",
-        type=_fault,
         action="append",
         default=[],
         metavar="FAULT",
-        help="emulator: refuse=WORD, fail=WORD, flaky=WORD:N, error-rate=P, "
-        "revoke-tokens-every=N or url-only (repeatable)",
+        help="the provider's emulator: refuse=WORD, fail=WORD, flaky=WORD:N, rate-limit=WORD:N, stop=WORD, "
+        "hang=WORD, malformed=WORD, error-rate=P, and each API's own (see `imagepipe emulator --help`)",
     )
     run_cmd.add_argument(
         "--retry-delay",
@@ -114,27 +114,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    emu = commands.add_parser("emulator", help="serve the Atlas API emulator on loopback until Ctrl-C")
+    emu = commands.add_parser(
+        "emulator", help="serve an image API's emulator on loopback until Ctrl-C", description=_faults_help()
+    )
+    emu.add_argument(
+        "--provider", choices=PROVIDER_NAMES, default=DEFAULT_PROVIDER, help="which API to emulate"
+    )
     emu.add_argument("--port", type=_port, default=8790, help="port (default: 8790; 0 picks a free one)")
     emu.add_argument(
-        "--latency-ms", type=_non_negative, default=0.0, metavar="MS", help="time to make one image"
+        "--latency-ms",
+        type=_non_negative,
+        default=0.0,
+        metavar="MS",
+        help="time to make one request's images (Atlas Cloud: the generation time)",
     )
     emu.add_argument(
         "--rate-limit",
         type=_non_negative,
         default=None,
         metavar="R",
-        help="generation requests per second before HTTP 429",
+        help="paid requests per second before the API's rate-limit answer",
     )
     emu.add_argument(
-        "--fault",
-        type=_fault,
-        action="append",
-        default=[],
-        metavar="FAULT",
-        help="refuse=WORD, fail=WORD, flaky=WORD:N, error-rate=P, revoke-tokens-every=N, url-only",
+        "--url-ttl",
+        type=_non_negative,
+        default=3600.0,
+        metavar="S",
+        help="output URLs expire after S seconds",
     )
+    emu.add_argument("--fault", action="append", default=[], metavar="FAULT", help="a fault (repeatable)")
     return parser
+
+
+def _faults_help() -> str:
+    lines = ["Faults each emulator can inject (WORD matches inside the prompt):"]
+    for name in PROVIDER_NAMES:
+        kinds = emulator_class(name).FAULTS
+        lines.append(f"  {name}: " + ", ".join(f"{k}={shape}" if shape else k for k, shape in kinds.items()))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,15 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate_limit == 0:
             print("imagepipe: error: --rate-limit must be more than 0", file=sys.stderr)
             return EXIT_USAGE
+        emulator = emulator_class(args.provider)
         try:
-            serve(
-                EmulatorConfig(
-                    port=args.port,
-                    latency_ms=args.latency_ms,
-                    rate_limit=args.rate_limit,
-                    faults=tuple(parse_fault(f) for f in args.fault),
-                )
-            )
+            faults = tuple(parse_fault(f, emulator.FAULTS) for f in args.fault)
+        except ValueError as exc:
+            print(f"imagepipe: error: --fault: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        config = EmulatorConfig(
+            port=args.port,
+            latency_ms=args.latency_ms,
+            rate_limit=args.rate_limit,
+            faults=faults,
+            url_ttl_s=args.url_ttl,
+        )
+        try:
+            serve(emulator(config))
         except OSError as exc:  # port in use, address not available
             print(
                 f"imagepipe: error: cannot serve on port {args.port}: {exc.strerror or exc}", file=sys.stderr
@@ -162,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         input=args.input,
         out=args.out,
         template=args.template or default_template(),
-        atlas_url=args.atlas_url,
+        provider=args.provider,
+        api_url=args.api_url,
+        model=args.model,
         concurrency=args.concurrency,
         batch_size=args.batch_size,
         emulator_latency_ms=args.emulator_latency_ms,

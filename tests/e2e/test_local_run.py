@@ -49,10 +49,10 @@ def test_bad_rows_and_api_failures_are_reported_and_the_exit_code_is_1(tmp_path)
     source = tmp_path / "mixed.csv"
     source.write_text(
         "id,prompt,negative_prompt,width,height\n"
-        "good,a lighthouse at dusk,,512,512\n"
+        "good,a lighthouse at dusk,,1024,1024\n"
         "tiny,a small thing,,10,10\n"
-        "nope,a forbidden picture,,512,512\n"
-        "doom,a doomed ship,,512,512\n"
+        "nope,a forbidden picture,,1024,1024\n"
+        "doom,a doomed ship,,1024,1024\n"
     )
     out = tmp_path / "out"
 
@@ -66,7 +66,7 @@ def test_bad_rows_and_api_failures_are_reported_and_the_exit_code_is_1(tmp_path)
     assert statuses == {
         "good": ("succeeded", None),
         "tiny": ("rejected", "rejected"),
-        "nope": ("failed", "refused"),
+        "nope": ("failed", "moderation"),
         "doom": ("failed", "unavailable"),  # after 3 attempts, from the dead-letter queue
     }
     assert "row 2 (id 'tiny'): rejected: the width 10 is out of range" in run.stdout
@@ -92,6 +92,13 @@ def test_misuse_exits_2_with_a_reason_and_no_traceback(tmp_path):
         (["run", str(ROOT / "pyproject.toml")], "only takes .csv and .jsonl"),
         (["run", str(EXAMPLES / "prompts.csv"), "--out", str(ROOT / "pyproject.toml")], "is not a folder"),
         (["emulator", "--port", "99999"], "not a port number"),
+        (["run", str(EXAMPLES / "prompts.csv"), "--provider", "dalle"], "invalid choice"),
+        (["run", str(EXAMPLES / "prompts.csv"), "--api-url", "ftp://x"], "must start with http"),
+        (
+            ["run", str(EXAMPLES / "prompts.csv"), "--provider", "openai", "--api-url", "http://127.0.0.1:9"],
+            "set OPENAI_API_KEY",
+        ),
+        (["emulator", "--provider", "qianfan", "--fault", "nsfw=x"], "unknown fault"),
         (
             ["run", str(EXAMPLES / "prompts.csv"), "--batch-size", "11", "--out", str(tmp_path)],
             "between 1 and 10",
@@ -102,3 +109,25 @@ def test_misuse_exits_2_with_a_reason_and_no_traceback(tmp_path):
         assert run.returncode == 2, (args, run.stderr)
         assert reason in run.stderr, (args, run.stderr)
         assert "Traceback" not in run.stderr
+
+
+def test_a_file_that_mixes_all_four_providers_runs_end_to_end(tmp_path):
+    # Given a file whose provider column names each API (no keys set: each runs on its emulator)
+    run = imagepipe("run", str(EXAMPLES / "providers.csv"), "--out", str(tmp_path), "--no-progress")
+
+    # Then every row was made by its own provider, and results say who made it, with what and for how much
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = {r["id"]: r for r in read_results(tmp_path)}
+    assert {r["provider"] for r in results.values()} == {"atlascloud", "qianfan", "openai", "baidu-oauth"}
+    assert results["ernie"]["model"] == "baidu/ERNIE-Image-Turbo/text-to-image"
+    assert results["openai"]["model"] == "gpt-image-1" and len(results["openai"]["images"]) == 2
+    for row in results.values():
+        assert row["status"] == "succeeded", row
+        assert row["request_id"] and row["cost"] > 0
+        for path in row["images"]:
+            with Image.open(tmp_path / path) as image:
+                assert image.size[0] > 0
+    with Image.open(tmp_path / results["ernie"]["images"][0]) as image:
+        assert image.size == (1376, 768)
+    for name in ("atlascloud", "qianfan", "openai", "baidu-oauth"):
+        assert f"image API {name}" in run.stdout

@@ -29,17 +29,27 @@ def test_a_batch_becomes_one_png_per_task_in_the_jobs_prefix(pipeline):
     response = pipeline.generator.invoke(sqs_event(pipeline))
 
     assert response == {"batchItemFailures": []}
-    assert image(pipeline, "jobs/spring-campaign/images/1.png").size == (512, 512)
-    assert image(pipeline, "jobs/spring-campaign/images/2.png").size == (768, 512)
+    assert image(pipeline, "jobs/spring-campaign/images/1.png").size == (1024, 1024)
+    assert image(pipeline, "jobs/spring-campaign/images/2.png").size == (1376, 768)
     assert image(pipeline, "jobs/spring-campaign/images/3.png").format == "PNG"
 
 
-def test_one_token_request_serves_the_whole_batch(pipeline):
-    pipeline.generator.invoke(sqs_event(pipeline))
-    pipeline.generator.invoke(sqs_event(pipeline))
+def test_one_oauth_token_serves_every_batch_of_a_warm_function(pipeline_factory):
+    # Given a stack whose default provider is the OAuth one (token, then one call per image)
+    pipeline = pipeline_factory(provider="baidu-oauth")
+    first, second = sqs_event(pipeline), sqs_event(pipeline)
+    for event in (first, second):
+        for record in event["Records"]:
+            body = json.loads(record["body"])
+            record["body"] = json.dumps({**body, "provider": "baidu-oauth"})
 
+    # When two batches of three run on the same warm function
+    pipeline.generator.invoke(first)
+    pipeline.generator.invoke(second)
+
+    # Then one token request served all six images (the second batch's duplicates made no new calls)
     stats = pipeline.emulator.stats()
-    assert stats["generation_requests"] == 6
+    assert stats["requests"] == 3
     assert stats["token_requests"] == 1
 
 
@@ -73,8 +83,8 @@ def test_an_api_refusal_is_final_and_recorded_failed_with_the_reason(pipeline_fa
         .get_object(Bucket=pipeline.output_bucket, Key="jobs/spring-campaign/outcomes/1.failed.json")["Body"]
         .read()
     )
-    assert record["error"]["type"] == "refused"
-    assert "content policy" in record["error"]["message"]
+    assert record["error"]["type"] == "moderation"
+    assert "content moderation" in record["error"]["message"]
 
 
 def test_the_last_failed_attempt_records_the_failure_and_still_returns_the_message(pipeline_factory):

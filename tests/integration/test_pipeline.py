@@ -11,11 +11,11 @@ def test_every_row_ends_succeeded_failed_or_rejected_with_a_reason(pipeline_fact
     pipeline = pipeline_factory("refuse=forbidden", "fail=doomed")
     body = (
         b"id,prompt,negative_prompt,width,height\n"
-        b"ok1,a calm lake,,512,512\n"
-        b"nope,a forbidden thing,,512,512\n"
+        b"ok1,a calm lake,,1024,1024\n"
+        b"nope,a forbidden thing,,1024,1024\n"
         b"bad,a huge image,,4096,512\n"
-        b"dlq,a doomed ship,,512,512\n"
-        b"ok2,a quiet forest,,512,512\n"
+        b"dlq,a doomed ship,,1024,1024\n"
+        b"ok2,a quiet forest,,1024,1024\n"
     )
     job = pipeline.split("inbox/five.csv", body)
 
@@ -44,9 +44,7 @@ def test_a_task_that_keeps_failing_lands_in_the_dead_letter_queue_after_max_rece
     pipeline.drain()
 
     # Then the API was tried maxReceiveCount (3) times, the task sits in the DLQ, and it is reported failed
-    assert pipeline.emulator.stats()["generation_requests"] == int(
-        pipeline.stack.parameters["TaskMaxReceiveCount"]
-    )
+    assert pipeline.emulator.stats()["requests"] == int(pipeline.stack.parameters["TaskMaxReceiveCount"])
     dead = pipeline.queued_messages(pipeline.dead_letter_queue)
     assert [json.loads(m["Body"])["row_id"] for m in dead] == ["x"]
     assert pipeline.queued_messages() == []
@@ -62,7 +60,7 @@ def test_a_partial_batch_failure_retries_only_the_failed_message(pipeline_factor
     pipeline.drain()
 
     # Then the two good tasks were generated once each and the flaky one twice; all succeeded
-    assert pipeline.emulator.stats()["generation_requests"] == 4
+    assert pipeline.emulator.stats()["submits"] == 4
     assert [r.status for r in pipeline.results(job["job_id"]).rows] == ["succeeded"] * 3
 
 

@@ -24,10 +24,10 @@ def test_a_bad_row_is_rejected_with_its_reason_and_the_others_are_queued(pipelin
     # Given a file whose second row has an impossible width and fourth an empty prompt
     body = (
         b"id,prompt,negative_prompt,width,height\n"
-        b"a,a red fox,,512,512\n"
+        b"a,a red fox,,1024,1024\n"
         b"b,a blue whale,,99999,512\n"
         b'c,"a prompt, with a comma",,,\n'
-        b"d,,,512,512\n"
+        b"d,,,1024,1024\n"
     )
 
     # When it is split
@@ -63,13 +63,19 @@ def test_a_file_without_a_prompt_column_is_reported_unreadable_and_queues_nothin
     assert pipeline.queued_messages() == []
 
 
-def test_jsonl_rows_are_split_like_csv_rows(pipeline):
+def test_jsonl_rows_are_split_like_csv_rows_each_to_its_provider(pipeline_factory):
+    pipeline = pipeline_factory(also=("baidu-oauth",))
     job = pipeline.split("inbox/prompts.jsonl", (EXAMPLES / "prompts.jsonl").read_bytes())
 
     tasks = {json.loads(m["Body"])["row_id"]: json.loads(m["Body"]) for m in pipeline.queued_messages()}
     assert set(tasks) == {"sunrise", "teapot"}
-    assert (tasks["sunrise"]["width"], tasks["sunrise"]["height"]) == (1024, 576)
-    assert tasks["teapot"]["negative_prompt"] == "text, watermark"
+    assert (tasks["sunrise"]["width"], tasks["sunrise"]["height"], tasks["sunrise"]["provider"]) == (
+        1376,
+        768,
+        "atlascloud",
+    )
+    assert (tasks["teapot"]["negative_prompt"], tasks["teapot"]["steps"]) == ("text, watermark", 30)
+    assert tasks["teapot"]["provider"] == "baidu-oauth"
     assert job["queued"] == 2
 
 

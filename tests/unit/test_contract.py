@@ -118,29 +118,42 @@ def test_a_task_without_size_or_count_asks_for_one_1024_square_image():
     task = ImageTask(**TASK)
 
     assert (task.version, task.width, task.height, task.n, task.negative_prompt, task.model) == (
-        1,
+        2,
         1024,
         1024,
         1,
         "",
         None,
     )
+    assert task.provider == "atlascloud" and task.params == {} and task.prediction_id is None
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"version": 2}, "version"),
-        ({"seed": 7}, "seed"),
+        ({"version": 1}, "version"),
+        ({"style": "oil"}, "style"),
+        ({"provider": "midjourney"}, "provider"),
+        ({"seed": -1}, "seed"),
         ({"width": 4096}, "width"),
         ({"height": 100}, "height"),
-        ({"n": 5}, "n"),
+        ({"n": 11}, "n"),
         ({"job_id": "../other-job"}, "job_id"),
         ({"prompt": ""}, "prompt"),
     ],
-    ids=["version-2", "extra-field", "width-4096", "height-not-multiple-of-8", "n-5", "job-id-path", "empty"],
+    ids=[
+        "version-1",
+        "extra-field",
+        "unknown-provider",
+        "negative-seed",
+        "width-4096",
+        "height-not-multiple-of-8",
+        "n-11",
+        "job-id-path",
+        "empty",
+    ],
 )
-def test_a_message_that_is_not_a_valid_version_1_task_is_refused(change, field):
+def test_a_message_that_is_not_a_valid_version_2_task_is_refused(change, field):
     with pytest.raises(ValidationError) as raised:
         ImageTask(**{**TASK, **change})
 
@@ -163,13 +176,14 @@ def test_the_sqs_records_lambda_receives_parse_into_tasks():
     # Then every body is a validated ImageTask, with its row's values
     assert all(isinstance(record.body, ImageTask) for record in parsed)
     dog = parsed[1]
-    assert (dog.messageId, dog.body.row_id, dog.body.prompt, dog.body.negative_prompt) == (
+    assert (dog.messageId, dog.body.row_id, dog.body.prompt, dog.body.seed) == (
         "059f36b4-87a3-44ab-83d2-661975951042",
         "2",
         "a dog in a garden",
-        "blurry",
+        7,
     )
-    assert (dog.body.width, dog.body.height, dog.body.job_id) == (768, 512, "spring-campaign")
+    assert (dog.body.width, dog.body.height, dog.body.job_id) == (1376, 768, "spring-campaign")
+    assert {record.body.provider for record in parsed} == {"atlascloud"}
     assert [record.body.row_number for record in parsed] == [1, 2, 3]
 
 

@@ -399,7 +399,7 @@ def test_a_jsonl_prompt_with_an_escaped_lone_surrogate_is_rejected_not_a_crash()
 
 def test_columns_the_pipeline_does_not_use_are_reported_not_fatal():
     # Given extra keys in JSONL lines and an extra column in a CSV
-    jsonl = b'{"prompt": "a", "seed": 1}\n{"prompt": "b", "style": "oil", "seed": 2}\n'
+    jsonl = b'{"prompt": "a", "seed": 1}\n{"prompt": "b", "style": "oil", "mood": 2}\n'
     csv_data = b"id,prompt,notes\n1,a cat,remember the hat\n"
 
     # When both are read
@@ -407,7 +407,7 @@ def test_columns_the_pipeline_does_not_use_are_reported_not_fatal():
     csv_results, csv_report = outcomes(csv_data)
 
     # Then the rows are tasks and the unknown names are listed once each
-    assert jsonl_report.ignored_columns == ["seed", "style"]
+    assert jsonl_report.ignored_columns == ["mood", "style"]
     assert csv_report.ignored_columns == ["notes"]
     assert all(isinstance(r, ImageTask) for r in jsonl_results + csv_results)
 

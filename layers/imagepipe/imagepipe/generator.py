@@ -1,104 +1,261 @@
-"""Making the images for one task and recording its outcome under the job's prefix."""
+"""Making the images for one task through its provider and recording its outcome under the job's prefix.
+
+At most one paid request per task: the request is claimed in JobsTable before it is sent, an
+asynchronous prediction id is kept before anyone waits on it, and a redelivered task resumes that
+prediction instead of submitting again. A prediction still running when the invocation's poll budget
+ends goes back to the queue as a new delayed message (so it never counts toward the dead-letter queue)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from imagepipe.atlas import GeneratedImage, ImageApiError
 from imagepipe.contract import ImageTask, TaskRecord
+from imagepipe.jobstate import FAILED, FINISHED, SUCCEEDED, JobState, TaskState
 from imagepipe.layout import STATUS_FAILED, STATUS_SUCCEEDED, JobLayout
 from imagepipe.observability import logger, metrics
+from imagepipe.providers import Action, Generation, Pending, Provider, ProviderError
 from imagepipe.records import now_iso, put_json
 
 
-class ImageApi(Protocol):
-    def generate(
-        self, *, prompt: str, negative_prompt: str, width: int, height: int, n: int, model: str | None
-    ) -> list[GeneratedImage]: ...
+class RetryLater(Exception):
+    """The task cannot be done now and SQS should deliver it again (the message goes back)."""
+
+
+@dataclass
+class GeneratorOptions:
+    bucket: str
+    queue_url: str
+    max_attempts: int = 3
+    poll_interval_s: float = 2.0
+    poll_delay_s: int = 10
+    max_generation_s: float = 1800.0
+    claim_stale_s: float = 300.0
+    prices: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class TaskProcessor:
-    api: ImageApi
+    providers: Callable[[str], Provider]
     s3: Any
-    bucket: str
-    max_attempts: int
+    sqs: Any
+    state: JobState
+    options: GeneratorOptions
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
 
-    def handle_record(self, record: TaskRecord) -> None:
+    def handle_record(self, record: TaskRecord, poll_until: float) -> None:
         """Powertools' record handler: returning marks the message done, raising marks it for retry."""
-        self.process(record.body, attempt=int(record.attributes.ApproximateReceiveCount))
+        self.process(record.body, int(record.attributes.ApproximateReceiveCount), poll_until)
 
-    def process(self, task: ImageTask, attempt: int) -> None:
-        layout = JobLayout(task.job_id)
-        log = {"job_id": task.job_id, "row_id": task.row_id, "attempt": attempt}
-        last_attempt = attempt >= self.max_attempts
+    def process(self, task: ImageTask, attempt: int, poll_until: float) -> None:
+        run = _Run(self, task, attempt, poll_until)
         try:
-            images = self.api.generate(
-                prompt=task.prompt,
-                negative_prompt=task.negative_prompt,
-                width=task.width,
-                height=task.height,
-                n=task.n,
-                model=task.model,
-            )
-            keys = []
-            for index, image in enumerate(images):
-                key = layout.image_key(task.image_name, index, image.extension)
-                self.s3.put_object(
-                    Bucket=self.bucket, Key=key, Body=image.data, ContentType=image.content_type
-                )
-                keys.append(key)
-        except ImageApiError as exc:
-            if exc.retryable and not last_attempt:
-                logger.warning("image request failed, will retry", extra={**log, "error": exc.as_record()})
-                raise
-            self._record_failure(task, layout, exc.as_record(), attempt)
-            if exc.retryable:
-                raise  # out of attempts: SQS moves the message to the dead-letter queue
-            return  # a final refusal: the message is done, the row is failed
-        except Exception as exc:
-            if last_attempt:
-                self._record_failure(
-                    task, layout, {"type": "internal", "message": f"{type(exc).__name__}: {exc}"}, attempt
-                )
-            raise
-        put_json(
-            self.s3,
-            self.bucket,
-            layout.outcome_key(task.image_name, STATUS_SUCCEEDED),
-            {
-                "id": task.row_id,
-                "row": task.row_number,
-                "status": STATUS_SUCCEEDED,
-                "images": keys,
-                "attempt": attempt,
-                "finished_at": now_iso(),
-            },
-        )
-        metrics.add_metric(name="ImagesGenerated", unit=MetricUnit.Count, value=len(keys))
-        logger.info("task succeeded", extra={**log, "images": keys})
+            run.go()
+        except ProviderError as exc:
+            run.failed(exc)
 
-    def _record_failure(
-        self, task: ImageTask, layout: JobLayout, error: dict[str, str], attempt: int
+
+@dataclass
+class _Run:
+    """One task in one invocation."""
+
+    p: TaskProcessor
+    task: ImageTask
+    attempt: int
+    poll_until: float
+    started: float = 0.0
+    claimed: bool = False
+
+    def __post_init__(self) -> None:
+        self.started = self.p.clock()
+        self.name = self.task.image_name
+        self.layout = JobLayout(self.task.job_id)
+        self.log = {"job_id": self.task.job_id, "row_id": self.task.row_id, "attempt": self.attempt}
+        self.provider = self.p.providers(self.task.provider)
+        self.model = self.provider.model_for(self.task)
+        self.answers_lost = 0
+
+    def go(self) -> None:
+        task, state = self.task, self.p.state.task(self.task.job_id, self.name)
+        if state is not None and state.status in FINISHED:
+            logger.info("task already finished: duplicate delivery ignored", extra=self.log)
+            return
+        stop = self.p.state.provider_stop(task.job_id, task.provider)
+        if stop is not None:
+            self.record(STATUS_FAILED, error=stop)
+            return
+        self.answers_lost = state.answers_lost if state else 0
+        resumed = state is not None and bool(state.prediction_id)
+        if state is not None and state.prediction_id:
+            outcome: Generation | Pending = Pending(state.prediction_id)
+            submitted_at = state.submitted_at or self.started
+        else:
+            self.claim(state)
+            outcome = self.provider.run(lambda: self.provider.start(task))
+            submitted_at = self.p.clock()
+            if isinstance(outcome, Pending):
+                self.p.state.record_prediction(task.job_id, self.name, outcome.request_id, submitted_at)
+                self.claimed = False  # the prediction is on record: from here on it is resumed, never resent
+        if isinstance(outcome, Pending):
+            outcome = self.poll(outcome, at_once=resumed)
+        if isinstance(outcome, Pending):
+            self.hand_back(outcome, submitted_at)
+            return
+        self.succeeded(outcome)
+
+    def claim(self, state: TaskState | None) -> None:
+        stale = None
+        if state is not None and state.status == "submitting":
+            if self.p.clock() - state.claimed_at < self.p.options.claim_stale_s:
+                # Another delivery of this task is calling the API right now: come back later, when it is done.
+                raise RetryLater("another delivery of this task is in flight")
+            if self.provider.asynchronous:
+                # An earlier attempt submitted and never recorded the answer: the provider may have accepted
+                # (and will charge for) it, and a resend could be a second paid prediction.
+                self.answers_lost += 1
+                raise ProviderError(
+                    "answer_lost",
+                    "an earlier attempt submitted this row and its answer never arrived; it is not resent "
+                    "because the provider may have accepted it (a resend could be charged twice)",
+                    action=Action.FAIL_ROW,
+                )
+            stale = state  # synchronous: the lost answer is counted, and the request is sent once more
+            self.answers_lost += 1
+        if not self.p.state.claim(self.task.job_id, self.name, self.task.provider, stale=stale):
+            raise RetryLater("another delivery of this task claimed it first")
+        self.claimed = True
+
+    def poll(self, pending: Pending, *, at_once: bool) -> Generation | Pending:
+        """Read the prediction until it is done or the invocation's poll budget is spent. A handed-back
+        prediction is read at once (its delay has passed); a fresh one after one poll interval."""
+        while True:
+            if not at_once:
+                if self.p.clock() + self.p.options.poll_interval_s > self.poll_until:
+                    return pending
+                self.p.sleep(self.p.options.poll_interval_s)
+            at_once = False
+            try:
+                outcome = self.provider.run(lambda rid=pending.request_id: self.provider.resume(rid))
+            except ProviderError as exc:
+                if exc.action is not Action.RETRY:
+                    raise
+                logger.warning("poll failed; will poll again", extra={**self.log, "error": exc.as_record()})
+                continue
+            if isinstance(outcome, Generation):
+                return outcome
+            pending = outcome
+
+    def hand_back(self, pending: Pending, submitted_at: float) -> None:
+        running_for = self.p.clock() - submitted_at
+        if running_for > self.p.options.max_generation_s:
+            raise ProviderError(
+                "timeout",
+                f"the prediction {pending.request_id} was still {pending.status} {running_for:.0f} s after "
+                "it was submitted",
+                action=Action.FAIL_ROW,
+                request_id=pending.request_id,
+            )
+        later = self.task.model_copy(
+            update={
+                "prediction_id": pending.request_id,
+                "handbacks": self.task.handbacks + 1,
+                "submitted_at": submitted_at,
+            }
+        )
+        self.p.sqs.send_message(
+            QueueUrl=self.p.options.queue_url,
+            MessageBody=later.model_dump_json(),
+            DelaySeconds=self.p.options.poll_delay_s,
+        )
+        metrics.add_metric(name="PredictionsHandedBack", unit=MetricUnit.Count, value=1)
+        logger.info(
+            "prediction still running: handed back to the queue",
+            extra={**self.log, "prediction_id": pending.request_id, "handbacks": later.handbacks},
+        )
+
+    def succeeded(self, generation: Generation) -> None:
+        keys = []
+        for index, image in enumerate(generation.images):
+            key = self.layout.image_key(self.name, index, image.extension)
+            self.p.s3.put_object(
+                Bucket=self.p.options.bucket, Key=key, Body=image.data, ContentType=image.content_type
+            )
+            keys.append(key)
+        cost = generation.cost
+        if cost is None:
+            cost = self.p.options.prices.get(self.task.provider, 0.0) * len(keys)
+        self.record(STATUS_SUCCEEDED, images=keys, request_id=generation.request_id, cost=cost)
+        metrics.add_metric(name="ImagesGenerated", unit=MetricUnit.Count, value=len(keys))
+
+    def failed(self, exc: ProviderError) -> None:
+        task = self.task
+        if exc.action is Action.STOP_JOB:
+            # The provider will refuse every row of this job (balance, quota, keys, region): stop calling it.
+            self.p.state.stop_provider(task.job_id, task.provider, exc.as_record())
+        if self.claimed and exc.retryable:
+            lost = exc.maybe_accepted
+            if lost and self.provider.asynchronous:
+                self.answers_lost += 1
+                exc = ProviderError(
+                    "answer_lost",
+                    f"the submit's answer never arrived ({exc.message}); it is not resent because the "
+                    "provider may have accepted it (a resend could be charged twice)",
+                    action=Action.FAIL_ROW,
+                )
+            else:
+                # Answered without being accepted (or a synchronous answer lost, counted): may be sent again.
+                self.p.state.release(task.job_id, self.name, answer_lost=lost)
+                self.answers_lost += int(lost)
+        if exc.retryable and self.attempt < self.p.options.max_attempts:
+            logger.warning("image request failed, will retry", extra={**self.log, "error": exc.as_record()})
+            raise exc
+        self.record(STATUS_FAILED, error=exc.as_record(), request_id=exc.request_id)
+        if exc.retryable:
+            raise exc  # out of attempts: SQS moves the message to the dead-letter queue
+
+    def record(
+        self,
+        status: str,
+        *,
+        images: list[str] | None = None,
+        error: dict[str, str] | None = None,
+        request_id: str | None = None,
+        cost: float = 0.0,
     ) -> None:
-        put_json(
-            self.s3,
-            self.bucket,
-            layout.outcome_key(task.image_name, STATUS_FAILED),
-            {
-                "id": task.row_id,
-                "row": task.row_number,
-                "status": STATUS_FAILED,
-                "error": error,
-                "attempt": attempt,
-                "finished_at": now_iso(),
-            },
-        )
-        metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
-        logger.error(
-            "task failed",
-            extra={"job_id": task.job_id, "row_id": task.row_id, "attempt": attempt, "error": error},
-        )
+        task = self.task
+        outcome = {
+            "id": task.row_id,
+            "row": task.row_number,
+            "status": status,
+            "images": images or [],
+            "error": error,
+            "provider": task.provider,
+            "model": self.model,
+            "request_id": request_id or task.prediction_id,
+            "cost": round(cost, 6),
+            "attempt": self.attempt,
+            "handbacks": task.handbacks,
+            "answers_lost": self.answers_lost,
+            "seconds": round(self.p.clock() - (task.submitted_at or self.started), 3),
+            "finished_at": now_iso(),
+        }
+        # The outcome first, then the state: a crash in between leaves a task that is redone, never a
+        # finished task without an outcome.
+        put_json(self.p.s3, self.p.options.bucket, self.layout.outcome_key(self.name, status), outcome)
+        if not self.p.state.finish(
+            task.job_id, self.name, SUCCEEDED if status == STATUS_SUCCEEDED else FAILED
+        ):
+            logger.info("task finished by another delivery", extra=self.log)
+            return
+        if status == STATUS_SUCCEEDED:
+            logger.info("task succeeded", extra={**self.log, "images": images, "request_id": request_id})
+        else:
+            metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
+            logger.error("task failed", extra={**self.log, "error": error})
+        if self.answers_lost:
+            metrics.add_metric(name="AnswersLost", unit=MetricUnit.Count, value=self.answers_lost)

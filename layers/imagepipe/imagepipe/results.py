@@ -33,6 +33,13 @@ class RowResult:
     status: str
     images: list[str] = field(default_factory=list)  # S3 keys in the output bucket
     error: dict[str, str] | None = None
+    provider: str | None = None
+    model: str | None = None
+    request_id: str | None = None  # the provider's prediction or response id
+    cost: float = 0.0  # USD: the provider's reported price, else the stack's price per image
+    attempts: int = 0
+    seconds: float | None = None
+    answers_lost: int = 0  # requests whose answer never arrived (each may have been charged)
 
 
 @dataclass
@@ -74,11 +81,14 @@ def collect_results(s3: Any, bucket: str, job_id: str, *, drained: bool = False)
         parsed = parse_image_key(layout, key)
         if parsed:
             images.setdefault(parsed[0], []).append((parsed[1], key))
-    failed_names = [name for name, found in statuses.items() if STATUS_SUCCEEDED not in found]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        errors = dict(
-            zip(failed_names, pool.map(lambda n: _failure(s3, bucket, layout, n), failed_names), strict=True)
-        )
+
+    def outcome(name: str) -> dict[str, Any]:
+        status = STATUS_SUCCEEDED if STATUS_SUCCEEDED in statuses[name] else STATUS_FAILED
+        return get_json(s3, bucket, layout.outcome_key(name, status)) or {}
+
+    names = list(statuses)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outcomes = dict(zip(names, pool.map(outcome, names), strict=True))
 
     by_row: dict[int, dict[str, Any]] = {}
     body = s3.get_object(Bucket=bucket, Key=layout.rows_key)["Body"]
@@ -88,22 +98,32 @@ def collect_results(s3: Any, bucket: str, job_id: str, *, drained: bool = False)
             by_row[entry["row"]] = entry  # a later line for the same row wins (a task SQS refused)
     for number in sorted(by_row):
         entry = by_row[number]
-        result = RowResult(row=number, id=entry.get("id"), status=entry["status"], error=entry.get("error"))
+        result = RowResult(
+            row=number,
+            id=entry.get("id"),
+            status=entry["status"],
+            error=entry.get("error"),
+            provider=entry.get("provider"),
+            model=entry.get("model"),
+        )
         if result.status != STATUS_REJECTED:
-            found = statuses.get(entry["name"], set())
-            if STATUS_SUCCEEDED in found:
-                result.status, result.error = STATUS_SUCCEEDED, None
-                result.images = [key for _, key in sorted(images.get(entry["name"], []))]
-            elif STATUS_FAILED in found:
-                result.status, result.error = STATUS_FAILED, errors.get(entry["name"])
+            record = outcomes.get(entry["name"])
+            if record is not None:
+                result.status = record.get("status", STATUS_FAILED)
+                result.error = record.get("error")
+                if result.status == STATUS_FAILED and not result.error:
+                    result.error = {"type": "unknown", "message": "the failure record has no reason"}
+                if result.status == STATUS_SUCCEEDED:
+                    result.images = [key for _, key in sorted(images.get(entry["name"], []))]
+                result.model = record.get("model", result.model)
+                result.request_id = record.get("request_id")
+                result.cost = float(record.get("cost") or 0.0)
+                result.attempts = int(record.get("attempt") or 0)
+                result.seconds = record.get("seconds")
+                result.answers_lost = int(record.get("answers_lost") or 0)
             elif drained:
                 result.status, result.error = STATUS_FAILED, dict(LOST)
             else:
                 result.status = STATUS_PENDING
         results.rows.append(result)
     return results
-
-
-def _failure(s3: Any, bucket: str, layout: JobLayout, name: str) -> dict[str, str]:
-    record = get_json(s3, bucket, layout.outcome_key(name, STATUS_FAILED)) or {}
-    return record.get("error") or {"type": "unknown", "message": "the failure record has no reason"}

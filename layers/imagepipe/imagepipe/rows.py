@@ -12,15 +12,30 @@ from pydantic import ValidationError
 
 from imagepipe.contract import (
     DEFAULT_SIDE,
+    MAX_IMAGES_PER_ROW,
     MAX_PROMPT_CHARS,
     MAX_ROW_ID_CHARS,
     MAX_SIDE,
     MIN_SIDE,
+    PROVIDER_NAMES,
     SIDE_STEP,
     ImageTask,
 )
 
-KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "width", "height")
+KNOWN_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "n",
+    "provider",
+    "model",
+    "seed",
+    "steps",
+    "guidance",
+    "params",
+)
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 # A prompt is at most 4,000 characters; a field far larger than that is rejected, not a crash.
 csv.field_size_limit(1_000_000)
@@ -194,8 +209,17 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
     report.ignored_columns = sorted(ignored)
 
 
-def to_task(job_id: str, row: RawRow) -> ImageTask:
+@dataclass(frozen=True)
+class RowDefaults:
+    """What a row without the column gets: the stack's default provider and model."""
+
+    provider: str = "atlascloud"
+    model: str | None = None
+
+
+def to_task(job_id: str, row: RawRow, defaults: RowDefaults | None = None) -> ImageTask:
     """The validated task for a row, or RowRejected with the reason."""
+    defaults = defaults or RowDefaults()
     if row.values is None:
         raise RowRejected(row.problem or "the row cannot be read")
     values = row.values
@@ -214,6 +238,10 @@ def to_task(job_id: str, row: RawRow) -> ImageTask:
             f"the negative_prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}"
         )
     width, height = _side(values.get("width"), "width"), _side(values.get("height"), "height")
+    provider = _text(values.get("provider"), "provider").lower() or defaults.provider
+    if provider not in PROVIDER_NAMES:
+        raise RowRejected(f"the provider {provider!r} is not one of {', '.join(PROVIDER_NAMES)}")
+    model = _text(values.get("model"), "model") or (defaults.model if provider == defaults.provider else None)
     try:
         return ImageTask(
             job_id=job_id,
@@ -223,10 +251,68 @@ def to_task(job_id: str, row: RawRow) -> ImageTask:
             negative_prompt=negative,
             width=width,
             height=height,
+            n=_whole(values.get("n"), "n", 1, MAX_IMAGES_PER_ROW) or 1,
+            provider=provider,
+            model=model or None,
+            seed=_whole(values.get("seed"), "seed", 0, 2**32 - 1),
+            steps=_whole(values.get("steps"), "steps", 1, 200),
+            guidance=_number(values.get("guidance"), "guidance", 0, 50),
+            params=_params(values.get("params")),
         )
     except ValidationError as exc:  # anything the checks above did not foresee is still this row's problem
         first = exc.errors()[0]
         raise RowRejected(f"the {'.'.join(map(str, first['loc']))} is not valid: {first['msg']}") from None
+
+
+RESERVED_PARAMS = ("prompt", "model", "n")
+
+
+def _params(value: Any) -> dict[str, Any]:
+    """The params column: a JSON object (text in a CSV, an object in JSONL) merged into the request."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise RowRejected('the params must be a JSON object, e.g. {"quality": "high"}') from None
+    if not isinstance(value, dict):
+        raise RowRejected('the params must be a JSON object, e.g. {"quality": "high"}')
+    reserved = [key for key in RESERVED_PARAMS if key in value]
+    if reserved:
+        raise RowRejected(f"the params cannot set {', '.join(reserved)}: use the column of that name")
+    if len(json.dumps(value)) > 16_000:
+        raise RowRejected("the params are longer than 16,000 characters")
+    return value
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int | None:
+    """An optional whole number in [low, high]; None when blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RowRejected(f"the {name} {value!r} is not a whole number")
+    if not low <= value <= high:
+        raise RowRejected(f"the {name} {value} is out of range: use {low} to {high}")
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise RowRejected(f"the {name} must be a number")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RowRejected(f"the {name} {value!r} is not a number") from None
+    if not low <= number <= high:  # also rejects nan
+        raise RowRejected(f"the {name} {value} is out of range: use {low:g} to {high:g}")
+    return number
 
 
 def row_id_of(row: RawRow) -> str | None:

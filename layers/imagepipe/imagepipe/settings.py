@@ -1,15 +1,17 @@
-"""Each function's settings, read from its environment once per invocation and validated."""
+"""Each function's settings, read from its environment once per invocation and validated; the API keys
+come from the stack's secret (cached by Powertools), never from the environment."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Self
 
 from aws_lambda_powertools.utilities import parameters
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagepipe.atlas import Credentials, ImageApiError
+from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
+from imagepipe.providers import Action, Keys, ProviderError
 
 SECRET_MAX_AGE_S = 300
 
@@ -23,46 +25,70 @@ class _EnvSettings(BaseModel):
         return cls.model_validate({name.lower(): value for name, value in environ.items() if value != ""})
 
 
-class SplitterSettings(_EnvSettings):
+class _Common(_EnvSettings):
+    output_bucket: str
     tasks_queue_url: str
-    output_bucket: str
+    provider_keys_secret: str
+    default_provider: str = Field(DEFAULT_PROVIDER, pattern="^(" + "|".join(PROVIDER_NAMES) + ")$")
+    default_model: str | None = None
+
+    def keys(self) -> Keys:
+        return Keys(lambda force: read_keys(self.provider_keys_secret, force=force))
 
 
-class GeneratorSettings(_EnvSettings):
-    output_bucket: str
-    atlas_base_url: str
-    atlas_token_url: str
-    atlas_model: str = "ernie-image-8b"
-    atlas_secret_name: str | None = None
-    # Local use: keys straight from the environment instead of Secrets Manager.
-    atlas_access_key: str | None = None
-    atlas_secret_key: str | None = None
-    atlas_timeout_seconds: float = Field(120.0, gt=0)
+class SplitterSettings(_Common):
+    pass
+
+
+class GeneratorSettings(_Common):
+    jobs_table: str
+    atlascloud_base_url: str = "https://api.atlascloud.ai"
+    qianfan_base_url: str = "https://qianfan.baidubce.com"
+    openai_base_url: str = "https://api.openai.com"
+    baidu_base_url: str = "https://aip.baidubce.com"
+    baidu_text2image_path: str = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/{model}"
+    price_per_image: str = ""
+    http_timeout_seconds: float = Field(120.0, gt=0)
+    poll_budget_seconds: float = Field(8.0, ge=0)
+    poll_interval_seconds: float = Field(2.0, gt=0)
+    poll_delay_seconds: int = Field(10, ge=0, le=900)
+    max_generation_seconds: float = Field(1800.0, gt=0)
+    # A claim older than this belongs to an invocation that is surely gone (the function's Timeout).
+    claim_stale_seconds: float = Field(300.0, gt=0)
     task_max_receive_count: int = Field(3, ge=1)
 
-    def credentials_provider(self) -> Callable[[], Credentials]:
-        if self.atlas_access_key and self.atlas_secret_key:
-            fixed = Credentials(self.atlas_access_key, self.atlas_secret_key)
-            return lambda: fixed
-        if self.atlas_secret_name:
-            return lambda: _secret_credentials(self.atlas_secret_name or "")
-        raise ValueError("set ATLAS_SECRET_NAME, or both ATLAS_ACCESS_KEY and ATLAS_SECRET_KEY")
+    def base_url(self, provider: str) -> str:
+        return getattr(self, f"{provider.replace('-oauth', '')}_base_url")
+
+    def prices(self) -> dict[str, float]:
+        """PRICE_PER_IMAGE as {provider: USD}, e.g. "atlascloud=0.003,openai=0.04"."""
+        prices: dict[str, float] = {}
+        for part in self.price_per_image.split(","):
+            name, _, value = part.partition("=")
+            try:
+                prices[name.strip()] = float(value)
+            except ValueError:
+                continue
+        return prices
 
 
-def _secret_credentials(name: str) -> Credentials:
+def read_keys(secret_name: str, *, force: bool = False) -> dict[str, str]:
+    """The keys secret as {KEY_NAME: value}. Powertools caches it for SECRET_MAX_AGE_S across warm
+    invocations; `force` re-reads it (after the provider refused a key, which may have been rotated)."""
     try:
-        # Powertools caches the value for SECRET_MAX_AGE_S across warm invocations.
-        secret: Any = parameters.get_secret(name, transform="json", max_age=SECRET_MAX_AGE_S)
-    except parameters.exceptions.GetParameterError as exc:
-        raise ImageApiError(
-            "config", f"cannot read the API keys from secret {name!r}: {exc}", retryable=True
-        ) from exc
-    except parameters.exceptions.TransformParameterError as exc:
-        raise ImageApiError(
-            "config", f"secret {name!r} is not JSON with access_key and secret_key", retryable=False
-        ) from exc
-    if not isinstance(secret, dict) or not secret.get("access_key") or not secret.get("secret_key"):
-        raise ImageApiError(
-            "config", f"secret {name!r} needs both access_key and secret_key", retryable=False
+        secret: Any = parameters.get_secret(
+            secret_name, transform="json", max_age=SECRET_MAX_AGE_S, force_fetch=force
         )
-    return Credentials(str(secret["access_key"]), str(secret["secret_key"]))
+    except parameters.exceptions.TransformParameterError as exc:
+        raise ProviderError(
+            "config", f"secret {secret_name!r} is not a JSON object of API keys", action=Action.RETRY
+        ) from exc
+    except parameters.exceptions.GetParameterError as exc:
+        raise ProviderError(
+            "config", f"cannot read the API keys from secret {secret_name!r}: {exc}", action=Action.RETRY
+        ) from exc
+    if not isinstance(secret, dict):
+        raise ProviderError(
+            "config", f"secret {secret_name!r} is not a JSON object of API keys", action=Action.RETRY
+        )
+    return {str(k): str(v) for k, v in secret.items() if isinstance(v, (str, int)) and str(v)}

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from imagepipe.contract import JOB_ID_PATTERN, ImageTask, job_stem
+from imagepipe.contract import JOB_ID_PATTERN, PROVIDER_NAMES, ImageTask, job_stem
 from imagepipe.layout import STATUS_REJECTED, JobLayout
+from imagepipe.providers import Keys, provider_class
 from imagepipe.records import now_iso, put_json
 from imagepipe.rows import (
     InputUnreadable,
     RawRow,
     ReadReport,
+    RowDefaults,
     RowRejected,
     decode_lines,
     format_for_key,
@@ -108,6 +110,26 @@ class TaskSender:
             raise SendFailed(f"SQS did not accept {len(entries)} task(s) after {self._max_attempts} attempts")
 
 
+RowCheck = Callable[[ImageTask], "str | None"]
+DEFAULTS = RowDefaults()
+
+
+def provider_check(keys: Keys) -> RowCheck:
+    """Why the row's provider cannot serve it - no key configured, or outside what its API takes - or
+    None. Decided here, before any paid call, so such a row is rejected rather than failed."""
+    configured = {
+        name for name in PROVIDER_NAMES if all(keys.get(key) for key in provider_class(name).key_names)
+    }
+
+    def check(task: ImageTask) -> str | None:
+        if task.provider not in configured:
+            names = " and ".join(provider_class(task.provider).key_names)
+            return f"no API key is configured for {task.provider}: store {names} in the stack's keys secret"
+        return provider_class(task.provider).check(task)
+
+    return check
+
+
 class RowLog:
     """rows.jsonl: one line per input row, spooled to disk past a few MB so memory stays flat."""
 
@@ -117,9 +139,17 @@ class RowLog:
         self.rejected = 0
 
     def write(
-        self, row: int, row_id: str | None, name: str | None, status: str, error: dict | None = None
+        self,
+        row: int,
+        row_id: str | None,
+        name: str | None,
+        status: str,
+        error: dict | None = None,
+        task: ImageTask | None = None,
     ) -> None:
-        line = {"row": row, "id": row_id, "name": name, "status": status, "n": 1, "error": error}
+        line = {"row": row, "id": row_id, "name": name, "status": status, "error": error}
+        if task is not None:
+            line.update(provider=task.provider, model=task.model, n=task.n)
         # backslashreplace: an id with bytes that are not UTF-8 is still recorded, never a crash.
         self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
         if status == STATUS_REJECTED:
@@ -129,7 +159,15 @@ class RowLog:
 
 
 def split_object(
-    *, s3: Any, sqs: Any, bucket: str, key: str, queue_url: str, output_bucket: str
+    *,
+    s3: Any,
+    sqs: Any,
+    bucket: str,
+    key: str,
+    queue_url: str,
+    output_bucket: str,
+    check: RowCheck = lambda task: None,
+    defaults: RowDefaults = DEFAULTS,
 ) -> SplitResult:
     obj = s3.get_object(Bucket=bucket, Key=key)
     job_id = job_id_for(bucket, key, obj.get("ETag", "").strip('"'), obj.get("Metadata", {}))
@@ -161,7 +199,7 @@ def split_object(
     try:
         fmt = format_for_key(key)
         for raw in read_rows(decode_lines(split_lines(obj["Body"].iter_chunks(READ_CHUNK))), fmt, report):
-            _split_row(raw, job_id, seen, log, reject, sender)
+            _split_row(raw, job_id, seen, log, reject, sender, check, defaults)
         sender.flush()
     except InputUnreadable as exc:
         result.status = MANIFEST_UNREADABLE
@@ -191,10 +229,17 @@ def split_object(
 
 
 def _split_row(
-    raw: RawRow, job_id: str, seen: dict[str, int], log: RowLog, reject, sender: TaskSender
+    raw: RawRow,
+    job_id: str,
+    seen: dict[str, int],
+    log: RowLog,
+    reject,
+    sender: TaskSender,
+    check: RowCheck,
+    defaults: RowDefaults,
 ) -> None:
     try:
-        task = to_task(job_id, raw)
+        task = to_task(job_id, raw, defaults)
     except RowRejected as exc:
         reject(raw.number, row_id_of(raw), str(exc))
         return
@@ -202,11 +247,19 @@ def _split_row(
     if first != raw.number:
         reject(raw.number, task.row_id, f"duplicate id {task.row_id!r}: row {first} already uses it")
         return
-    log.write(raw.number, task.row_id, task.image_name, "queued")
+    reason = check(task)
+    if reason:
+        log.write(
+            raw.number, task.row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason}, task
+        )
+        return
+    log.write(raw.number, task.row_id, task.image_name, "queued", task=task)
     sender.add(task)
 
 
 def _unqueue(log: RowLog, task: ImageTask, reason: str) -> None:
     # The row was logged as queued before SQS refused it: log the rejection, which wins when read back.
     log.queued -= 1
-    log.write(task.row_number, task.row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason})
+    log.write(
+        task.row_number, task.row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason}, task
+    )

@@ -21,12 +21,14 @@ from typing import Any, TextIO
 import boto3
 from botocore.config import Config
 
-from imagepipe.contract import job_stem
+from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES, job_stem
 from imagepipe.layout import STATUS_FAILED, STATUS_REJECTED, STATUS_SUCCEEDED
+from imagepipe.providers import provider_class
 from imagepipe.records import get_json
 from imagepipe.results import JobResults, collect_results
 from imagepipe.rows import FORMATS
-from imagepipe_cli.emulator import AtlasEmulator, EmulatorConfig, parse_fault
+from imagepipe_cli.emulators import EmulatorConfig, emulator_class
+from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import S3Notifications, SqsPoller
 from imagepipe_cli.local.lambda_runtime import ProcessFunction
 from imagepipe_cli.local.moto_server import MotoServer
@@ -49,7 +51,9 @@ class RunOptions:
     input: Path
     out: Path = Path("output")
     template: Path = Path("template.yaml")
-    atlas_url: str | None = None
+    provider: str = DEFAULT_PROVIDER
+    api_url: str | None = None
+    model: str | None = None
     concurrency: int | None = None
     batch_size: int | None = None
     emulator_latency_ms: float = 50.0
@@ -86,18 +90,19 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
     job_id = _new_job_id(options.input)
     with ExitStack() as cleanup:
         moto = cleanup.enter_context(MotoServer(log_path=logs / "moto.log"))
-        api = _api_endpoint(options, cleanup, out)
+        apis = _api_endpoints(options, cleanup, out)
         client = _client_factory(moto.url)
         stack = deploy_stack(
             client,
             template,
             stack_name=STACK_NAME,
-            parameters=_stack_parameters(template, options, api),
+            parameters=_stack_parameters(template, options, apis),
             region=REGION,
         )
+        # The keys go where a deployed stack keeps them: the functions read them from the secret.
+        keys = {name: value for api in apis.values() for name, value in api.keys.items()}
         client("secretsmanager").put_secret_value(
-            SecretId=stack.outputs["AtlasCredentialsSecretName"],
-            SecretString=json.dumps({"access_key": api["access_key"], "secret_key": api["secret_key"]}),
+            SecretId=stack.outputs["ProviderKeysSecretName"], SecretString=json.dumps(keys)
         )
         env = {
             **FAKE_CREDENTIALS,
@@ -172,13 +177,15 @@ def _check_options(options: RunOptions) -> None:
         raise RunError(f"--out {options.out}: exists and is not a folder")
     if not options.template.is_file():
         raise RunError(f"{options.template}: template not found (use --template)")
+    if options.provider not in PROVIDER_NAMES:
+        raise RunError(f"--provider {options.provider!r}: use one of {', '.join(PROVIDER_NAMES)}")
     for fault in options.emulator_faults:
         try:
-            parse_fault(fault)
+            parse_fault(fault, emulator_class(options.provider).FAULTS)
         except ValueError as exc:
             raise RunError(f"--emulator-fault: {exc}") from None
-    if options.atlas_url and not re.match(r"^https?://", options.atlas_url):
-        raise RunError(f"--atlas-url {options.atlas_url!r} must start with http:// or https://")
+    if options.api_url and not re.match(r"^https?://[^\s/]+", options.api_url):
+        raise RunError(f"--api-url {options.api_url!r} must start with http:// or https:// and name a host")
 
 
 def _check_range(template: Template, parameter: str, flag: str, value: int) -> None:
@@ -188,10 +195,15 @@ def _check_range(template: Template, parameter: str, flag: str, value: int) -> N
         raise RunError(f"{flag} must be between {low} and {high} ({parameter} in template.yaml), got {value}")
 
 
-def _stack_parameters(template: Template, options: RunOptions, api: dict[str, str]) -> dict[str, str]:
-    params = {"AtlasBaseUrl": api["base_url"], "AtlasTokenUrl": api["token_url"]}
-    if os.environ.get("ATLAS_MODEL"):
-        params["AtlasModel"] = os.environ["ATLAS_MODEL"]
+def _stack_parameters(template: Template, options: RunOptions, apis: dict[str, _Api]) -> dict[str, str]:
+    params = {
+        "DefaultProvider": options.provider,
+        "DefaultModel": options.model or "",
+        "AtlasCloudBaseUrl": apis["atlascloud"].base_url,
+        "QianfanBaseUrl": apis["qianfan"].base_url,
+        "OpenAIBaseUrl": apis["openai"].base_url,
+        "BaiduBaseUrl": apis["baidu-oauth"].base_url,
+    }
     if options.batch_size is not None:
         _check_range(template, "GeneratorBatchSize", "--batch-size", options.batch_size)
         params["GeneratorBatchSize"] = str(options.batch_size)
@@ -201,36 +213,48 @@ def _stack_parameters(template: Template, options: RunOptions, api: dict[str, st
     return params
 
 
-def _api_endpoint(options: RunOptions, cleanup: ExitStack, out: TextIO) -> dict[str, str]:
-    """The image API to call: --atlas-url, else ATLAS_BASE_URL, else a fresh emulator."""
-    base_url = options.atlas_url or os.environ.get("ATLAS_BASE_URL")
-    if base_url:
-        base_url = base_url.rstrip("/")
-        access, secret = os.environ.get("ATLAS_ACCESS_KEY", ""), os.environ.get("ATLAS_SECRET_KEY", "")
-        if not access or not secret:
-            raise RunError("set ATLAS_ACCESS_KEY and ATLAS_SECRET_KEY to call the image API at " + base_url)
-        token_url = (
-            f"{base_url}/oauth/2.0/token"
-            if options.atlas_url
-            else os.environ.get("ATLAS_TOKEN_URL", "https://aip.baidubce.com/oauth/2.0/token")
-        )
-        return {"base_url": base_url, "token_url": token_url, "access_key": access, "secret_key": secret}
-    config = EmulatorConfig(
-        latency_ms=options.emulator_latency_ms, faults=tuple(parse_fault(f) for f in options.emulator_faults)
-    )
-    emulator = cleanup.enter_context(AtlasEmulator(config))
-    faults = f", faults: {', '.join(options.emulator_faults)}" if options.emulator_faults else ""
-    print(
-        f"image API: the built-in Atlas EMULATOR at {emulator.base_url} (not the real API; "
-        f"{options.emulator_latency_ms:g} ms per image{faults})",
-        file=out,
-    )
-    return {
-        "base_url": emulator.base_url,
-        "token_url": emulator.token_url,
-        "access_key": config.access_key,
-        "secret_key": config.secret_key,
-    }
+@dataclass
+class _Api:
+    base_url: str
+    keys: dict[str, str]
+    emulated: bool
+
+
+def _api_endpoints(options: RunOptions, cleanup: ExitStack, out: TextIO) -> dict[str, _Api]:
+    """Each provider's API: --api-url for the chosen provider; else its public URL when its keys are in
+    the environment; else its built-in emulator (which a file with a provider column may also use)."""
+    apis: dict[str, _Api] = {}
+    for name in PROVIDER_NAMES:
+        cls = provider_class(name)
+        env_keys = {key: os.environ.get(key, "") for key in cls.key_names}
+        has_keys = all(env_keys.values())
+        if name == options.provider and options.api_url:
+            if not has_keys:
+                raise RunError(f"set {' and '.join(cls.key_names)} to call {name} at {options.api_url}")
+            apis[name] = _Api(options.api_url.rstrip("/"), env_keys, emulated=False)
+        elif has_keys:
+            apis[name] = _Api(cls.public_url, env_keys, emulated=False)
+        faults = options.emulator_faults if name == options.provider else []
+        if name not in apis:
+            emulator = emulator_class(name)
+            config = EmulatorConfig(
+                latency_ms=options.emulator_latency_ms,
+                faults=tuple(parse_fault(f, emulator.FAULTS) for f in faults),
+            )
+            running = cleanup.enter_context(emulator(config))
+            apis[name] = _Api(running.base_url, dict(running.keys), emulated=True)
+        api = apis[name]
+        if api.emulated:
+            extra = f", faults: {', '.join(faults)}" if faults else ""
+            what = (
+                f"the built-in {emulator.title} EMULATOR at {api.base_url} (not the real API; "
+                f"{options.emulator_latency_ms:g} ms per image{extra})"
+            )
+        else:
+            what = f"{api.base_url} (keys from {', '.join(cls.key_names)})"
+        default = " (the default)" if name == options.provider else ""
+        print(f"image API {name}{default}: {what}", file=out)
+    return apis
 
 
 def _client_factory(endpoint: str) -> Callable[[str], Any]:
@@ -339,6 +363,13 @@ def _write_results(s3: Any, bucket: str, results: JobResults, out: Path) -> list
             "status": row.status,
             "images": [f"images/{key.rsplit('/', 1)[-1]}" for key in row.images],
             "error": row.error,
+            "provider": row.provider,
+            "model": row.model,
+            "request_id": row.request_id,
+            "cost": row.cost,
+            "attempts": row.attempts,
+            "seconds": row.seconds,
+            "answers_lost": row.answers_lost,
         }
         for row in results.rows
     ]
@@ -363,6 +394,14 @@ def _print_summary(
     print(
         f"job {job_id}: {len(rows)} rows - {counts[STATUS_SUCCEEDED]} succeeded, {counts[STATUS_FAILED]} failed, "
         f"{counts[STATUS_REJECTED]} rejected in {seconds:.1f} s",
+        file=out,
+    )
+    cost = sum(r["cost"] for r in rows)
+    lost = sum(r["answers_lost"] for r in rows)
+    by_provider = sorted({r["provider"] for r in rows if r["provider"]})
+    print(
+        f"  cost: ${cost:.4f} ({', '.join(by_provider) or 'no calls'})"
+        + (f"; {lost} request(s) whose answer never arrived (each may have been charged)" if lost else ""),
         file=out,
     )
     for warning in manifest.get("warnings") or []:

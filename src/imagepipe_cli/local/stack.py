@@ -167,10 +167,13 @@ def _create_unsupported(
             continue
         kind, props = resource["Type"], resource.get("Properties", {})
         if kind == "AWS::SecretsManager::Secret":
+            value = props.get("SecretString")
             client("secretsmanager").create_secret(
                 Name=_resolve(props["Name"], params, logical_id),
                 Description=props.get("Description", ""),
-                SecretString=_generated_secret(props.get("GenerateSecretString", {})),
+                SecretString=value
+                if isinstance(value, str)
+                else _generated_secret(props.get("GenerateSecretString", {})),
             )
         else:
             raise StackError(

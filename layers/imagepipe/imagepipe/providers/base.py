@@ -181,8 +181,11 @@ class Provider(ABC):
         except ProviderError as exc:
             if exc.action is Action.REAUTH:
                 raise ProviderError(
-                    "auth", exc.message + " (again after re-reading the keys)", action=Action.STOP_JOB,
-                    status=exc.status, request_id=exc.request_id,
+                    "auth",
+                    exc.message + " (again after re-reading the keys)",
+                    action=Action.STOP_JOB,
+                    status=exc.status,
+                    request_id=exc.request_id,
                 ) from exc
             raise
 
@@ -208,7 +211,9 @@ def sniff_image(raw: bytes) -> GeneratedImage:
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         return GeneratedImage(raw, "webp", "image/webp")
     raise ProviderError(
-        "bad_response", "the image API returned data that is not a PNG, JPEG or WebP image", action=Action.RETRY
+        "bad_response",
+        "the image API returned data that is not a PNG, JPEG or WebP image",
+        action=Action.RETRY,
     )
 
 
@@ -224,10 +229,14 @@ def download(http: httpx.Client, url: str) -> GeneratedImage:
     try:
         response = http.get(url)
     except httpx.HTTPError as exc:
-        raise ProviderError("unavailable", f"image download failed: {describe(exc)}", action=Action.RETRY) from exc
+        raise ProviderError(
+            "unavailable", f"image download failed: {describe(exc)}", action=Action.RETRY
+        ) from exc
     if response.status_code != 200:
         raise ProviderError(
-            "unavailable", f"image download answered HTTP {response.status_code}", action=Action.RETRY,
+            "unavailable",
+            f"image download answered HTTP {response.status_code}",
+            action=Action.RETRY,
             status=response.status_code,
         )
     return sniff_image(response.content)
@@ -244,12 +253,16 @@ def send(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Resp
         ) from exc
     except httpx.TimeoutException as exc:
         raise ProviderError(
-            "timeout", f"the image API did not answer in time: {describe(exc)}", action=Action.RETRY,
+            "timeout",
+            f"the image API did not answer in time: {describe(exc)}",
+            action=Action.RETRY,
             maybe_accepted=True,
         ) from exc
     except httpx.HTTPError as exc:
         raise ProviderError(
-            "unavailable", f"the connection to the image API failed: {describe(exc)}", action=Action.RETRY,
+            "unavailable",
+            f"the connection to the image API failed: {describe(exc)}",
+            action=Action.RETRY,
             maybe_accepted=True,
         ) from exc
 

@@ -1,0 +1,136 @@
+"""Atlas Cloud's asynchronous generation through ImageGeneratorFunction on the stack from template.yaml:
+each row submitted exactly once, predictions that outlive an invocation handed back without nearing the
+dead-letter queue, and the provider's terminal answers taken for what they are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+# The generator waits on no prediction (budget 0) and polls handed-back ones 1 s later: a generation
+# of 1.5 s always outlives the invocation that submitted it.
+HAND_BACK_AT_ONCE = {"PollBudgetSeconds": "0", "PollDelaySeconds": "1"}
+
+CSV = (
+    "id,prompt,width,height\n"
+    "a,a lighthouse at dusk,1024,1024\n"
+    "b,a fox in the snow,1024,1024\n"
+    "c,a tram in the rain,1024,1024\n"
+)
+
+
+def outcome(pipeline, job_id: str, name: str, status: str) -> dict:
+    key = f"jobs/{job_id}/outcomes/{name}.{status}.json"
+    return json.loads(pipeline.client("s3").get_object(Bucket=pipeline.output_bucket, Key=key)["Body"].read())
+
+
+def dead_letters(pipeline) -> int:
+    attrs = pipeline.client("sqs").get_queue_attributes(
+        QueueUrl=pipeline.dead_letter_queue, AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"])
+
+
+def test_a_generation_longer_than_the_poll_budget_completes_without_nearing_the_dlq(pipeline_factory):
+    # Given predictions that take longer than one invocation waits
+    pipeline = pipeline_factory(latency_ms=1500, parameters=HAND_BACK_AT_ONCE)
+    job = pipeline.split("slow.csv", CSV.encode(), job_id="slow")["job_id"]
+
+    # When the queue is worked until empty
+    pipeline.drain_all()
+
+    # Then every row succeeded, each submitted once, each on its first receive, none dead-lettered
+    results = pipeline.results(job)
+    assert [r.status for r in results.rows] == ["succeeded"] * 3
+    assert pipeline.emulator.stats()["submits"] == 3
+    for name in "abc":
+        record = outcome(pipeline, job, name, "succeeded")
+        assert record["attempt"] == 1 and record["handbacks"] >= 1
+        assert record["request_id"]
+    assert dead_letters(pipeline) == 0
+
+
+def test_a_redelivered_task_resumes_its_prediction_and_never_submits_again(pipeline_factory):
+    # Given a task whose first delivery submitted and handed back its prediction
+    pipeline = pipeline_factory(latency_ms=1500, parameters=HAND_BACK_AT_ONCE)
+    pipeline.split("slow.csv", CSV.encode(), job_id="redelivered")
+    messages = pipeline.queued_messages()
+    from imagepipe_cli.local.event_sources import lambda_sqs_event
+
+    event = lambda_sqs_event(messages, pipeline.stack.queue_mappings[0].queue_arn, "us-east-1")
+    assert pipeline.generator.invoke(event) == {"batchItemFailures": []}
+    assert pipeline.emulator.stats()["submits"] == 3
+
+    # When SQS delivers the same messages again (at-least-once), then everything is worked off
+    for record in event["Records"]:
+        record["attributes"]["ApproximateReceiveCount"] = "2"
+    assert pipeline.generator.invoke(event) == {"batchItemFailures": []}
+    pipeline.drain_all()
+
+    # Then no row was submitted twice, and every row has its image
+    assert pipeline.emulator.stats()["submits"] == 3
+    assert [r.status for r in pipeline.results("redelivered").rows] == ["succeeded"] * 3
+
+
+def test_a_moderation_refusal_ends_the_row_failed_with_the_reason_and_is_not_retried(pipeline_factory):
+    pipeline = pipeline_factory("refuse=forbidden")
+    body = "id,prompt\nok,a calm lake\nbad,a forbidden scene\n"
+    job = pipeline.split("mod.csv", body.encode(), job_id="moderated")["job_id"]
+
+    pipeline.drain_all()
+
+    ok, bad = pipeline.results(job).rows
+    assert ok.status == "succeeded"
+    assert bad.status == "failed" and bad.error["type"] == "moderation"
+    assert "moderation" in bad.error["message"]
+    assert outcome(pipeline, job, "bad", "failed")["attempt"] == 1  # final at once: no retries
+    assert dead_letters(pipeline) == 0
+
+
+def test_a_5xx_that_carries_a_terminal_payload_is_the_result(pipeline_factory):
+    pipeline = pipeline_factory("terminal-5xx=cursed")
+    job = pipeline.split("t.csv", b"id,prompt\nx,a cursed ring\n", job_id="terminal")["job_id"]
+
+    pipeline.drain_all()
+
+    (row,) = pipeline.results(job).rows
+    assert row.status == "failed" and row.attempts == 1
+    assert pipeline.emulator.stats()["submits"] == 1
+
+
+def test_an_exhausted_balance_fails_the_jobs_remaining_rows_fast_without_more_submits(pipeline_factory):
+    # Given an account whose balance runs out on the first row
+    pipeline = pipeline_factory("stop=broke")
+    body = "id,prompt\n1,a broke artist\n" + "".join(f"{i},a painting number {i}\n" for i in range(2, 8))
+    job = pipeline.split("broke.csv", body.encode(), job_id="broke")["job_id"]
+    first, *rest = pipeline.queued_messages()
+    from imagepipe_cli.local.event_sources import lambda_sqs_event
+
+    arn = pipeline.stack.queue_mappings[0].queue_arn
+    pipeline.generator.invoke(lambda_sqs_event([first], arn, "us-east-1"))
+    submits_before = pipeline.emulator.stats().get("submits", 0)
+
+    # When the rest of the job is processed
+    pipeline.generator.invoke(lambda_sqs_event(rest, arn, "us-east-1"))
+
+    # Then every row failed with the provider's reason and nothing more was submitted
+    rows = pipeline.results(job).rows
+    assert {r.status for r in rows} == {"failed"}
+    assert {r.error["type"] for r in rows} == {"quota"}
+    assert pipeline.emulator.stats().get("submits", 0) == submits_before
+
+
+@pytest.mark.parametrize("provider", ["qianfan", "openai", "baidu-oauth"])
+def test_a_synchronous_provider_makes_the_rows_images(pipeline_factory, provider):
+    pipeline = pipeline_factory(provider=provider)
+    job = pipeline.split("s.csv", b"id,prompt,width,height\n1,a red kite,1024,1024\n", job_id="sync")[
+        "job_id"
+    ]
+
+    pipeline.drain_all()
+
+    (row,) = pipeline.results(job).rows
+    assert row.status == "succeeded" and row.provider == provider
+    assert row.cost > 0 and row.model
+    assert pipeline.emulator.paid_for("a red kite") == 1
