@@ -1,5 +1,6 @@
-"""`make bench`: how long `imagepipe run` takes for N rows (emulator latency fixed), how much memory the
-splitter needs for a large file, and the brief's naive script on the same emulator for comparison.
+"""`make bench`: how long `imagepipe run` takes for N rows (emulator latency fixed), what an asynchronous
+Atlas Cloud job costs in Lambda seconds and HTTP calls per image, how much memory the splitter needs for
+a large file, and the brief's naive script on the same kind of emulator for comparison.
 
 Figures are medians of --repeat runs on this machine, measured in one go; read the ratios, not the
 absolute seconds (the machine is shared)."""
@@ -21,7 +22,7 @@ from pathlib import Path
 import boto3
 import httpx
 
-from imagepipe_cli.emulator import AtlasEmulator, EmulatorConfig
+from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.local.moto_server import MotoServer
 from imagepipe_cli.local.stack import deploy_stack
 from imagepipe_cli.local.template import load_template
@@ -30,18 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 
 
-def write_csv(path: Path, rows: int, side: int = 512) -> Path:
+def write_csv(path: Path, rows: int, side: int = 1024) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write("id,prompt,negative_prompt,width,height\n")
+        handle.write("id,prompt,width,height\n")
         for i in range(1, rows + 1):
             handle.write(
-                f'{i},"product shot {i}, a ceramic mug on a wooden table, soft light","blurry",{side},{side}\n'
+                f'{i},"product shot {i}, a ceramic mug on a wooden table, soft light",{side},{side}\n'
             )
     return path
 
 
-def bench_run(rows: int, latency_ms: float, concurrency: int | None) -> dict:
-    """Wall time of the whole `imagepipe run` command, start-up included."""
+def bench_run(rows: int, latency_ms: float, concurrency: int | None, extra: tuple[str, ...] = ()) -> dict:
+    """Wall time of the whole `imagepipe run` command, start-up included, and its run-stats.json."""
     with tempfile.TemporaryDirectory() as tmp:
         source = write_csv(Path(tmp) / f"bench-{rows}.csv", rows)
         args = [
@@ -58,6 +59,7 @@ def bench_run(rows: int, latency_ms: float, concurrency: int | None) -> dict:
         ]
         if concurrency:
             args += ["--concurrency", str(concurrency)]
+        args += list(extra)
         started = time.monotonic()
         done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         seconds = time.monotonic() - started
@@ -67,7 +69,32 @@ def bench_run(rows: int, latency_ms: float, concurrency: int | None) -> dict:
             json.loads(line) for line in (Path(tmp) / "out" / "results.jsonl").read_text().splitlines()
         ]
         ok = sum(r["status"] == "succeeded" for r in results)
-    return {"rows": rows, "seconds": seconds, "succeeded": ok, "rows_per_s": rows / seconds}
+        stats = json.loads((Path(tmp) / "out" / "logs" / "run-stats.json").read_text())
+    return {"rows": rows, "seconds": seconds, "succeeded": ok, "rows_per_s": rows / seconds, "stats": stats}
+
+
+def bench_async_cost(rows: int, generation_s: float, batch_size: int) -> dict:
+    """Atlas Cloud with a slow generation: Lambda seconds billed and HTTP calls made per image."""
+    run = bench_run(
+        rows, generation_s * 1000, None, ("--provider", "atlascloud", "--batch-size", str(batch_size))
+    )
+    generator = run["stats"]["functions"]["ImageGeneratorFunction"]
+    api = run["stats"]["emulators"]["atlascloud"]
+    images = max(1, api.get("images", 0))
+    return {
+        "rows": rows,
+        "generation_s": generation_s,
+        "batch_size": batch_size,
+        "seconds": run["seconds"],
+        "succeeded": run["succeeded"],
+        "invocations": generator["invocations"],
+        "billed_s_per_image": generator["billed_seconds"] / images,
+        "submits_per_image": api.get("submits", 0) / images,
+        "polls_per_image": api.get("polls", 0) / images,
+        "downloads_per_image": api.get("downloads", 0) / images,
+        "http_calls_per_image": (api.get("submits", 0) + api.get("polls", 0) + api.get("downloads", 0))
+        / images,
+    }
 
 
 _SPLITTER_PROBE = r"""
@@ -181,21 +208,23 @@ def bench_splitter_memory(rows: int) -> dict:
 
 
 def bench_brief_script(rows: int, latency_ms: float) -> dict:
-    """The brief's batch_generate: a thread pool of 10, a new token per image, files on local disk."""
+    """The brief's batch_generate: a thread pool of 10, a new OAuth token per image, files on local disk
+    (against the emulator of the brief's shape, /v1/images/generations)."""
+    emulator_type = emulator_class("baidu-oauth")
     with (
-        AtlasEmulator(EmulatorConfig(latency_ms=latency_ms)) as emulator,
+        emulator_type(EmulatorConfig(latency_ms=latency_ms)) as emulator,
         tempfile.TemporaryDirectory() as tmp,
     ):
         import base64
 
         def generate(i: int) -> None:
             with httpx.Client() as http:
-                token = http.get(
-                    emulator.token_url,
+                token = http.post(
+                    f"{emulator.base_url}/oauth/2.0/token",
                     params={
                         "grant_type": "client_credentials",
-                        "client_id": "emulator-access-key",
-                        "client_secret": "emulator-secret-key",
+                        "client_id": emulator.keys["BAIDU_API_KEY"],
+                        "client_secret": emulator.keys["BAIDU_SECRET_KEY"],
                     },
                 ).json()
                 answer = http.post(
@@ -205,7 +234,7 @@ def bench_brief_script(rows: int, latency_ms: float) -> dict:
                         "model": "ernie-image-8b",
                         "prompt": f"product shot {i}",
                         "n": 1,
-                        "size": "512x512",
+                        "size": "1024x1024",
                         "response_format": "b64_json",
                     },
                 ).json()
@@ -220,7 +249,7 @@ def bench_brief_script(rows: int, latency_ms: float) -> dict:
         "rows": rows,
         "seconds": seconds,
         "rows_per_s": rows / seconds,
-        "http_calls_per_image": (stats["token_requests"] + stats["generation_requests"]) / rows,
+        "http_calls_per_image": (stats["token_requests"] + stats["requests"]) / rows,
     }
 
 
@@ -233,7 +262,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; the median is reported")
-    parser.add_argument("--skip", default="", help="comma-separated: run,splitter,brief")
+    parser.add_argument("--async-rows", type=int, default=100, help="rows for the Atlas Cloud cost run")
+    parser.add_argument(
+        "--generation-s", type=float, default=20.0, help="Atlas Cloud emulated generation time"
+    )
+    parser.add_argument("--skip", default="", help="comma-separated: run,async,splitter,brief")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -243,10 +276,13 @@ def main() -> None:
         "runs": [],
         "brief": [],
         "splitter": None,
+        "async": None,
     }
 
     for rows in [int(r) for r in args.rows.split(",") if r and "run" not in skip]:
         runs = [bench_run(rows, args.latency_ms, args.concurrency) for _ in range(args.repeat)]
+        for r in runs:
+            r.pop("stats")
         median = statistics.median(r["seconds"] for r in runs)
         report["runs"].append(
             {
@@ -273,6 +309,15 @@ def main() -> None:
                 f"{brief[0]['http_calls_per_image']:.0f} HTTP calls per image",
                 flush=True,
             )
+    if "async" not in skip:
+        report["async"] = a = bench_async_cost(args.async_rows, args.generation_s, 10)
+        print(
+            f"atlascloud, {a['rows']} rows, {a['generation_s']:g} s generation, batches of {a['batch_size']}: "
+            f"{a['billed_s_per_image']:.2f} Lambda s billed per image; HTTP calls per image "
+            f"{a['http_calls_per_image']:.2f} ({a['submits_per_image']:.2f} submits + {a['polls_per_image']:.2f} polls "
+            f"+ {a['downloads_per_image']:.2f} downloads); {a['invocations']} invocations, {a['seconds']:.0f} s",
+            flush=True,
+        )
     if "splitter" not in skip:
         report["splitter"] = bench_splitter_memory(args.splitter_rows)
         s = report["splitter"]

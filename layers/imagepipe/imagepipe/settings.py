@@ -49,9 +49,9 @@ class GeneratorSettings(_Common):
     baidu_text2image_path: str = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/{model}"
     price_per_image: str = ""
     http_timeout_seconds: float = Field(120.0, gt=0)
-    poll_budget_seconds: float = Field(8.0, ge=0)
+    poll_budget_seconds: float = Field(2.0, ge=0)
     poll_interval_seconds: float = Field(2.0, gt=0)
-    poll_delay_seconds: int = Field(10, ge=0, le=900)
+    poll_delay_seconds: int = Field(8, ge=0, le=900)
     max_generation_seconds: float = Field(1800.0, gt=0)
     # A claim older than this belongs to an invocation that is surely gone (the function's Timeout).
     claim_stale_seconds: float = Field(300.0, gt=0)

@@ -130,6 +130,8 @@ class ProcessFunction:
         region: str,
     ) -> None:
         self.function, self.region = function, region
+        self.invocations, self.billed_s = 0, 0.0  # what Lambda would bill: handler time per invocation
+        self._lock = threading.Lock()
         env = {**function.env, **env_overrides}
         self._pool = ProcessPoolExecutor(
             max_workers=concurrency,
@@ -139,12 +141,25 @@ class ProcessFunction:
         )
 
     def invoke(self, event: dict) -> Any:
-        return self._pool.submit(
+        outcome = self._pool.submit(
             _invoke, self.function.logical_id, event, make_context(self.function, self.region)
         ).result()
+        with self._lock:
+            self.invocations += 1
+            self.billed_s += outcome.seconds
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Outcome:
+    result: Any
+    seconds: float
+    error: FunctionError | None = None
 
 
 _HANDLER: Callable[[dict, Any], Any] | None = None
@@ -161,12 +176,15 @@ def _start_environment(code_dir: str, handler: str, env: dict[str, str], log_pat
     _HANDLER = load_handler(Path(code_dir), handler)
 
 
-def _invoke(logical_id: str, event: dict, context: LambdaContext) -> Any:
+def _invoke(logical_id: str, event: dict, context: LambdaContext) -> _Outcome:
     assert _HANDLER is not None
+    started = time.monotonic()
     try:
-        result = _HANDLER(event, context)
-        return json.loads(json.dumps(result))
+        result = json.loads(json.dumps(_HANDLER(event, context)))
+        return _Outcome(result, time.monotonic() - started)
     except Exception as exc:
         traceback.print_exc()
         sys.stderr.flush()
-        raise FunctionError(logical_id, type(exc).__name__, str(exc)) from None
+        return _Outcome(
+            None, time.monotonic() - started, FunctionError(logical_id, type(exc).__name__, str(exc))
+        )

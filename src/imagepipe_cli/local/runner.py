@@ -27,7 +27,7 @@ from imagepipe.providers import provider_class
 from imagepipe.records import get_json
 from imagepipe.results import JobResults, collect_results
 from imagepipe.rows import FORMATS
-from imagepipe_cli.emulators import EmulatorConfig, emulator_class
+from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import S3Notifications, SqsPoller
 from imagepipe_cli.local.lambda_runtime import ProcessFunction
@@ -160,6 +160,7 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
         if manifest.get("status") == "unreadable":
             raise RunError(f"{options.input}: {manifest['error']['message']}")
         rows = _write_results(s3, stack.outputs["OutputBucketName"], results, options.out)
+        _write_run_stats(logs / "run-stats.json", functions, apis, len(rows))
     seconds = time.monotonic() - started
     code = EXIT_OK if all(r["status"] == STATUS_SUCCEEDED for r in rows) else EXIT_ROWS_FAILED
     _print_summary(out, job_id, rows, options.out, seconds, manifest)
@@ -217,7 +218,7 @@ def _stack_parameters(template: Template, options: RunOptions, apis: dict[str, _
 class _Api:
     base_url: str
     keys: dict[str, str]
-    emulated: bool
+    emulator: BaseEmulator | None = None
 
 
 def _api_endpoints(options: RunOptions, cleanup: ExitStack, out: TextIO) -> dict[str, _Api]:
@@ -231,9 +232,9 @@ def _api_endpoints(options: RunOptions, cleanup: ExitStack, out: TextIO) -> dict
         if name == options.provider and options.api_url:
             if not has_keys:
                 raise RunError(f"set {' and '.join(cls.key_names)} to call {name} at {options.api_url}")
-            apis[name] = _Api(options.api_url.rstrip("/"), env_keys, emulated=False)
+            apis[name] = _Api(options.api_url.rstrip("/"), env_keys)
         elif has_keys:
-            apis[name] = _Api(cls.public_url, env_keys, emulated=False)
+            apis[name] = _Api(cls.public_url, env_keys)
         faults = options.emulator_faults if name == options.provider else []
         if name not in apis:
             emulator = emulator_class(name)
@@ -242,9 +243,9 @@ def _api_endpoints(options: RunOptions, cleanup: ExitStack, out: TextIO) -> dict
                 faults=tuple(parse_fault(f, emulator.FAULTS) for f in faults),
             )
             running = cleanup.enter_context(emulator(config))
-            apis[name] = _Api(running.base_url, dict(running.keys), emulated=True)
+            apis[name] = _Api(running.base_url, dict(running.keys), running)
         api = apis[name]
-        if api.emulated:
+        if api.emulator is not None:
             extra = f", faults: {', '.join(faults)}" if faults else ""
             what = (
                 f"the built-in {emulator.title} EMULATOR at {api.base_url} (not the real API; "
@@ -377,6 +378,24 @@ def _write_results(s3: Any, bucket: str, results: JobResults, out: Path) -> list
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return rows
+
+
+def _write_run_stats(
+    path: Path, functions: dict[str, ProcessFunction], apis: dict[str, _Api], rows: int
+) -> None:
+    """What the run cost in Lambda time and API calls (what `make bench` reports)."""
+    stats = {
+        "rows": rows,
+        "functions": {
+            name: {"invocations": fn.invocations, "billed_seconds": round(fn.billed_s, 3)}
+            for name, fn in functions.items()
+        },
+        "emulators": {name: api.emulator.stats() for name, api in apis.items() if api.emulator is not None},
+    }
+    for api in stats["emulators"].values():  # per-prompt counters are for tests, not for a summary
+        for key in [k for k in api if ":" in k]:
+            del api[key]
+    path.write_text(json.dumps(stats, indent=2), encoding="utf-8")
 
 
 def _print_summary(
