@@ -198,6 +198,7 @@ def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[
             provider: str = "atlascloud",
             also: tuple[str, ...] = (),
             parameters: dict[str, str] | None = None,
+            generator_env: dict[str, str] | None = None,
             **emulator_config: Any,
         ) -> Pipeline:
             emulators = {provider: emulator_factory(provider, *faults, **emulator_config)}
@@ -224,7 +225,9 @@ def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[
                 emulators=emulators,
                 client=client,
                 splitter=InlineFunction(stack.functions["CsvSplitterFunction"], REGION),
-                generator=InlineFunction(stack.functions["ImageGeneratorFunction"], REGION, FAST_POLLS),
+                generator=InlineFunction(
+                    stack.functions["ImageGeneratorFunction"], REGION, {**FAST_POLLS, **(generator_env or {})}
+                ),
             )
 
         yield make

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 
+import boto3
 import pytest
+
+from imagepipe.jobstate import JobState
+from imagepipe_cli.local.event_sources import lambda_sqs_event
 
 # The generator waits on no prediction (budget 0) and polls handed-back ones 1 s later: a generation
 # of 1.5 s always outlives the invocation that submitted it.
@@ -56,7 +60,6 @@ def test_a_redelivered_task_resumes_its_prediction_and_never_submits_again(pipel
     pipeline = pipeline_factory(latency_ms=1500, parameters=HAND_BACK_AT_ONCE)
     pipeline.split("slow.csv", CSV.encode(), job_id="redelivered")
     messages = pipeline.queued_messages()
-    from imagepipe_cli.local.event_sources import lambda_sqs_event
 
     event = lambda_sqs_event(messages, pipeline.stack.queue_mappings[0].queue_arn, "us-east-1")
     assert pipeline.generator.invoke(event) == {"batchItemFailures": []}
@@ -105,7 +108,6 @@ def test_an_exhausted_balance_fails_the_jobs_remaining_rows_fast_without_more_su
     body = "id,prompt\n1,a broke artist\n" + "".join(f"{i},a painting number {i}\n" for i in range(2, 8))
     job = pipeline.split("broke.csv", body.encode(), job_id="broke")["job_id"]
     first, *rest = pipeline.queued_messages()
-    from imagepipe_cli.local.event_sources import lambda_sqs_event
 
     arn = pipeline.stack.queue_mappings[0].queue_arn
     pipeline.generator.invoke(lambda_sqs_event([first], arn, "us-east-1"))
@@ -134,3 +136,57 @@ def test_a_synchronous_provider_makes_the_rows_images(pipeline_factory, provider
     assert row.status == "succeeded" and row.provider == provider
     assert row.cost > 0 and row.model
     assert pipeline.emulator.paid_for("a red kite") == 1
+
+
+# The API accepts the request and its answer never arrives (the emulator's hang fault, a 0.5 s client).
+LOST_ANSWERS = {"HTTP_TIMEOUT_SECONDS": "0.5"}
+
+
+def test_a_submit_whose_answer_was_lost_is_never_resent_and_is_reported(pipeline_factory):
+    # Given Atlas Cloud accepts a submit but its answer never reaches the generator
+    pipeline = pipeline_factory("hang=silent", generator_env=LOST_ANSWERS)
+    job = pipeline.split("l.csv", b"id,prompt\nx,a silent film\ny,a loud band\n", job_id="lost")["job_id"]
+
+    # When the queue is worked off, redeliveries included
+    pipeline.drain_all()
+
+    # Then the row failed with a reason that says why it was not resent; it was submitted exactly once
+    lost, ok = pipeline.results(job).rows
+    assert lost.status == "failed" and lost.error["type"] == "answer_lost"
+    assert "not resent" in lost.error["message"] and lost.answers_lost == 1
+    assert pipeline.emulator.submits_for("a silent film") == 1
+    assert ok.status == "succeeded" and ok.answers_lost == 0
+    assert dead_letters(pipeline) == 0
+
+
+def test_a_synchronous_answer_lost_is_asked_again_and_every_lost_answer_is_counted(pipeline_factory):
+    # Given Qianfan answers a prompt too late for the generator every time (each call may be charged)
+    pipeline = pipeline_factory("hang=late", provider="qianfan", generator_env=LOST_ANSWERS)
+    job = pipeline.split("s.csv", b"id,prompt\nx,a late train\n", job_id="late")["job_id"]
+
+    # When the queue is worked off
+    pipeline.drain_all()
+
+    # Then the call was made once per attempt, and the results count every possibly-charged call
+    (row,) = pipeline.results(job).rows
+    attempts = int(pipeline.stack.parameters["TaskMaxReceiveCount"])
+    assert row.status == "failed" and row.error["type"] == "timeout"
+    assert row.answers_lost == attempts
+    assert pipeline.emulator.paid_for("a late train") == attempts
+
+
+def test_a_task_another_delivery_is_working_on_is_not_called_twice(pipeline_factory):
+    # Given a task whose API call another delivery has claimed a moment ago
+    pipeline = pipeline_factory(provider="qianfan")
+    pipeline.split("c.csv", b"id,prompt\nx,a busy bee\n", job_id="busy")
+    table = boto3.resource("dynamodb", region_name="us-east-1").Table(pipeline.stack.outputs["JobsTableName"])
+    assert JobState(table).claim("busy", "x", "qianfan")
+
+    # When this delivery arrives
+    (message,) = pipeline.queued_messages()
+    event = lambda_sqs_event([message], pipeline.stack.queue_mappings[0].queue_arn, "us-east-1")
+    response = pipeline.generator.invoke(event)
+
+    # Then it goes back to the queue for later, and the API was not called
+    assert response == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    assert pipeline.emulator.stats().get("requests", 0) == 0

@@ -102,3 +102,37 @@ def test_an_id_that_is_not_utf8_is_rejected_and_the_job_still_completes(pipeline
     assert (job["status"], job["queued"], job["rejected"]) == ("split", 1, 1)
     rows = pipeline.results(job["job_id"]).rows
     assert rows[1].status == "rejected" and "not valid UTF-8" in rows[1].error["message"]
+
+
+def test_a_row_its_provider_cannot_serve_is_rejected_before_any_paid_call(pipeline_factory):
+    # Given a stack with keys for Atlas Cloud and Qianfan only
+    pipeline = pipeline_factory(also=("qianfan",))
+    body = (
+        "id,prompt,provider,width,height,n,negative_prompt,params\n"
+        "ok,a calm lake,atlascloud,1024,1024,,,\n"
+        "size,a calm lake,atlascloud,640,480,,,\n"
+        "field,a calm lake,atlascloud,1024,1024,,blurry,\n"
+        "many,a calm lake,qianfan,1024,1024,5,,\n"
+        "nokey,a calm lake,openai,1024,1024,,,\n"
+        "who,a calm lake,midjourney,1024,1024,,,\n"
+        'params,a calm lake,qianfan,1024,1024,,,"{""prompt"": ""x""}"\n'
+        'good-params,a calm lake,qianfan,1024,1024,,,"{""style"": ""vivid""}"\n'
+    )
+
+    # When it is split
+    job = pipeline.split("inbox/providers.csv", body.encode())
+
+    # Then only what the providers can serve is queued; each other row says why, before anything is paid
+    queued = {json.loads(m["Body"])["row_id"]: json.loads(m["Body"]) for m in pipeline.queued_messages()}
+    assert set(queued) == {"ok", "good-params"}
+    assert queued["good-params"]["params"] == {"style": "vivid"}
+    reasons = {
+        r.id: r.error["message"] for r in pipeline.results(job["job_id"]).rows if r.status == "rejected"
+    }
+    assert "takes only these sizes" in reasons["size"]
+    assert "does not take negative_prompt" in reasons["field"]
+    assert "at most 4 image(s)" in reasons["many"]
+    assert "no API key is configured for openai" in reasons["nokey"] and "OPENAI_API_KEY" in reasons["nokey"]
+    assert "provider 'midjourney' is not one of" in reasons["who"]
+    assert "params cannot set prompt" in reasons["params"]
+    assert sum(e.stats().get("requests", 0) for e in pipeline.emulators.values()) == 0

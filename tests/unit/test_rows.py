@@ -334,11 +334,12 @@ def test_jsonl_objects_with_numbers_and_whole_number_ids_become_tasks():
     results, report = outcomes(data, "jsonl")
 
     # Then every line is a task; numbers are sizes, the numeric id is text
-    assert [(t.row_id, t.width, t.height, t.negative_prompt) for t in results] == [
-        ("sunrise", 1024, 576, ""),
-        ("teapot", 1024, 1024, "text, watermark"),
-        ("7", 1024, 512, ""),
+    assert [(t.row_id, t.width, t.height, t.negative_prompt, t.provider) for t in results] == [
+        ("sunrise", 1376, 768, "", "atlascloud"),
+        ("teapot", 1024, 1024, "text, watermark", "baidu-oauth"),
+        ("7", 1024, 512, "", "atlascloud"),
     ]
+    assert results[1].steps == 30
     assert report.format == "jsonl"
 
 
@@ -426,3 +427,54 @@ def test_the_format_comes_from_the_file_extension_in_any_case(key, fmt):
 def test_another_file_type_is_unreadable_and_says_which_types_work():
     with pytest.raises(InputUnreadable, match=r"'inbox/prompts.txt': use a \.csv or \.jsonl file"):
         format_for_key("inbox/prompts.txt")
+
+
+# --------------------------------------------------------------------------- per-row parameters
+
+
+def test_per_row_parameters_map_onto_the_task():
+    # Given a row that sets every optional column
+    data = (
+        b"id,prompt,provider,model,n,seed,steps,guidance,params\n"
+        b'1,a fox,qianfan,flux.1-schnell,2,42,8,3.5,"{""style"": ""vivid""}"\n'
+        b"2,a hare,,,,,,,\n"
+    )
+
+    # When read
+    (fox, hare), _ = outcomes(data)
+
+    # Then each value is on the task; blank columns fall back to the stack's defaults
+    assert (fox.provider, fox.model, fox.n, fox.seed, fox.steps, fox.guidance, fox.params) == (
+        "qianfan",
+        "flux.1-schnell",
+        2,
+        42,
+        8,
+        3.5,
+        {"style": "vivid"},
+    )
+    assert (hare.provider, hare.model, hare.n, hare.seed, hare.params) == ("atlascloud", None, 1, None, {})
+
+
+@pytest.mark.parametrize(
+    ("columns", "values", "reason"),
+    [
+        ("seed", "-3", "the seed '-3' is not a whole number"),
+        ("seed", "99999999999", "the seed 99999999999 is out of range"),
+        ("steps", "0", "the steps 0 is out of range"),
+        ("n", "11", "the n 11 is out of range"),
+        ("guidance", "lots", "the guidance 'lots' is not a number"),
+        ("guidance", "nan", "out of range"),
+        ("params", '"[1, 2]"', "the params must be a JSON object"),
+        ("params", '"{not json"', "the params must be a JSON object"),
+        ("params", '"{""model"": ""x""}"', "the params cannot set model"),
+        ("provider", "dall-e", "the provider 'dall-e' is not one of"),
+    ],
+)
+def test_a_bad_per_row_parameter_rejects_only_that_row_with_the_reason(columns, values, reason):
+    data = f"id,prompt,{columns}\nbad,a fox,{values}\ngood,a hare,\n".encode()
+
+    (bad, good), _ = outcomes(data)
+
+    assert isinstance(bad, Rejected) and reason in bad.message
+    assert isinstance(good, ImageTask)

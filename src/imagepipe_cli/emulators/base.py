@@ -530,6 +530,8 @@ class _Handler(BaseHTTPRequestHandler):
             chunks, total = [], 0
             while True:
                 size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+                if size < 0:  # int("-1", 16) parses; rfile.read(-1) would then wait for the client to hang up
+                    raise ValueError("negative chunk size")
                 if size == 0:
                     while self.rfile.readline(1024).strip():  # trailers
                         pass
@@ -570,6 +572,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except Exception as exc:  # a bug in the emulator: answer 500 rather than drop the connection
             self.close_connection = True
+            if emulator._server is not self.server:  # stopped mid-request (base_url is gone): client cut off
+                return
             print(
                 f"{emulator.name} emulator: internal error on {self.command} {self.path}: {exc!r}",
                 file=sys.stderr,
