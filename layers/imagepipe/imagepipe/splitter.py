@@ -149,7 +149,8 @@ class RowLog:
     ) -> None:
         line = {"row": row, "id": row_id, "name": name, "status": status, "error": error}
         if task is not None:
-            line.update(provider=task.provider, model=task.model, n=task.n)
+            model = task.model or provider_class(task.provider).default_model
+            line.update(provider=task.provider, model=model, n=task.n)
         # backslashreplace: an id with bytes that are not UTF-8 is still recorded, never a crash.
         self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
         if status == STATUS_REJECTED:
