@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -16,14 +18,18 @@ import pytest
 from aws_lambda_powertools.utilities import parameters
 from moto import mock_aws
 
+from imagepipe.jobstate import JobState
 from imagepipe.providers.baidu_oauth import clear_tokens
-from imagepipe.results import JobResults, collect_results
 from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import SqsPoller
 from imagepipe_cli.local.lambda_runtime import InlineFunction
 from imagepipe_cli.local.stack import LocalStack, deploy_stack
 from imagepipe_cli.local.template import load_template
+
+# Powertools reads these when imagepipe.observability is first imported, which may be at collection.
+os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "imagepipe-tests")
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "template.yaml"
@@ -101,6 +107,7 @@ class Pipeline:
     client: Callable[[str], Any]
     splitter: InlineFunction
     generator: InlineFunction
+    finisher: InlineFunction
 
     @property
     def emulator(self) -> BaseEmulator:
@@ -150,40 +157,82 @@ class Pipeline:
             messages.extend(batch)
         return messages
 
-    def poller(self, **options: Any) -> SqsPoller:
-        (mapping,) = self.stack.queue_mappings
-        return SqsPoller(self.client("sqs"), mapping, self.generator, region=REGION, **options)
+    def mapping(self, function: str = "ImageGeneratorFunction") -> Any:
+        return next(m for m in self.stack.queue_mappings if m.function == function)
+
+    def poller(self, function: str = "ImageGeneratorFunction", **options: Any) -> SqsPoller:
+        handler = {"ImageGeneratorFunction": self.generator, "JobFinisherFunction": self.finisher}[function]
+        return SqsPoller(self.client("sqs"), self.mapping(function), handler, region=REGION, **options)
+
+    @property
+    def state(self) -> JobState:
+        return JobState(
+            boto3.resource("dynamodb", region_name=REGION).Table(self.stack.outputs["JobsTableName"])
+        )
 
     def drain(self, max_polls: int = 200) -> int:
-        """Lambda's poller, one batch at a time, until the queue is empty; failed tasks come back at once."""
-        poller = self.poller(retry_delay_s=0)
+        """Lambda's pollers, one batch at a time, until the queues are empty; failed tasks come back at once."""
+        pollers = [self.poller(retry_delay_s=0), self.poller("JobFinisherFunction", retry_delay_s=0)]
         polls = 0
-        while polls < max_polls and poller.poll_once():
+        while polls < max_polls and sum(p.poll_once() for p in pollers):
             polls += 1
         return polls
 
     def drain_all(self, max_seconds: float = 30.0) -> None:
-        """Lambda's poller until nothing is waiting, in flight or delayed (handed-back predictions come
-        back after their delay, so this waits for them)."""
+        """Lambda's pollers until nothing is waiting, in flight or delayed (handed-back predictions come
+        back after their delay, so this waits for them); the finisher included."""
         import time
 
-        poller = self.poller(retry_delay_s=0)
+        pollers = [self.poller(retry_delay_s=0), self.poller("JobFinisherFunction", retry_delay_s=0)]
         sqs = self.client("sqs")
         deadline = time.monotonic() + max_seconds
         while time.monotonic() < deadline:
-            if poller.poll_once():
+            if sum(p.poll_once() for p in pollers):
                 continue
-            attrs = sqs.get_queue_attributes(
-                QueueUrl=self.tasks_queue,
-                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
-            )["Attributes"]
-            if not any(int(v) for v in attrs.values()):
+            waiting = 0
+            for queue in (self.tasks_queue, self.stack.outputs["FinisherQueueUrl"]):
+                attrs = sqs.get_queue_attributes(
+                    QueueUrl=queue,
+                    AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+                )["Attributes"]
+                waiting += sum(int(v) for v in attrs.values())
+            if not waiting:
                 return
             time.sleep(0.2)
-        raise AssertionError(f"the queue was not drained within {max_seconds} s")
+        raise AssertionError(f"the queues were not drained within {max_seconds} s")
 
-    def results(self, job_id: str) -> JobResults:
-        return collect_results(self.client("s3"), self.output_bucket, job_id, drained=True)
+    def outcome(self, job_id: str, name: str) -> dict:
+        """A finished task's outcome as JobsTable holds it."""
+        return next(o for o in self.state.outcomes(job_id) if o["name"] == name)
+
+    def job(self, job_id: str) -> dict | None:
+        return self.state.job(job_id)
+
+    def results(self, job_id: str) -> Results:
+        """The job's results.jsonl as the finisher wrote it (the queues are worked off first)."""
+        self.drain_all()
+        body = self.client("s3").get_object(Bucket=self.output_bucket, Key=f"jobs/{job_id}/results.jsonl")
+        rows = [Row(**json.loads(line)) for line in body["Body"].read().decode().splitlines()]
+        return Results(job=self.state.job(job_id) or {}, rows=rows)
+
+    def split_rows(self, job_id: str) -> list[Row]:
+        """What the splitter made of each row (rows.jsonl): queued, or rejected with the reason."""
+        body = self.client("s3").get_object(Bucket=self.output_bucket, Key=f"jobs/{job_id}/rows.jsonl")
+        return [Row(**json.loads(line)) for line in body["Body"].read().decode().splitlines()]
+
+
+class Row(SimpleNamespace):
+    """One line of results.jsonl or rows.jsonl, read as attributes (row.status, row.error)."""
+
+
+@dataclass
+class Results:
+    job: dict
+    rows: list[Row]
+
+    @property
+    def status(self) -> str:
+        return self.job.get("status", "")
 
 
 @pytest.fixture
@@ -228,6 +277,7 @@ def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[
                 generator=InlineFunction(
                     stack.functions["ImageGeneratorFunction"], REGION, {**FAST_POLLS, **(generator_env or {})}
                 ),
+                finisher=InlineFunction(stack.functions["JobFinisherFunction"], REGION),
             )
 
         yield make

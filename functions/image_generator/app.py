@@ -57,6 +57,7 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
         options=GeneratorOptions(
             bucket=settings.output_bucket,
             queue_url=settings.tasks_queue_url,
+            finisher_queue_url=settings.finisher_queue_url,
             max_attempts=settings.task_max_receive_count,
             poll_interval_s=settings.poll_interval_seconds,
             poll_delay_s=settings.poll_delay_seconds,
@@ -76,9 +77,13 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     remaining_s = context.get_remaining_time_in_millis() / 1000 - _RESERVE_S
     poll_until = time.time() + max(0.0, min(settings.poll_budget_seconds, remaining_s))
 
-    async def record_handler(record: TaskRecord) -> None:
-        await asyncio.get_running_loop().run_in_executor(_threads, tasks.handle_record, record, poll_until)
+    batch = tasks.batch(poll_until)
 
-    return async_process_partial_response(
+    async def record_handler(record: TaskRecord) -> None:
+        await asyncio.get_running_loop().run_in_executor(_threads, batch.handle_record, record)
+
+    response = async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
+    batch.finish()  # after the rows are recorded: a job whose last row this was goes to the finisher
+    return response

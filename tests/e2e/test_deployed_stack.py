@@ -3,6 +3,7 @@
 IMAGEPIPE_STACK=imagepipe AWS_PROFILE=... pytest tests/e2e/test_deployed_stack.py
 """
 
+import json
 import os
 import time
 import uuid
@@ -10,7 +11,7 @@ import uuid
 import boto3
 import pytest
 
-from imagepipe.results import collect_results
+from imagepipe.jobstate import JOB_FINAL, JobState
 
 from conftest import EXAMPLES
 
@@ -37,10 +38,15 @@ def test_the_brief_csv_is_generated_by_the_deployed_stack(real_aws):
         ExtraArgs={"Metadata": {"job-id": job_id}},
     )  # fmt: skip
 
+    state = JobState(boto3.resource("dynamodb").Table(outputs["JobsTableName"]))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        results = collect_results(s3, outputs["OutputBucketName"], job_id)
-        if results.finished:
+        job = state.job(job_id)
+        if job and job["status"] in JOB_FINAL:
             break
         time.sleep(10)
-    assert [r.status for r in results.rows] == ["succeeded"] * 3
+    assert job and job["status"] == "completed"
+    body = s3.get_object(Bucket=outputs["OutputBucketName"], Key=f"jobs/{job_id}/results.jsonl")[
+        "Body"
+    ].read()
+    assert [json.loads(line)["status"] for line in body.decode().splitlines()] == ["succeeded"] * 3

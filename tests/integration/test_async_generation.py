@@ -4,8 +4,6 @@ dead-letter queue, and the provider's terminal answers taken for what they are."
 
 from __future__ import annotations
 
-import json
-
 import boto3
 import pytest
 
@@ -25,8 +23,9 @@ CSV = (
 
 
 def outcome(pipeline, job_id: str, name: str, status: str) -> dict:
-    key = f"jobs/{job_id}/outcomes/{name}.{status}.json"
-    return json.loads(pipeline.client("s3").get_object(Bucket=pipeline.output_bucket, Key=key)["Body"].read())
+    record = pipeline.outcome(job_id, name)
+    assert record["status"] == status
+    return record
 
 
 def dead_letters(pipeline) -> int:
@@ -61,7 +60,7 @@ def test_a_redelivered_task_resumes_its_prediction_and_never_submits_again(pipel
     pipeline.split("slow.csv", CSV.encode(), job_id="redelivered")
     messages = pipeline.queued_messages()
 
-    event = lambda_sqs_event(messages, pipeline.stack.queue_mappings[0].queue_arn, "us-east-1")
+    event = lambda_sqs_event(messages, pipeline.mapping().queue_arn, "us-east-1")
     assert pipeline.generator.invoke(event) == {"batchItemFailures": []}
     assert pipeline.emulator.stats()["submits"] == 3
 
@@ -109,7 +108,7 @@ def test_an_exhausted_balance_fails_the_jobs_remaining_rows_fast_without_more_su
     job = pipeline.split("broke.csv", body.encode(), job_id="broke")["job_id"]
     first, *rest = pipeline.queued_messages()
 
-    arn = pipeline.stack.queue_mappings[0].queue_arn
+    arn = pipeline.mapping().queue_arn
     pipeline.generator.invoke(lambda_sqs_event([first], arn, "us-east-1"))
     submits_before = pipeline.emulator.stats().get("submits", 0)
 
@@ -184,7 +183,7 @@ def test_a_task_another_delivery_is_working_on_is_not_called_twice(pipeline_fact
 
     # When this delivery arrives
     (message,) = pipeline.queued_messages()
-    event = lambda_sqs_event([message], pipeline.stack.queue_mappings[0].queue_arn, "us-east-1")
+    event = lambda_sqs_event([message], pipeline.mapping().queue_arn, "us-east-1")
     response = pipeline.generator.invoke(event)
 
     # Then it goes back to the queue for later, and the API was not called

@@ -78,11 +78,8 @@ def test_an_api_refusal_is_final_and_recorded_failed_with_the_reason(pipeline_fa
     # Trying again cannot help, so the message is not returned to the queue...
     assert response == {"batchItemFailures": []}
     # ...and the row's outcome says why it failed
-    record = json.loads(
-        pipeline.client("s3")
-        .get_object(Bucket=pipeline.output_bucket, Key="jobs/spring-campaign/outcomes/1.failed.json")["Body"]
-        .read()
-    )
+    record = pipeline.outcome("spring-campaign", "1")
+    assert record["status"] == "failed"
     assert record["error"]["type"] == "moderation"
     assert "content moderation" in record["error"]["message"]
 
@@ -96,13 +93,10 @@ def test_the_last_failed_attempt_records_the_failure_and_still_returns_the_messa
 
     # Then SQS gets it back (so it moves to the DLQ) and the failure is already on record
     assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][2]["messageId"]}]}
-    s3 = pipeline.client("s3")
-    record = json.loads(
-        s3.get_object(Bucket=pipeline.output_bucket, Key="jobs/spring-campaign/outcomes/3.failed.json")[
-            "Body"
-        ].read()
+    record = pipeline.outcome("spring-campaign", "3")
+    assert (
+        record["status"] == "failed" and record["attempt"] == 3 and "HTTP 500" in record["error"]["message"]
     )
-    assert record["attempt"] == 3 and "HTTP 500" in record["error"]["message"]
 
 
 def test_a_message_that_is_not_a_task_fails_alone(pipeline):

@@ -3,8 +3,6 @@ results read back from the stack, including retries and the dead-letter queue.""
 
 import json
 
-from conftest import EXAMPLES
-
 
 def test_every_row_ends_succeeded_failed_or_rejected_with_a_reason(pipeline_factory):
     # Given one refused prompt, one that always errors, one bad row and two good rows
@@ -31,9 +29,9 @@ def test_every_row_ends_succeeded_failed_or_rejected_with_a_reason(pipeline_fact
         ("dlq", "failed"),
         ("ok2", "succeeded"),
     ]
-    assert results.finished
+    assert results.status == "completed_with_failures"
     by_id = {r.id: r for r in results.rows}
-    assert by_id["ok1"].images == [f"jobs/{job['job_id']}/images/ok1.png"]
+    assert by_id["ok1"].images == ["images/ok1.png"]
     assert "HTTP 500" in by_id["dlq"].error["message"]
 
 
@@ -62,14 +60,3 @@ def test_a_partial_batch_failure_retries_only_the_failed_message(pipeline_factor
     # Then the two good tasks were generated once each and the flaky one twice; all succeeded
     assert pipeline.emulator.stats()["submits"] == 4
     assert [r.status for r in pipeline.results(job["job_id"]).rows] == ["succeeded"] * 3
-
-
-def test_a_queued_task_with_no_outcome_is_reported_lost_not_left_out(pipeline):
-    # Given a split job whose tasks vanish before any generator sees them
-    job = pipeline.split("inbox/prompts.csv", (EXAMPLES / "prompts.csv").read_bytes())
-    pipeline.client("sqs").purge_queue(QueueUrl=pipeline.tasks_queue)
-
-    results = pipeline.results(job["job_id"])
-
-    assert [r.status for r in results.rows] == ["failed"] * 3
-    assert all(r.error["type"] == "lost" for r in results.rows)

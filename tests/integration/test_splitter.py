@@ -35,7 +35,7 @@ def test_a_bad_row_is_rejected_with_its_reason_and_the_others_are_queued(pipelin
 
     # Then a, c are queued; b, d are recorded as rejected with a reason a person can act on
     assert sorted(json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()) == ["a", "c"]
-    results = {r.id: r for r in pipeline.results(job["job_id"]).rows}
+    results = {r.id: r for r in pipeline.split_rows(job["job_id"])}
     assert results["b"].status == "rejected"
     assert "width 99999 is out of range" in results["b"].error["message"]
     assert results["d"].status == "rejected" and results["d"].error["message"] == "the prompt is empty"
@@ -51,7 +51,9 @@ def test_the_uploader_can_name_the_job_and_the_manifest_records_the_counts(pipel
         .read()
     )
     assert job["job_id"] == "campaign-42"
-    assert manifest["status"] == "split" and manifest["rows"] == 3 and manifest["queued"] == 3
+    assert manifest["status"] == "split" and manifest["total"] == 3 and manifest["queued"] == 3
+    record = pipeline.job("campaign-42")
+    assert (record["status"], record["total"], record["queued"], record["rejected"]) == ("running", 3, 3, 0)
     assert manifest["source"]["key"] == "inbox/prompts.csv"
 
 
@@ -61,6 +63,10 @@ def test_a_file_without_a_prompt_column_is_reported_unreadable_and_queues_nothin
     assert job["status"] == "unreadable"
     assert "no 'prompt' column" in job["error"]["message"]
     assert pipeline.queued_messages() == []
+    # The job still finishes, failed, with the reason (and its completion is announced like any other)
+    results = pipeline.results(job["job_id"])
+    assert results.status == "failed" and results.rows == []
+    assert "no 'prompt' column" in results.job["summary"]["error"]["message"]
 
 
 def test_jsonl_rows_are_split_like_csv_rows_each_to_its_provider(pipeline_factory):
@@ -126,9 +132,7 @@ def test_a_row_its_provider_cannot_serve_is_rejected_before_any_paid_call(pipeli
     queued = {json.loads(m["Body"])["row_id"]: json.loads(m["Body"]) for m in pipeline.queued_messages()}
     assert set(queued) == {"ok", "good-params"}
     assert queued["good-params"]["params"] == {"style": "vivid"}
-    reasons = {
-        r.id: r.error["message"] for r in pipeline.results(job["job_id"]).rows if r.status == "rejected"
-    }
+    reasons = {r.id: r.error["message"] for r in pipeline.split_rows(job["job_id"]) if r.status == "rejected"}
     assert "takes only these sizes" in reasons["size"]
     assert "does not take negative_prompt" in reasons["field"]
     assert "at most 4 image(s)" in reasons["many"]

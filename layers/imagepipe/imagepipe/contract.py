@@ -16,6 +16,8 @@ MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
 DEFAULT_SIDE = 1024
 MAX_IMAGES_PER_ROW = 10
 PROVIDER_NAMES = ("atlascloud", "qianfan", "openai", "baidu-oauth")
+# Request fields a row sets through its own columns: its `params` may not set them too.
+RESERVED_PARAMS = ("prompt", "model", "n")
 DEFAULT_PROVIDER = "atlascloud"
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
@@ -61,6 +63,18 @@ class TaskRecord(SqsRecordModel):
     """An SQS record whose body is an ImageTask (Powertools parses and validates it)."""
 
     body: Json[ImageTask]  # type: ignore[assignment]
+
+
+class FinishRequest(BaseModel):
+    """The message on FinisherQueue: this job's last row is done."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+
+
+class FinishRecord(SqsRecordModel):
+    body: Json[FinishRequest]  # type: ignore[assignment]
 
 
 def safe_name(row_id: str) -> str:

@@ -1,4 +1,4 @@
-"""Making the images for one task through its provider and recording its outcome under the job's prefix.
+"""Making the images for one task through its provider and recording its outcome in JobsTable.
 
 At most one paid request per task: the request is claimed in JobsTable before it is sent, an
 asynchronous prediction id is kept before anyone waits on it, and a redelivered task resumes that
@@ -7,6 +7,8 @@ ends goes back to the queue as a new delayed message (so it never counts toward 
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +17,10 @@ from typing import Any
 from aws_lambda_powertools.metrics import MetricUnit
 
 from imagepipe.contract import ImageTask, TaskRecord
-from imagepipe.jobstate import FAILED, FINISHED, SUCCEEDED, JobState, TaskState
-from imagepipe.layout import STATUS_FAILED, STATUS_SUCCEEDED, JobLayout
+from imagepipe.jobstate import CANCELLED, FAILED, FINISHED, SUCCEEDED, JobState, TaskState
+from imagepipe.layout import JobLayout
 from imagepipe.observability import logger, metrics
 from imagepipe.providers import Action, Generation, Pending, Provider, ProviderError
-from imagepipe.records import now_iso, put_json
 
 
 class RetryLater(Exception):
@@ -30,6 +31,7 @@ class RetryLater(Exception):
 class GeneratorOptions:
     bucket: str
     queue_url: str
+    finisher_queue_url: str = ""
     max_attempts: int = 3
     poll_interval_s: float = 2.0
     poll_delay_s: int = 10
@@ -48,16 +50,64 @@ class TaskProcessor:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
 
-    def handle_record(self, record: TaskRecord, poll_until: float) -> None:
-        """Powertools' record handler: returning marks the message done, raising marks it for retry."""
-        self.process(record.body, int(record.attributes.ApproximateReceiveCount), poll_until)
+    def batch(self, poll_until: float) -> Batch:
+        return Batch(self, poll_until)
 
-    def process(self, task: ImageTask, attempt: int, poll_until: float) -> None:
-        run = _Run(self, task, attempt, poll_until)
+    def process(self, task: ImageTask, attempt: int, poll_until: float, batch: Batch | None = None) -> None:
+        run = _Run(self, task, attempt, poll_until, batch or Batch(self, poll_until))
         try:
             run.go()
         except ProviderError as exc:
             run.failed(exc)
+
+
+class Batch:
+    """One invocation's tasks: the job checks (cancelled? budget spent?) read once per job, and the
+    completion check for every job the batch touched, once at its end."""
+
+    def __init__(self, processor: TaskProcessor, poll_until: float) -> None:
+        self.processor, self.poll_until = processor, poll_until
+        self._lock = threading.Lock()
+        self._stops: dict[str, dict[str, str] | None] = {}
+        self.jobs: set[str] = set()
+
+    def handle_record(self, record: TaskRecord) -> None:
+        """Powertools' record handler: returning marks the message done, raising marks it for retry."""
+        task = record.body
+        with self._lock:
+            self.jobs.add(task.job_id)
+        self.processor.process(task, int(record.attributes.ApproximateReceiveCount), self.poll_until, self)
+
+    def job_stop(self, job_id: str) -> dict[str, str] | None:
+        """Why the job makes no more paid calls (cancelled, budget spent), read once per invocation."""
+        with self._lock:
+            if job_id in self._stops:
+                return self._stops[job_id]
+        state = self.processor.state
+        job = state.job(job_id) or {}
+        stop = None
+        if job.get("cancel_requested"):
+            stop = {"type": "cancelled", "message": "the job was cancelled before this row was made"}
+        elif job.get("max_cost") is not None:
+            spent, cap = state.counts(job_id).cost, float(job["max_cost"])
+            if spent >= cap:
+                stop = {
+                    "type": "budget",
+                    "message": f"the job's budget of ${cap:g} was spent (${spent:.4f}) before this row was made",
+                }
+        with self._lock:
+            self._stops[job_id] = stop
+        return stop
+
+    def finish(self) -> None:
+        """Hand each job whose last row just finished to the finisher, exactly once."""
+        processor = self.processor
+        for job_id in sorted(self.jobs):
+            if processor.state.start_finishing(job_id):
+                processor.sqs.send_message(
+                    QueueUrl=processor.options.finisher_queue_url, MessageBody=json.dumps({"job_id": job_id})
+                )
+                logger.info("job's last row finished: handed to the finisher", extra={"job_id": job_id})
 
 
 @dataclass
@@ -68,6 +118,7 @@ class _Run:
     task: ImageTask
     attempt: int
     poll_until: float
+    batch: Batch
     started: float = 0.0
     claimed: bool = False
 
@@ -85,12 +136,17 @@ class _Run:
         if state is not None and state.status in FINISHED:
             logger.info("task already finished: duplicate delivery ignored", extra=self.log)
             return
-        stop = self.p.state.provider_stop(task.job_id, task.provider)
-        if stop is not None:
-            self.record(STATUS_FAILED, error=stop)
-            return
         self.answers_lost = state.answers_lost if state else 0
         resumed = state is not None and bool(state.prediction_id)
+        if not resumed:  # a prediction already submitted is paid for: it is seen through, whatever happens
+            job_stop = self.batch.job_stop(task.job_id)
+            if job_stop is not None:
+                self.record(CANCELLED, error=job_stop)
+                return
+            stop = self.p.state.provider_stop(task.job_id, task.provider)
+            if stop is not None:
+                self.record(FAILED, error=stop)
+                return
         if state is not None and state.prediction_id:
             outcome: Generation | Pending = Pending(state.prediction_id)
             submitted_at = state.submitted_at or self.started
@@ -189,7 +245,7 @@ class _Run:
         cost = generation.cost
         if cost is None:
             cost = self.p.options.prices.get(self.task.provider, 0.0) * len(keys)
-        self.record(STATUS_SUCCEEDED, images=keys, request_id=generation.request_id, cost=cost)
+        self.record(SUCCEEDED, images=keys, request_id=generation.request_id, cost=cost)
         metrics.add_metric(name="ImagesGenerated", unit=MetricUnit.Count, value=len(keys))
 
     def failed(self, exc: ProviderError) -> None:
@@ -214,7 +270,7 @@ class _Run:
         if exc.retryable and self.attempt < self.p.options.max_attempts:
             logger.warning("image request failed, will retry", extra={**self.log, "error": exc.as_record()})
             raise exc
-        self.record(STATUS_FAILED, error=exc.as_record(), request_id=exc.request_id)
+        self.record(FAILED, error=exc.as_record(), request_id=exc.request_id)
         if exc.retryable:
             raise exc  # out of attempts: SQS moves the message to the dead-letter queue
 
@@ -229,9 +285,9 @@ class _Run:
     ) -> None:
         task = self.task
         outcome = {
+            "name": self.name,
             "id": task.row_id,
             "row": task.row_number,
-            "status": status,
             "images": images or [],
             "error": error,
             "provider": task.provider,
@@ -242,20 +298,16 @@ class _Run:
             "handbacks": task.handbacks,
             "answers_lost": self.answers_lost,
             "seconds": round(self.p.clock() - (task.submitted_at or self.started), 3),
-            "finished_at": now_iso(),
         }
-        # The outcome first, then the state: a crash in between leaves a task that is redone, never a
-        # finished task without an outcome.
-        put_json(self.p.s3, self.p.options.bucket, self.layout.outcome_key(self.name, status), outcome)
-        if not self.p.state.finish(
-            task.job_id, self.name, SUCCEEDED if status == STATUS_SUCCEEDED else FAILED
-        ):
+        if not self.p.state.finish(task.job_id, self.name, status, outcome):
             logger.info("task finished by another delivery", extra=self.log)
             return
-        if status == STATUS_SUCCEEDED:
+        if status == SUCCEEDED:
             logger.info("task succeeded", extra={**self.log, "images": images, "request_id": request_id})
         else:
-            metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
-            logger.error("task failed", extra={**self.log, "error": error})
+            metrics.add_metric(
+                name="TasksFailed" if status == FAILED else "TasksCancelled", unit=MetricUnit.Count, value=1
+            )
+            logger.warning(f"task {status}", extra={**self.log, "error": error})
         if self.answers_lost:
             metrics.add_metric(name="AnswersLost", unit=MetricUnit.Count, value=self.answers_lost)

@@ -1,21 +1,88 @@
-"""Task and job state in JobsTable: who is calling the API for a task, the prediction id it got, whether
-the task is finished, and the per-job flags that stop calls to a provider. Written with conditional
-writes, so duplicate deliveries and concurrent invocations agree on one answer."""
+"""Job and task state in JobsTable: the job record and its counters, who may call the API for a task, the
+prediction id it got, each task's outcome, and the flags that stop a job's calls. Every change is a
+conditional write, so duplicate deliveries and concurrent invocations agree on one answer.
+
+Layout (pk / sk), spread so that no key is hot at 1,000 images/s on one job:
+  JOB#{job}               JOB             the job record (status, totals, budget, source)
+  JOB#{job}               STOP#{provider} a provider that stopped the job's calls (balance, quota, keys)
+  JOB#{job}#{shard}       TASK#{name}     one task: claim, prediction id, outcome
+  JOB#{job}#{shard}       COUNT           that shard's finished tasks and cost (added in the same
+                                          transaction that finishes a task: exact under duplicates)
+  JOBS                    {created}#{job} the list of jobs, newest last
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
+SHARDS = 16
 SUBMITTING, RELEASED, RUNNING = "submitting", "released", "running"
-SUCCEEDED, FAILED = "succeeded", "failed"
-FINISHED = (SUCCEEDED, FAILED)
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+# Job statuses.
+SPLITTING, FINISHING = "splitting", "finishing"
+COMPLETED, COMPLETED_WITH_FAILURES = "completed", "completed_with_failures"
+JOB_FINAL = (COMPLETED, COMPLETED_WITH_FAILURES, FAILED, CANCELLED)
 RECORD_TTL_S = 60 * 24 * 3600  # longer than any job: state outlives every redelivery
+
+
+def shard_of(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8", "surrogatepass")) % SHARDS
+
+
+def _job_key(job_id: str) -> dict[str, str]:
+    return {"pk": f"JOB#{job_id}", "sk": "JOB"}
+
+
+def _stop_key(job_id: str, provider: str) -> dict[str, str]:
+    return {"pk": f"JOB#{job_id}", "sk": f"STOP#{provider}"}
+
+
+def _shard_pk(job_id: str, shard: int) -> str:
+    return f"JOB#{job_id}#{shard:02d}"
+
+
+def _task_key(job_id: str, name: str) -> dict[str, str]:
+    return {"pk": _shard_pk(job_id, shard_of(name)), "sk": f"TASK#{name}"}
+
+
+def _count_key(job_id: str, shard: int) -> dict[str, str]:
+    return {"pk": _shard_pk(job_id, shard), "sk": "COUNT"}
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    if error.get("Code") == "ConditionalCheckFailedException":
+        return True
+    # A transaction reports the failed condition per item.
+    reasons = exc.response.get("CancellationReasons") or []
+    return error.get("Code") == "TransactionCanceledException" and any(
+        r.get("Code") == "ConditionalCheckFailed" for r in reasons
+    )
+
+
+def _num(value: float) -> Decimal:
+    return Decimal(str(round(value, 6)))
+
+
+def plain(value: Any) -> Any:
+    """A DynamoDB item as plain JSON-able Python (Decimal -> int or float)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,25 +104,185 @@ class TaskState:
         )
 
 
-def _task_key(job_id: str, name: str) -> dict[str, str]:
-    # One partition key per task: a busy job spreads over many partitions instead of one hot key.
-    return {"pk": f"TASK#{job_id}#{name}", "sk": "STATE"}
+@dataclass(frozen=True)
+class Counts:
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    cost: float = 0.0
+    answers_lost: int = 0
 
-
-def _stop_key(job_id: str, provider: str) -> dict[str, str]:
-    return {"pk": f"JOB#{job_id}", "sk": f"STOP#{provider}"}
-
-
-def _conditional_failed(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
 
 
 class JobState:
     def __init__(self, table: Any, clock: Callable[[], float] = time.time) -> None:
         self._table, self._clock = table, clock
+        self._client = table.meta.client
 
     def _ttl(self) -> int:
         return int(self._clock()) + RECORD_TTL_S
+
+    def _now(self) -> Decimal:
+        return Decimal(str(round(self._clock(), 3)))
+
+    # ------------------------------------------------------------------ the job record
+
+    def create_job(self, job_id: str, fields: dict[str, Any], *, stale_after_s: float) -> bool:
+        """Start the job's record (status splitting). False when the job exists already - a second
+        delivery of the same upload - unless its split was abandoned (still splitting after
+        stale_after_s: the splitter that held it is gone), which this call then takes over."""
+        now = self._now()
+        item = {**_job_key(job_id), **_dynamo(fields), "job_id": job_id, "status": SPLITTING}
+        item.update(created_at=now, split_started_at=now, expires_at=self._ttl())
+        try:
+            self._table.put_item(
+                Item=item,
+                ConditionExpression="attribute_not_exists(pk) OR (#s = :splitting AND split_started_at < :stale)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":splitting": SPLITTING, ":stale": now - _num(stale_after_s)},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        self._table.put_item(
+            Item={
+                "pk": "JOBS",
+                "sk": f"{fields.get('created_iso', '')}#{job_id}",
+                "job_id": job_id,
+                "expires_at": self._ttl(),
+            }
+        )
+        return True
+
+    def split_done(self, job_id: str, fields: dict[str, Any]) -> None:
+        """The file is split: how many rows, how many queued and rejected (a file that could not be read
+        at all has an error and no rows: the finisher then ends the job failed)."""
+        names, values, sets = {"#s": "status"}, {":status": RUNNING, ":now": self._now()}, []
+        for index, (name, value) in enumerate(_dynamo(fields).items()):
+            names[f"#f{index}"] = name
+            values[f":v{index}"] = value
+            sets.append(f"#f{index} = :v{index}")
+        self._table.update_item(
+            Key=_job_key(job_id),
+            UpdateExpression="SET #s = :status, split_at = :now, " + ", ".join(sets),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        item = self._table.get_item(Key=_job_key(job_id), ConsistentRead=True).get("Item")
+        return plain(item) if item else None
+
+    def counts(self, job_id: str) -> Counts:
+        """The job's finished tasks and cost so far: the sum of its shard counters (one batch read)."""
+        keys = [_count_key(job_id, shard) for shard in range(SHARDS)]
+        items: list[dict[str, Any]] = []
+        request = {self._table.name: {"Keys": keys, "ConsistentRead": True}}
+        while request:
+            answer = self._client.batch_get_item(RequestItems=request)
+            items.extend(answer.get("Responses", {}).get(self._table.name, []))
+            request = answer.get("UnprocessedKeys") or {}
+        total = {"succeeded": 0, "failed": 0, "cancelled": 0, "cost": 0.0, "answers_lost": 0}
+        for item in items:  # the resource's client speaks plain Python values
+            for name in total:
+                value = item.get(name, 0)
+                total[name] += float(value) if name == "cost" else int(value)
+        return Counts(**total)
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask the job to stop: no more paid calls; its rows not yet made end cancelled."""
+        try:
+            self._table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET cancel_requested = :true, cancel_requested_at = :now",
+                ConditionExpression="attribute_exists(pk) AND NOT #s IN (:c1, :c2, :c3, :c4)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":true": True,
+                    ":now": self._now(),
+                    **{f":c{i}": s for i, s in enumerate(JOB_FINAL, start=1)},
+                },
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def recent_jobs(self, limit: int = 20) -> list[str]:
+        answer = self._table.query(
+            KeyConditionExpression=Key("pk").eq("JOBS"), ScanIndexForward=False, Limit=limit
+        )
+        return [item["job_id"] for item in answer.get("Items", [])]
+
+    def start_finishing(self, job_id: str) -> bool:
+        """True for the one caller that sees the job's last row finish (running -> finishing)."""
+        job = self.job(job_id)
+        if not job or job.get("status") != RUNNING:
+            return False
+        if self.counts(job_id).finished < int(job.get("queued", 0)):
+            return False
+        try:
+            self._table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET #s = :finishing, finishing_at = :now",
+                ConditionExpression="#s = :running",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":finishing": FINISHING, ":running": RUNNING, ":now": self._now()},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def complete(self, job_id: str, status: str, fields: dict[str, Any]) -> bool:
+        """finishing -> the final status, once; the completion event is then owed (event_pending)."""
+        names, values, sets = {"#s": "status"}, {":status": status, ":finishing": FINISHING}, []
+        for index, (name, value) in enumerate(_dynamo({**fields, "event_pending": True}).items()):
+            names[f"#f{index}"] = name
+            values[f":v{index}"] = value
+            sets.append(f"#f{index} = :v{index}")
+        try:
+            self._table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET #s = :status, " + ", ".join(sets),
+                ConditionExpression="#s = :finishing",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def event_sent(self, job_id: str) -> None:
+        self._table.update_item(Key=_job_key(job_id), UpdateExpression="REMOVE event_pending")
+
+    def stop_provider(self, job_id: str, provider: str, error: dict[str, str]) -> None:
+        """No more calls to `provider` for this job (its balance ran out, its keys are refused...)."""
+        self._table.put_item(
+            Item={
+                **_stop_key(job_id, provider),
+                "error_type": error["type"],
+                "message": error["message"],
+                "stopped_at": self._now(),
+                "expires_at": self._ttl(),
+            }
+        )
+
+    def provider_stop(self, job_id: str, provider: str) -> dict[str, str] | None:
+        item = self._table.get_item(Key=_stop_key(job_id, provider), ConsistentRead=True).get("Item")
+        if not item:
+            return None
+        return {"type": str(item["error_type"]), "message": str(item["message"])}
+
+    # ------------------------------------------------------------------ tasks
 
     def task(self, job_id: str, name: str) -> TaskState | None:
         item = self._table.get_item(Key=_task_key(job_id, name), ConsistentRead=True).get("Item")
@@ -66,11 +293,10 @@ class JobState:
         record yet, or one whose last request was answered without being accepted (released). `stale`
         retakes a claim whose holder is gone (it sent a request and never recorded the answer): that
         possible second charge is counted on the record."""
-        names = {"#s": "status"}
         values: dict[str, Any] = {
             ":submitting": SUBMITTING,
             ":released": RELEASED,
-            ":now": Decimal(str(round(self._clock(), 3))),
+            ":now": self._now(),
             ":provider": provider,
             ":ttl": self._ttl(),
         }
@@ -86,7 +312,7 @@ class JobState:
                 Key=_task_key(job_id, name),
                 UpdateExpression=update,
                 ConditionExpression=condition,
-                ExpressionAttributeNames=names,
+                ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues=values,
             )
         except ClientError as exc:
@@ -120,28 +346,48 @@ class JobState:
             Key=_task_key(job_id, name),
             UpdateExpression="SET #s = :running, prediction_id = :id, submitted_at = :at",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={
-                ":running": RUNNING,
-                ":id": prediction_id,
-                ":at": Decimal(str(round(submitted_at, 3))),
-            },
+            ExpressionAttributeValues={":running": RUNNING, ":id": prediction_id, ":at": _num(submitted_at)},
         )
 
-    def finish(self, job_id: str, name: str, status: str) -> bool:
-        """Mark the task finished; True for the one caller that did it (a duplicate gets False)."""
+    def finish(self, job_id: str, name: str, status: str, outcome: dict[str, Any]) -> bool:
+        """Record the task's outcome and count it in its shard, in one transaction: True for the one
+        caller that did it; a duplicate delivery gets False and changes nothing."""
+        task_key, shard = _task_key(job_id, name), shard_of(name)
+        fields = _dynamo({**outcome, "status": status, "finished_at": self._clock()})
+        names = {f"#f{i}": k for i, k in enumerate(fields)}
+        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        values.update({":done1": SUCCEEDED, ":done2": FAILED, ":done3": CANCELLED, ":ttl": self._ttl()})
+        names["#s"] = "status"
+        update = "SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))) + ", expires_at = :ttl"
+        counter = {
+            ":one": 1,
+            ":cost": _num(float(outcome.get("cost") or 0.0)),
+            ":lost": int(outcome.get("answers_lost") or 0),
+            ":ttl": self._ttl(),
+        }
         try:
-            self._table.update_item(
-                Key=_task_key(job_id, name),
-                UpdateExpression="SET #s = :status, finished_at = :now, expires_at = :ttl",
-                ConditionExpression="attribute_not_exists(#s) OR NOT #s IN (:succeeded, :failed)",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":status": status,
-                    ":now": Decimal(str(round(self._clock(), 3))),
-                    ":ttl": self._ttl(),
-                    ":succeeded": SUCCEEDED,
-                    ":failed": FAILED,
-                },
+            self._client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": task_key,
+                            "UpdateExpression": update,
+                            "ConditionExpression": "attribute_not_exists(#s) OR NOT #s IN (:done1, :done2, :done3)",
+                            "ExpressionAttributeNames": names,
+                            "ExpressionAttributeValues": values,
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _count_key(job_id, shard),
+                            "UpdateExpression": "ADD #n :one, cost :cost, answers_lost :lost SET expires_at = :ttl",
+                            "ExpressionAttributeNames": {"#n": status},
+                            "ExpressionAttributeValues": counter,
+                        }
+                    },
+                ]
             )
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -149,20 +395,39 @@ class JobState:
             raise
         return True
 
-    def stop_provider(self, job_id: str, provider: str, error: dict[str, str]) -> None:
-        """No more calls to `provider` for this job (its balance ran out, its keys are refused...)."""
-        self._table.put_item(
-            Item={
-                **_stop_key(job_id, provider),
-                "error_type": error["type"],
-                "message": error["message"],
-                "stopped_at": Decimal(str(round(self._clock(), 3))),
-                "expires_at": self._ttl(),
-            }
-        )
+    def outcomes(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every finished task of the job (the shards read side by side), as plain dicts."""
 
-    def provider_stop(self, job_id: str, provider: str) -> dict[str, str] | None:
-        item = self._table.get_item(Key=_stop_key(job_id, provider), ConsistentRead=True).get("Item")
-        if not item:
-            return None
-        return {"type": str(item["error_type"]), "message": str(item["message"])}
+        def shard_items(shard: int) -> list[dict[str, Any]]:
+            items: list[dict[str, Any]] = []
+            query = {
+                "KeyConditionExpression": Key("pk").eq(_shard_pk(job_id, shard))
+                & Key("sk").begins_with("TASK#")
+            }
+            while True:
+                answer = self._table.query(**query)
+                items.extend(plain(i) for i in answer.get("Items", []) if i.get("status") in FINISHED)
+                if "LastEvaluatedKey" not in answer:
+                    return items
+                query["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for items in pool.map(shard_items, range(SHARDS)):
+                yield from items
+
+
+def _dynamo(fields: dict[str, Any]) -> dict[str, Any]:
+    """Values DynamoDB takes: floats as Decimal, None left out."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, float):
+            return _num(value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return {k: convert(v) for k, v in fields.items() if v is not None}

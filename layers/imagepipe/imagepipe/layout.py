@@ -26,6 +26,18 @@ class JobLayout:
         return f"{self.prefix}rows.jsonl"
 
     @property
+    def results_key(self) -> str:
+        return f"{self.prefix}results.jsonl"
+
+    @property
+    def results_csv_key(self) -> str:
+        return f"{self.prefix}results.csv"
+
+    @property
+    def report_key(self) -> str:
+        return f"{self.prefix}report.html"
+
+    @property
     def images_prefix(self) -> str:
         return f"{self.prefix}images/"
 

@@ -18,6 +18,7 @@ from imagepipe.contract import (
     MAX_SIDE,
     MIN_SIDE,
     PROVIDER_NAMES,
+    RESERVED_PARAMS,
     SIDE_STEP,
     ImageTask,
 )
@@ -262,9 +263,6 @@ def to_task(job_id: str, row: RawRow, defaults: RowDefaults | None = None) -> Im
     except ValidationError as exc:  # anything the checks above did not foresee is still this row's problem
         first = exc.errors()[0]
         raise RowRejected(f"the {'.'.join(map(str, first['loc']))} is not valid: {first['msg']}") from None
-
-
-RESERVED_PARAMS = ("prompt", "model", "n")
 
 
 def _params(value: Any) -> dict[str, Any]:

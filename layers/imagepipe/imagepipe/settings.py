@@ -37,11 +37,15 @@ class _Common(_EnvSettings):
 
 
 class SplitterSettings(_Common):
-    pass
+    input_bucket: str | None = None
+    jobs_table: str
+    finisher_queue_url: str
+    default_max_cost: float | None = Field(None, ge=0)
 
 
 class GeneratorSettings(_Common):
     jobs_table: str
+    finisher_queue_url: str
     atlascloud_base_url: str = "https://api.atlascloud.ai"
     qianfan_base_url: str = "https://qianfan.baidubce.com"
     openai_base_url: str = "https://api.openai.com"
@@ -70,6 +74,13 @@ class GeneratorSettings(_Common):
             except ValueError:
                 continue
         return prices
+
+
+class FinisherSettings(_EnvSettings):
+    output_bucket: str
+    jobs_table: str
+    event_bus_name: str = "default"
+    event_source: str = "imagepipe"
 
 
 def read_keys(secret_name: str, *, force: bool = False) -> dict[str, str]:

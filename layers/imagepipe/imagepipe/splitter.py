@@ -13,10 +13,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from imagepipe.contract import JOB_ID_PATTERN, PROVIDER_NAMES, ImageTask, job_stem
+from imagepipe.jobstate import JobState
 from imagepipe.layout import STATUS_REJECTED, JobLayout
 from imagepipe.providers import Keys, provider_class
 from imagepipe.records import now_iso, put_json
 from imagepipe.rows import (
+    KNOWN_COLUMNS,
     InputUnreadable,
     RawRow,
     ReadReport,
@@ -33,10 +35,26 @@ from imagepipe.rows import (
 SQS_BATCH = 10
 READ_CHUNK = 256 * 1024
 MANIFEST_SPLITTING, MANIFEST_SPLIT, MANIFEST_UNREADABLE = "splitting", "split", "unreadable"
+MANIFEST_DUPLICATE = "duplicate"  # the same upload again: its job exists already
 
 
 class SendFailed(Exception):
     """SQS kept refusing some tasks for reasons on its side; the invocation fails and is retried."""
+
+
+@dataclass
+class SplitTarget:
+    """Where a split goes, as the stack configures it."""
+
+    queue_url: str
+    output_bucket: str
+    state: JobState
+    finisher_queue_url: str
+    check: Callable[[ImageTask], str | None] = lambda task: None
+    defaults: RowDefaults = field(default_factory=RowDefaults)
+    default_max_cost: float | None = None
+    # A split still "splitting" after this long was abandoned (the function's Timeout): a retry takes over.
+    stale_after_s: float = 900.0
 
 
 @dataclass
@@ -111,7 +129,6 @@ class TaskSender:
 
 
 RowCheck = Callable[[ImageTask], "str | None"]
-DEFAULTS = RowDefaults()
 
 
 def provider_check(keys: Keys) -> RowCheck:
@@ -146,11 +163,19 @@ class RowLog:
         status: str,
         error: dict | None = None,
         task: ImageTask | None = None,
+        raw: RawRow | None = None,
     ) -> None:
-        line = {"row": row, "id": row_id, "name": name, "status": status, "error": error}
+        line: dict[str, Any] = {"row": row, "id": row_id, "name": name, "status": status, "error": error}
         if task is not None:
             model = task.model or provider_class(task.provider).default_model
-            line.update(provider=task.provider, model=model, n=task.n)
+            line.update(provider=task.provider, model=model, n=task.n, prompt=task.prompt)
+        if raw is not None and raw.values is not None:
+            # The row's own extra columns, echoed back in the results so users can join on them.
+            extra = {k: v for k, v in raw.values.items() if k not in KNOWN_COLUMNS}
+            if extra:
+                line["extra"] = extra
+            if task is None and isinstance(raw.values.get("prompt"), str):
+                line["prompt"] = raw.values["prompt"][:4000]
         # backslashreplace: an id with bytes that are not UTF-8 is still recorded, never a crash.
         self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
         if status == STATUS_REJECTED:
@@ -163,44 +188,62 @@ def split_object(
     *,
     s3: Any,
     sqs: Any,
+    target: SplitTarget,
     bucket: str,
     key: str,
-    queue_url: str,
-    output_bucket: str,
-    check: RowCheck = lambda task: None,
-    defaults: RowDefaults = DEFAULTS,
+    job_id: str | None = None,
+    max_cost: float | None = None,
+    trigger: str = "s3",
 ) -> SplitResult:
+    """Split one object into tasks, once per job: a second delivery of the same upload (same job id)
+    finds the job record and does nothing."""
     obj = s3.get_object(Bucket=bucket, Key=key)
-    job_id = job_id_for(bucket, key, obj.get("ETag", "").strip('"'), obj.get("Metadata", {}))
+    etag = obj.get("ETag", "").strip('"')
+    metadata = obj.get("Metadata", {})
+    job_id = job_id or job_id_for(bucket, key, etag, metadata)
     layout = JobLayout(job_id)
     source = {
         "bucket": bucket,
         "key": key,
-        "etag": obj.get("ETag", "").strip('"'),
+        "etag": etag,
         "size": obj.get("ContentLength"),
+        "trigger": trigger,
     }
+    warnings: list[str] = []
+    if max_cost is None:
+        max_cost = _max_cost(metadata.get("max-cost"), warnings)
+    if max_cost is None:
+        max_cost = target.default_max_cost
     started = now_iso()
+    record = {
+        "source": source,
+        "provider": target.defaults.provider,
+        "model": target.defaults.model,
+        "max_cost": max_cost,
+        "parent_job": metadata.get("parent-job") or None,
+        "created_iso": started,
+        "rows_key": layout.rows_key,
+    }
+    if not target.state.create_job(job_id, record, stale_after_s=target.stale_after_s):
+        return SplitResult(job_id=job_id, status=MANIFEST_DUPLICATE)
     manifest: dict[str, Any] = {
         "job_id": job_id,
         "source": source,
         "status": MANIFEST_SPLITTING,
         "started_at": started,
+        "max_cost": max_cost,
     }
-    put_json(s3, output_bucket, layout.manifest_key, manifest)
+    put_json(s3, target.output_bucket, layout.manifest_key, manifest)
 
     log = RowLog()
-    result = SplitResult(job_id=job_id, status=MANIFEST_SPLIT)
+    result = SplitResult(job_id=job_id, status=MANIFEST_SPLIT, warnings=warnings)
     report = ReadReport()
-
-    def reject(row: int, row_id: str | None, reason: str) -> None:
-        log.write(row, row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason})
-
-    sender = TaskSender(sqs, queue_url, on_rejected=lambda task, reason: _unqueue(log, task, reason))
+    sender = TaskSender(sqs, target.queue_url, on_rejected=lambda task, reason: _unqueue(log, task, reason))
     seen: dict[str, int] = {}
     try:
         fmt = format_for_key(key)
         for raw in read_rows(decode_lines(split_lines(obj["Body"].iter_chunks(READ_CHUNK))), fmt, report):
-            _split_row(raw, job_id, seen, log, reject, sender, check, defaults)
+            _split_row(raw, job_id, seen, log, sender, target)
         sender.flush()
     except InputUnreadable as exc:
         result.status = MANIFEST_UNREADABLE
@@ -208,53 +251,68 @@ def split_object(
 
     log.file.seek(0)
     s3.upload_fileobj(
-        log.file, output_bucket, layout.rows_key, ExtraArgs={"ContentType": "application/x-ndjson"}
+        log.file, target.output_bucket, layout.rows_key, ExtraArgs={"ContentType": "application/x-ndjson"}
     )
     log.file.close()
     result.rows, result.queued, result.rejected = log.queued + log.rejected, log.queued, log.rejected
     if report.ignored_columns:
-        result.warnings.append(f"ignored column(s): {', '.join(report.ignored_columns)}")
-    manifest.update(
-        status=result.status,
-        format=report.format,
-        rows=result.rows,
-        queued=result.queued,
-        rejected=result.rejected,
-        blank_rows=report.blank_rows,
-        warnings=result.warnings,
-        error=result.error,
-        split_at=now_iso(),
-    )
-    put_json(s3, output_bucket, layout.manifest_key, manifest)
+        result.warnings.append(
+            f"extra column(s) echoed back in the results: {', '.join(report.ignored_columns)}"
+        )
+    counts = {
+        "total": result.rows,
+        "queued": result.queued,
+        "rejected": result.rejected,
+        "format": report.format,
+        "blank_rows": report.blank_rows,
+        "warnings": result.warnings,
+        "error": result.error,
+        "split_iso": now_iso(),
+    }
+    manifest.update(status=result.status, **counts)
+    put_json(s3, target.output_bucket, layout.manifest_key, manifest)
+    target.state.split_done(job_id, counts)
+    # Every row may already be done (all rejected, or the generators were quick): then finish here.
+    if target.state.start_finishing(job_id):
+        sqs.send_message(QueueUrl=target.finisher_queue_url, MessageBody=json.dumps({"job_id": job_id}))
     return result
 
 
-def _split_row(
-    raw: RawRow,
-    job_id: str,
-    seen: dict[str, int],
-    log: RowLog,
-    reject,
-    sender: TaskSender,
-    check: RowCheck,
-    defaults: RowDefaults,
-) -> None:
+def _max_cost(text: str | None, warnings: list[str]) -> float | None:
+    if text is None or not text.strip():
+        return None
     try:
-        task = to_task(job_id, raw, defaults)
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        warnings.append(f"max-cost {text!r} is not a number of dollars: the stack's default applies")
+        return None
+    return value
+
+
+def _split_row(
+    raw: RawRow, job_id: str, seen: dict[str, int], log: RowLog, sender: TaskSender, target: SplitTarget
+) -> None:
+    def reject(row_id: str | None, reason: str, task: ImageTask | None = None) -> None:
+        log.write(
+            raw.number, row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason}, task, raw
+        )
+
+    try:
+        task = to_task(job_id, raw, target.defaults)
     except RowRejected as exc:
-        reject(raw.number, row_id_of(raw), str(exc))
+        reject(row_id_of(raw), str(exc))
         return
     first = seen.setdefault(task.row_id, raw.number)
     if first != raw.number:
-        reject(raw.number, task.row_id, f"duplicate id {task.row_id!r}: row {first} already uses it")
+        reject(task.row_id, f"duplicate id {task.row_id!r}: row {first} already uses it")
         return
-    reason = check(task)
+    reason = target.check(task)
     if reason:
-        log.write(
-            raw.number, task.row_id, None, STATUS_REJECTED, {"type": "rejected", "message": reason}, task
-        )
+        reject(task.row_id, reason, task)
         return
-    log.write(raw.number, task.row_id, task.image_name, "queued", task=task)
+    log.write(raw.number, task.row_id, task.image_name, "queued", task=task, raw=raw)
     sender.add(task)
 
 

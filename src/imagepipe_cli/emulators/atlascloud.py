@@ -17,6 +17,7 @@ from imagepipe_cli.emulators.base import (
     WORD,
     WORD_COUNT,
     BaseEmulator,
+    Fault,
     Reply,
     Request,
     Route,
@@ -36,7 +37,6 @@ MAX_N = 4
 MIN_SIDE, MAX_SIDE = 64, 2048
 # An emulator figure for `price`, not Atlas Cloud's: real prices are per model and change.
 PRICE_PER_IMAGE = 0.003
-HANG_S = 30.0
 MODERATION_ERROR_CODE = 1039
 # Predictions are kept in memory; bound them so a long local run cannot grow without limit.
 MAX_PREDICTIONS = 10_000
@@ -85,11 +85,21 @@ class AtlasCloudEmulator(BaseEmulator):
         "sync": WORD,  # the submit answer already carries the outputs, status completed
     }
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {"ATLASCLOUD_API_KEY": "emulator-atlascloud-key"}
+    # `refuse` is not among them: a refused prompt's submit is accepted and the prediction fails.
+    REFUSALS: ClassVar[tuple[str, ...]] = (
+        "stop",
+        "forbidden",
+        "region",
+        "rate-limit",
+        "fail",
+        "error-rate",
+        "flaky",
+        "malformed",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.predictions: OrderedDict[str, Prediction] = OrderedDict()
-        self._stopping = threading.Event()
 
     def routes(self) -> list[Route]:
         return [
@@ -112,24 +122,9 @@ class AtlasCloudEmulator(BaseEmulator):
 
     # ---- counters for tests
 
-    def paid_for(self, prompt: str) -> int:
-        with self.lock:
-            return self.counters["paid:" + prompt]
-
     def submits_for(self, prompt: str) -> int:
         with self.lock:
             return self.counters["submits:" + prompt]
-
-    # ---- lifecycle: a hanging answer ends when the emulator stops
-
-    def start(self) -> AtlasCloudEmulator:
-        self._stopping.clear()
-        super().start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        super().stop()
 
     # ---- handlers
 
@@ -150,20 +145,9 @@ class AtlasCloudEmulator(BaseEmulator):
         model, prompt, n, (width, height) = self._validate(body)
 
         # Every refusal is decided before anything counts as paid.
-        if self.prompt_fault("stop", prompt):
-            raise self.error(402, "insufficient_balance", "Insufficient balance: please top up your account")
-        if self.prompt_fault("forbidden", prompt):
-            raise self.error(403, "forbidden", "Forbidden: this account is not permitted to use this model")
-        if self.prompt_fault("region", prompt):
-            raise self.error(451, "unavailable_for_legal_reasons", "Service is not available in your region")
-        if self.flaky(prompt, "rate-limit") or not self.take_rate_token():
+        if not self.take_rate_token():
             raise self.error(429, "rate_limited", "Too many requests: rate limit exceeded, retry later")
-        if self.prompt_fault("fail", prompt) or self.chance("error-rate"):
-            raise self.error(500, "internal_error", "Internal server error")
-        if self.flaky(prompt):
-            raise self.error(503, "service_unavailable", "Service temporarily unavailable")
-        if self.prompt_fault("malformed", prompt):
-            return self._answer({"status": "created"})  # a 200 that names no prediction
+        self.apply_common_faults(prompt, self._fault_answer)
 
         prediction = Prediction(
             id=uuid.uuid4().hex,
@@ -189,11 +173,8 @@ class AtlasCloudEmulator(BaseEmulator):
             while len(self.predictions) > MAX_PREDICTIONS:
                 self.predictions.popitem(last=False)
         if not prediction.error:  # failed predictions are not billed
-            self.count("paid")
-            self.count("paid:" + prompt)
-
-        if self.prompt_fault("hang", prompt):
-            self._stopping.wait(HANG_S)  # accepted and billed; the answer comes too late for the client
+            self.charge(prompt)
+        self.hang(prompt)  # accepted (and billed); the answer comes too late for the client
         if self.prompt_fault("sync", prompt):
             # A model in sync mode answers when it has finished, with the poll's shape.
             time.sleep(self.config.latency_ms / 1000.0)
@@ -211,6 +192,22 @@ class AtlasCloudEmulator(BaseEmulator):
                 "created_at": prediction.created_iso,
             }
         )
+
+    def _fault_answer(self, kind: str, fault: Fault) -> Reply:
+        """An injected refusal or error in Atlas Cloud's own error shape."""
+        if kind == "stop":
+            return self.error(402, "insufficient_balance", "Insufficient balance: please top up your account")
+        if kind == "forbidden":
+            return self.error(403, "forbidden", "Forbidden: this account is not permitted to use this model")
+        if kind == "region":
+            return self.error(451, "unavailable_for_legal_reasons", "Service is not available in your region")
+        if kind == "rate-limit":
+            return self.error(429, "rate_limited", "Too many requests: rate limit exceeded, retry later")
+        if kind == "flaky":
+            return self.error(503, "service_unavailable", "Service temporarily unavailable")
+        if kind == "malformed":
+            return self._answer({"status": "created"})  # a 200 that names no prediction
+        return self.error(500, "internal_error", "Internal server error")  # fail, error-rate
 
     def _validate(self, body: dict[str, Any]) -> tuple[str, str, int, tuple[int, int]]:
         def bad(message: str) -> Reply:

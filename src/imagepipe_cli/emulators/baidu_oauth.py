@@ -16,6 +16,7 @@ from imagepipe_cli.emulators.base import (
     WORD_COUNT,
     BaseEmulator,
     EmulatorConfig,
+    Fault,
     Reply,
     Request,
     Route,
@@ -68,11 +69,19 @@ class BaiduOAuthEmulator(BaseEmulator):
         "BAIDU_SECRET_KEY": "emulator-secret-key",
     }
     MODELS: ClassVar[frozenset[str]] = frozenset({"sd_xl"})  # legacy endpoints served
+    REFUSALS: ClassVar[tuple[str, ...]] = (
+        "refuse",
+        "stop",
+        "rate-limit",
+        "flaky",
+        "fail",
+        "error-rate",
+        "malformed",
+    )
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         super().__init__(config)
         self.token_ttl_s = 2592000  # Baidu's: 30 days
-        self.hang_s = 30.0
         self._issued: dict[str, _Issued] = {}
         self._epoch = 0
         self._successes = 0
@@ -90,10 +99,6 @@ class BaiduOAuthEmulator(BaseEmulator):
     def baidu_error(self, code: int, message: str, status: int = 200) -> Reply:
         self.count(f"error_code:{code}")
         return Reply(status, {"error_code": code, "error_msg": message})
-
-    def paid_for(self, prompt: str) -> int:
-        with self.lock:
-            return self.counters["paid:" + prompt]
 
     def expire_tokens(self) -> None:
         """Every token issued so far answers 111 from now on (new ones are fine)."""
@@ -219,45 +224,31 @@ class BaiduOAuthEmulator(BaseEmulator):
                 raise bad("model is required and must be a non-empty string")
             if req.get("response_format", "url") not in ("url", "b64_json"):
                 raise bad("response_format must be 'url' or 'b64_json'")
-        self._apply_faults(prompt)
+        self.apply_common_faults(prompt, self._fault_answer)
         return prompt, size[0], size[1], n, req
 
-    def _apply_faults(self, prompt: str) -> None:
-        """Everything that stops a request, decided before it counts as paid."""
-        fault = self.prompt_fault("refuse", prompt)
-        if fault:
-            raise self.baidu_error(
+    def _fault_answer(self, kind: str, fault: Fault) -> Reply:
+        """An injected refusal or error in Baidu v1's own shape (mostly HTTP 200 with an error_code)."""
+        if kind == "refuse":
+            return self.baidu_error(
                 INVALID_PARAM, f"prompt contains sensitive content and was refused (emulator fault {fault})"
             )
-        fault = self.prompt_fault("stop", prompt)
-        if fault:
-            raise self.baidu_error(
+        if kind == "stop":
+            return self.baidu_error(
                 DAILY_LIMIT, f"Open api daily request limit reached (emulator fault {fault})"
             )
-        fault = self.flaky(prompt, "rate-limit")
-        if fault:
-            raise self.baidu_error(QPS_LIMIT, f"Open api qps request limit reached (emulator fault {fault})")
-        fault = self.flaky(prompt)
-        if fault:
-            raise self.baidu_error(UNAVAILABLE, f"Service temporarily unavailable (emulator fault {fault})")
-        fault = self.prompt_fault("fail", prompt) or self.chance("error-rate")
-        if fault:
-            raise self.baidu_error(INTERNAL, f"Internal error (emulator fault {fault})", status=500)
-        fault = self.prompt_fault("malformed", prompt)
-        if fault:
-            raise Reply(200, raw=b"<html><body>upstream says hello</body></html>", content_type="text/html")
+        if kind == "rate-limit":
+            return self.baidu_error(QPS_LIMIT, f"Open api qps request limit reached (emulator fault {fault})")
+        if kind == "flaky":
+            return self.baidu_error(UNAVAILABLE, f"Service temporarily unavailable (emulator fault {fault})")
+        if kind == "malformed":
+            return Reply(200, raw=b"<html><body>upstream says hello</body></html>", content_type="text/html")
+        # fail, error-rate
+        return self.baidu_error(INTERNAL, f"Internal error (emulator fault {fault})", status=500)
 
     def _make(self, prompt: str, width: int, height: int, n: int) -> list[bytes]:
-        self.count("paid")
-        self.count("paid:" + prompt)
-        if self.prompt_fault("hang", prompt):
-            time.sleep(self.hang_s)  # accepted and paid; the client has given up by now
-        if self.config.latency_ms > 0:
-            time.sleep(
-                self.config.latency_ms / 1000.0
-            )  # outside the lock: requests overlap as on the real API
+        self.accept(prompt, n)
         pngs = [render_png(prompt, width, height, i) for i in range(n)]
-        self.count("images", n)
         every = [f.count for f in self.faults("revoke-tokens-every")]
         with self.lock:
             self._successes += 1

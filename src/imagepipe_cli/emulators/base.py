@@ -62,6 +62,17 @@ class Fault:
 
 # Argument shapes a fault kind can take.
 FLAG, WORD, WORD_COUNT, PROBABILITY, COUNT = "", "WORD", "WORD:N", "P", "N"
+# The faults every emulator takes (each answers them in its API's own shape).
+COMMON_FAULTS: dict[str, str] = {
+    "refuse": WORD,  # a content-moderation refusal
+    "fail": WORD,  # a server error
+    "flaky": WORD_COUNT,  # the first N matching requests get "service unavailable"
+    "rate-limit": WORD_COUNT,  # the first N matching requests are rate limited
+    "stop": WORD,  # the account is out of quota / balance
+    "hang": WORD,  # accepted and paid, then the answer comes hang_s late
+    "malformed": WORD,  # a 200 that is not the API's answer
+    "error-rate": PROBABILITY,  # random server errors (seeded)
+}
 
 
 def parse_fault(text: str, kinds: dict[str, str]) -> Fault:
@@ -244,6 +255,18 @@ class BaseEmulator:
     title: ClassVar[str] = "API"  # for people: "Atlas Cloud", "OpenAI Images"
     FAULTS: ClassVar[dict[str, str]] = {}
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {}
+    # The injected faults that refuse a request before it is paid, in the order the API decides them (a
+    # prompt matching two gets the first); apply_common_faults() answers each in the API's own shape.
+    REFUSALS: ClassVar[tuple[str, ...]] = (
+        "stop",
+        "refuse",
+        "fail",
+        "flaky",
+        "rate-limit",
+        "error-rate",
+        "malformed",
+    )
+    hang_s: float = 30.0  # how late a `hang` fault's answer comes (tests may shorten it per emulator)
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.config = config or EmulatorConfig()
@@ -266,6 +289,7 @@ class BaseEmulator:
         self._bucket, self._bucket_at = self._bucket_size, time.monotonic()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()  # ends a `hang` early when the emulator stops
         self._routes = [(set(m.split(",")), re.compile(p), h) for m, p, h in self.routes()]
 
     # ---- what subclasses provide
@@ -327,6 +351,47 @@ class BaseEmulator:
                 self._files.popitem(last=False)
         return f"{self.base_url}{FILES_PREFIX}{file_id}.{extension}"
 
+    def apply_common_faults(self, prompt: str, answer: Callable[[str, Fault], Reply]) -> None:
+        """Raise `answer(kind, fault)` for the first of REFUSALS that fires on this request: a WORD:N fault
+        for its first N matching requests, a P fault by (seeded) chance, a WORD fault whenever the prompt
+        holds its word. Nothing refused here is paid."""
+        for kind in self.REFUSALS:
+            shape = self.FAULTS.get(kind)
+            if shape == WORD_COUNT:
+                fault = self.flaky(prompt, kind)
+            elif shape == PROBABILITY:
+                fault = self.chance(kind)
+            else:
+                fault = self.prompt_fault(kind, prompt)
+            if fault is not None:
+                raise answer(kind, fault)
+
+    def charge(self, prompt: str, images: int = 0) -> None:
+        """Count a request as paid: the API bills it from here on, even if its answer never arrives."""
+        with self.lock:
+            self.counters["paid"] += 1
+            self.counters["paid:" + prompt] += 1
+            if images:
+                self.counters["images"] += images
+
+    def paid_for(self, prompt: str) -> int:
+        with self.lock:
+            return self.counters["paid:" + prompt]
+
+    def hang(self, prompt: str) -> None:
+        """The `hang` fault: an accepted request's answer comes hang_s late, or never when the emulator
+        stops meanwhile (its client is cut off quietly)."""
+        if self.prompt_fault("hang", prompt) and self._stopping.wait(self.hang_s):
+            raise ConnectionAbortedError("emulator stopped during a hang")
+
+    def accept(self, prompt: str, n: int) -> None:
+        """A synchronous request every refusal let through: paid for its n images, then held by a `hang`
+        and by the configured latency (outside the lock: requests overlap as on the API)."""
+        self.charge(prompt, n)
+        self.hang(prompt)
+        if self.config.latency_ms > 0:
+            time.sleep(self.config.latency_ms / 1000.0)
+
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {
@@ -345,6 +410,7 @@ class BaseEmulator:
     def start(self) -> BaseEmulator:
         if self._server is not None:
             return self
+        self._stopping.clear()
         server = _Server((self.config.host, self.config.port), self)
         host, port = server.server_address[:2]
         host = f"[{host}]" if ":" in str(host) else str(host)
@@ -364,6 +430,7 @@ class BaseEmulator:
         server, thread = self._server, self._thread
         if server is None:
             return
+        self._stopping.set()
         self._server = self._thread = None
         server.shutdown()
         server.drop_connections()

@@ -5,19 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import secrets
-import threading
 import time
 from typing import Any, ClassVar
 
 from PIL import Image
 
 from imagepipe_cli.emulators.base import (
+    COMMON_FAULTS,
     FLAG,
-    PROBABILITY,
-    WORD,
-    WORD_COUNT,
     BaseEmulator,
     EmulatorConfig,
+    Fault,
     Reply,
     Request,
     Route,
@@ -68,22 +66,13 @@ class OpenAIEmulator(BaseEmulator):
     name: ClassVar[str] = "openai"
     title: ClassVar[str] = "OpenAI Images"
     FAULTS: ClassVar[dict[str, str]] = {
-        "refuse": WORD,
-        "fail": WORD,
-        "flaky": WORD_COUNT,
-        "rate-limit": WORD_COUNT,
-        "stop": WORD,
-        "hang": WORD,
-        "malformed": WORD,
-        "error-rate": PROBABILITY,
+        **COMMON_FAULTS,
         "url-only": FLAG,  # answer URLs instead of b64_json, as some OpenAI-compatible servers do
     }
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {"OPENAI_API_KEY": "sk-emulator-0000000000000000"}
-    HANG_S: ClassVar[float] = 30.0
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         super().__init__(config)
-        self._stopping = threading.Event()  # ends a `hang` early when the emulator stops
         self.last_body: dict[str, Any] | None = None  # the last generation request, for tests
 
     def routes(self) -> list[Route]:
@@ -97,19 +86,6 @@ class OpenAIEmulator(BaseEmulator):
 
     def api_error(self, status: int, code: str | None, message: str, param: str | None = None) -> Reply:
         return Reply(status, self.error_body(status, code, message, param))
-
-    def paid_for(self, prompt: str) -> int:
-        with self.lock:
-            return self.counters["paid:" + prompt]
-
-    def start(self) -> OpenAIEmulator:
-        self._stopping.clear()
-        super().start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        super().stop()
 
     # ---- the endpoint
 
@@ -132,17 +108,8 @@ class OpenAIEmulator(BaseEmulator):
         model, prompt, n, width, height = self._validate(body)
         if not self.take_rate_token():
             raise self._rate_limited(model)
-        self._faults(prompt, model)
-
-        # Everything that can refuse has been decided: from here the request is paid.
-        with self.lock:
-            self.counters["paid"] += 1
-            self.counters["paid:" + prompt] += 1
-            self.counters["images"] += n
-        if self.prompt_fault("hang", prompt) and self._stopping.wait(self.HANG_S):
-            raise ConnectionAbortedError("emulator stopped during a hang")  # dropped quietly
-        if self.config.latency_ms > 0:
-            time.sleep(self.config.latency_ms / 1000.0)  # outside the lock: requests overlap as on the API
+        self.apply_common_faults(prompt, lambda kind, fault: self._fault_answer(kind, fault, prompt, model))
+        self.accept(prompt, n)  # everything that can refuse has been decided: from here the request is paid
         fmt = body.get("output_format", "png")
         images = [_encode(render_png(prompt, width, height, i), fmt) for i in range(n)]
         if self.faults("url-only"):
@@ -253,43 +220,36 @@ class OpenAIEmulator(BaseEmulator):
             f"per minute (IPM): Limit 5, Used 5, Requested 1. Please try again in 12s.{why}",
         )
 
-    def _faults(self, prompt: str, model: str) -> None:
-        """The injected refusals and errors, each in OpenAI's own error shape; none of them is paid."""
-        if fault := self.prompt_fault("stop", prompt):
-            raise self.api_error(
+    def _fault_answer(self, kind: str, fault: Fault, prompt: str, model: str) -> Reply:
+        """An injected refusal or error in OpenAI's own error shape."""
+        if kind == "stop":
+            return self.api_error(
                 429,
                 "insufficient_quota",
                 "You exceeded your current quota, please check your plan and billing "
                 f"details. (fault {fault})",
             )
-        if fault := self.prompt_fault("refuse", prompt):
-            raise self.api_error(
+        if kind == "refuse":
+            return self.api_error(
                 400,
                 "moderation_blocked",
                 "Your request was rejected by the safety system. If you believe "
                 f"this is an error, contact us at help.openai.com. (fault {fault})",
             )
-        if fault := self.prompt_fault("fail", prompt):
-            raise self.api_error(
-                500,
-                None,
-                f"The server had an error while processing your request. Sorry about that! (fault {fault})",
-            )
-        if fault := self.flaky(prompt):
-            raise self.api_error(
+        if kind == "flaky":
+            return self.api_error(
                 503, None, f"The engine is currently overloaded, please try again later. (fault {fault})"
             )
-        if fault := self.flaky(prompt, "rate-limit"):
-            raise self._rate_limited(model, f" (fault {fault})")
-        if fault := self.chance("error-rate"):
-            raise self.api_error(
-                500,
-                None,
-                f"The server had an error while processing your request. Sorry about that! (fault {fault})",
-            )
-        if self.prompt_fault("malformed", prompt):
+        if kind == "rate-limit":
+            return self._rate_limited(model, f" (fault {fault})")
+        if kind == "malformed":
             # A 200 that is not the API's answer: image entries with neither b64_json nor url.
-            raise Reply(200, {"created": int(time.time()), "data": [{"revised_prompt": prompt}]})
+            return Reply(200, {"created": int(time.time()), "data": [{"revised_prompt": prompt}]})
+        return self.api_error(  # fail, error-rate
+            500,
+            None,
+            f"The server had an error while processing your request. Sorry about that! (fault {fault})",
+        )
 
 
 def _encode(png: bytes, fmt: str) -> bytes:

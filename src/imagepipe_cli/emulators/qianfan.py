@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from typing import Any, ClassVar
 
 from imagepipe_cli.emulators.base import (
-    PROBABILITY,
-    WORD,
-    WORD_COUNT,
+    COMMON_FAULTS,
     BaseEmulator,
     EmulatorConfig,
+    Fault,
     Reply,
     Request,
     Route,
@@ -40,22 +38,11 @@ class QianfanEmulator(BaseEmulator):
 
     name: ClassVar[str] = "qianfan"
     title: ClassVar[str] = "Baidu Qianfan v2"
-    FAULTS: ClassVar[dict[str, str]] = {
-        "refuse": WORD,
-        "fail": WORD,
-        "flaky": WORD_COUNT,
-        "rate-limit": WORD_COUNT,
-        "stop": WORD,
-        "hang": WORD,
-        "malformed": WORD,
-        "error-rate": PROBABILITY,
-    }
+    FAULTS: ClassVar[dict[str, str]] = COMMON_FAULTS
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {"QIANFAN_API_KEY": "bce-v3/ALTAK-emulator/emulator-secret-key"}
-    HANG_S: ClassVar[float] = 30.0
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         super().__init__(config)
-        self._stopping = threading.Event()  # ends a `hang` early when the emulator stops
         self.last_body: dict[str, Any] | None = None  # the last generation request, for tests
 
     def routes(self) -> list[Route]:
@@ -71,19 +58,6 @@ class QianfanEmulator(BaseEmulator):
             error_type = "invalid_request_error"
         return {"error": {"code": code, "message": message, "type": error_type}, "id": _answer_id()}
 
-    def paid_for(self, prompt: str) -> int:
-        with self.lock:
-            return self.counters["paid:" + prompt]
-
-    def start(self) -> QianfanEmulator:
-        self._stopping.clear()
-        super().start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        super().stop()
-
     # ---- the endpoint
 
     def _generate(self, request: Request) -> Any:
@@ -96,17 +70,8 @@ class QianfanEmulator(BaseEmulator):
         model, prompt, n, width, height = self._validate(body)
         if not self.take_rate_token():
             raise self.error(429, "rpm_rate_limit_exceeded", "Rate limit reached for RPM")
-        self._faults(prompt)
-
-        # Everything that can refuse has been decided: from here the request is paid.
-        with self.lock:
-            self.counters["paid"] += 1
-            self.counters["paid:" + prompt] += 1
-            self.counters["images"] += n
-        if self.prompt_fault("hang", prompt) and self._stopping.wait(self.HANG_S):
-            raise ConnectionAbortedError("emulator stopped during a hang")  # dropped quietly
-        if self.config.latency_ms > 0:
-            time.sleep(self.config.latency_ms / 1000.0)  # outside the lock: requests overlap as on the API
+        self.apply_common_faults(prompt, self._fault_answer)
+        self.accept(prompt, n)  # everything that can refuse has been decided: from here the request is paid
         urls = [self.store_file(render_png(prompt, width, height, i)) for i in range(n)]
         return {"id": _answer_id(), "created": int(time.time()), "data": [{"url": url} for url in urls]}
 
@@ -148,28 +113,25 @@ class QianfanEmulator(BaseEmulator):
             raise bad("guidance must be a number")
         return model, prompt, n, width, height
 
-    def _faults(self, prompt: str) -> None:
-        """The injected refusals and errors, each in Qianfan's own error shape; none of them is paid."""
-        if fault := self.prompt_fault("stop", prompt):
+    def _fault_answer(self, kind: str, fault: Fault) -> Reply:
+        """An injected refusal or error in Qianfan's own error shape."""
+        if kind == "stop":
             # Qianfan v2's arrears answer is [NF]: the provider stops on a 402/403 or a code naming
             # arrears/quota, and this is the shape chosen for it.
-            raise self.error(
+            return self.error(
                 403, "account_arrears", f"the account is in arrears: recharge it (fault {fault})"
             )
-        if fault := self.prompt_fault("refuse", prompt):
-            raise self.error(
+        if kind == "refuse":
+            return self.error(
                 400, "invalid_image_genration_prompt", f"the prompt failed content review (fault {fault})"
             )
-        if fault := self.prompt_fault("fail", prompt):
-            raise self.error(500, "internal_error", f"Internal error (fault {fault})")
-        if fault := self.flaky(prompt):
-            raise self.error(503, "service_unavailable", f"Service temporarily unavailable (fault {fault})")
-        if fault := self.flaky(prompt, "rate-limit"):
-            raise self.error(429, "rpm_rate_limit_exceeded", f"Rate limit reached for RPM (fault {fault})")
-        if fault := self.chance("error-rate"):
-            raise self.error(500, "internal_error", f"Internal error (fault {fault})")
-        if self.prompt_fault("malformed", prompt):
+        if kind == "flaky":
+            return self.error(503, "service_unavailable", f"Service temporarily unavailable (fault {fault})")
+        if kind == "rate-limit":
+            return self.error(429, "rpm_rate_limit_exceeded", f"Rate limit reached for RPM (fault {fault})")
+        if kind == "malformed":
             # A 200 that is not the API's answer, as a misbehaving gateway sends.
-            raise Reply(
+            return Reply(
                 200, raw=b"<html><body>upstream answered nothing</body></html>", content_type="text/html"
             )
+        return self.error(500, "internal_error", f"Internal error (fault {fault})")  # fail, error-rate

@@ -22,10 +22,10 @@ import boto3
 from botocore.config import Config
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES, job_stem
-from imagepipe.layout import STATUS_FAILED, STATUS_REJECTED, STATUS_SUCCEEDED
+from imagepipe.jobstate import JOB_FINAL, JobState
+from imagepipe.layout import STATUS_REJECTED, STATUS_SUCCEEDED
 from imagepipe.providers import provider_class
 from imagepipe.records import get_json
-from imagepipe.results import JobResults, collect_results
 from imagepipe.rows import FORMATS
 from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault
@@ -37,6 +37,7 @@ from imagepipe_cli.local.template import Template, load_template
 
 REGION = "us-east-1"
 STACK_NAME = "imagepipe-local"
+GENERATOR = "ImageGeneratorFunction"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
 SPLIT_START_TIMEOUT_S = 120
@@ -66,7 +67,8 @@ class RunOptions:
 @dataclass
 class RunSummary:
     job_id: str
-    results: JobResults
+    job: dict[str, Any]
+    rows: list[dict[str, Any]]
     seconds: float
     exit_code: int
 
@@ -134,8 +136,8 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
                 mapping,
                 functions[mapping.function],
                 region=REGION,
-                batch_size=options.batch_size,
-                concurrency=options.concurrency,
+                batch_size=options.batch_size if mapping.function == GENERATOR else None,
+                concurrency=_concurrency_for(stack, mapping.function, options),
                 retry_delay_s=options.retry_delay_s,
             )
             for mapping in stack.queue_mappings
@@ -153,18 +155,19 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
             ExtraArgs={"Metadata": {"job-id": job_id}},
         )
         progress = _Progress(err, enabled=options.progress)
-        _wait_for_job(stack, s3, sqs, notifications, pollers, job_id, options, progress)
-        results = collect_results(s3, stack.outputs["OutputBucketName"], job_id, drained=True)
+        state = JobState(_resource("dynamodb", moto.url).Table(stack.outputs["JobsTableName"]))
+        job = _wait_for_job(stack, state, sqs, notifications, pollers, job_id, options, progress)
         progress.done()
-        manifest = results.manifest or {}
-        if manifest.get("status") == "unreadable":
-            raise RunError(f"{options.input}: {manifest['error']['message']}")
-        rows = _write_results(s3, stack.outputs["OutputBucketName"], results, options.out)
+        if (job.get("summary") or {}).get("error") or job.get("error"):
+            error = job.get("error") or job["summary"]["error"]
+            raise RunError(f"{options.input}: {error['message']}")
+        rows = _download_results(s3, stack.outputs["OutputBucketName"], job_id, options.out)
         _write_run_stats(logs / "run-stats.json", functions, apis, len(rows))
+        manifest = get_json(s3, stack.outputs["OutputBucketName"], f"jobs/{job_id}/manifest.json") or {}
     seconds = time.monotonic() - started
     code = EXIT_OK if all(r["status"] == STATUS_SUCCEEDED for r in rows) else EXIT_ROWS_FAILED
-    _print_summary(out, job_id, rows, options.out, seconds, manifest)
-    return RunSummary(job_id, results, seconds, code)
+    _print_summary(out, job, rows, options.out, seconds, manifest)
+    return RunSummary(job_id, job, rows, seconds, code)
 
 
 def _check_options(options: RunOptions) -> None:
@@ -266,10 +269,19 @@ def _client_factory(endpoint: str) -> Callable[[str], Any]:
     return lambda name: session.client(name, endpoint_url=endpoint, config=config)
 
 
+def _resource(name: str, endpoint: str) -> Any:
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+    )
+    return session.resource(name, endpoint_url=endpoint)
+
+
 def _concurrency_for(stack: LocalStack, logical_id: str, options: RunOptions) -> int:
     for mapping in stack.queue_mappings:
         if mapping.function == logical_id:
-            return options.concurrency or mapping.max_concurrency
+            if logical_id == GENERATOR:
+                return options.concurrency or mapping.max_concurrency
+            return min(mapping.max_concurrency, 2)  # the finisher: one job at a time is plenty locally
     return 1  # S3-triggered: one file, one invocation at a time is plenty locally
 
 
@@ -288,44 +300,48 @@ def _clear_previous_output(out: Path) -> None:
 
 def _wait_for_job(
     stack: LocalStack,
-    s3: Any,
+    state: JobState,
     sqs: Any,
     notifications: S3Notifications,
     pollers: list[SqsPoller],
     job_id: str,
     options: RunOptions,
     progress: _Progress,
-) -> None:
-    """Until the file is split and no task can still arrive: the tasks queue is empty and no
-    invocation is in flight. (Rows are then counted from the stack's records, not from here.)"""
-    output_bucket = stack.outputs["OutputBucketName"]
-    manifest_key = f"jobs/{job_id}/manifest.json"
+) -> dict[str, Any]:
+    """Until the job's record says it is finished and its completion event is out - what a user of the
+    deployed stack waits for. If every queue is empty and nothing is in flight while rows are still
+    without an outcome, the job cannot finish: say so instead of waiting forever."""
     started = time.monotonic()
     deadline = started + options.timeout_s
-    manifest: dict | None = None
     quiet_checks = 0
     while time.monotonic() < deadline:
-        if manifest is None and time.monotonic() - started > SPLIT_START_TIMEOUT_S:
-            raise RunError(
-                f"the upload did not start a job within {SPLIT_START_TIMEOUT_S} s (see {options.out}/logs)"
-            )
         for delivery in notifications.poll_once():
             if delivery.error:
                 raise RunError(
                     f"the splitter failed 3 times on the upload: {delivery.error} (see {options.out}/logs)"
                 )
-        if manifest is None or manifest.get("status") == "splitting":
-            manifest = get_json(s3, output_bucket, manifest_key)
         for poller in pollers:
             if poller.stats.fatal:
                 raise RunError(f"the queue poller stopped: {poller.stats.fatal} (see {options.out}/logs)")
-        done = sum(p.stats.deleted for p in pollers)
-        progress.show(manifest, done, sum(p.stats.returned for p in pollers))
-        if manifest and manifest.get("status") != "splitting":
+        job = state.job(job_id)
+        if job is None:
+            if time.monotonic() - started > SPLIT_START_TIMEOUT_S:
+                raise RunError(
+                    f"the upload did not start a job within {SPLIT_START_TIMEOUT_S} s (see {options.out}/logs)"
+                )
+        elif job["status"] in JOB_FINAL and not job.get("event_pending"):
+            return job
+        else:
+            counts = state.counts(job_id)
+            progress.show(job, counts.finished, counts.cost, sum(p.stats.returned for p in pollers))
             # Two quiet checks in a row: a message can be between receive and invoke for an instant.
-            quiet_checks = quiet_checks + 1 if _drained(sqs, stack) else 0
-            if quiet_checks >= 2:
-                return
+            quiet_checks = quiet_checks + 1 if job["status"] == "running" and _drained(sqs, stack) else 0
+            if quiet_checks >= 8:
+                missing = int(job.get("queued", 0)) - counts.finished
+                raise RunError(
+                    f"the job cannot finish: {missing} row(s) have no outcome and nothing is left to run "
+                    f"(they are in the dead-letter queue; see {options.out}/logs)"
+                )
         time.sleep(0.25)
     raise RunError(f"the job did not finish within {options.timeout_s:.0f} s")
 
@@ -347,36 +363,20 @@ def _drained(sqs: Any, stack: LocalStack) -> bool:
     return True
 
 
-def _write_results(s3: Any, bucket: str, results: JobResults, out: Path) -> list[dict[str, Any]]:
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    downloads = [key for row in results.rows for key in row.images]
+def _download_results(s3: Any, bucket: str, job_id: str, out: Path) -> list[dict[str, Any]]:
+    """The job's results files and images, as `imagepipe results` fetches them from a deployed stack."""
+    prefix = f"jobs/{job_id}/"
+    for name in ("results.jsonl", "results.csv", "report.html", "manifest.json"):
+        s3.download_file(bucket, prefix + name, str(out / name))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    images = [path for row in rows for path in row["images"]]
+    (out / "images").mkdir(parents=True, exist_ok=True)
 
-    def fetch(key: str) -> None:
-        s3.download_file(bucket, key, str(images_dir / key.rsplit("/", 1)[-1]))
+    def fetch(path: str) -> None:
+        s3.download_file(bucket, prefix + path, str(out / path))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(fetch, downloads))
-    rows = [
-        {
-            "id": row.id,
-            "row": row.row,
-            "status": row.status,
-            "images": [f"images/{key.rsplit('/', 1)[-1]}" for key in row.images],
-            "error": row.error,
-            "provider": row.provider,
-            "model": row.model,
-            "request_id": row.request_id,
-            "cost": row.cost,
-            "attempts": row.attempts,
-            "seconds": row.seconds,
-            "answers_lost": row.answers_lost,
-        }
-        for row in results.rows
-    ]
-    with open(out / "results.jsonl", "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        list(pool.map(fetch, images))
     return rows
 
 
@@ -400,26 +400,26 @@ def _write_run_stats(
 
 def _print_summary(
     out: TextIO,
-    job_id: str,
+    job: dict[str, Any],
     rows: list[dict[str, Any]],
     folder: Path,
     seconds: float,
     manifest: dict[str, Any],
 ) -> None:
-    counts = {
-        status: sum(1 for r in rows if r["status"] == status)
-        for status in (STATUS_SUCCEEDED, STATUS_FAILED, STATUS_REJECTED)
-    }
+    summary = job.get("summary") or {}
+    counts = summary.get("counts") or {}
     print(
-        f"job {job_id}: {len(rows)} rows - {counts[STATUS_SUCCEEDED]} succeeded, {counts[STATUS_FAILED]} failed, "
-        f"{counts[STATUS_REJECTED]} rejected in {seconds:.1f} s",
+        f"job {job['job_id']}: {job['status'].replace('_', ' ')} - {len(rows)} rows: "
+        f"{counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
+        f"{counts.get('rejected', 0)} rejected"
+        + (f", {counts['cancelled']} cancelled" if counts.get("cancelled") else "")
+        + f" in {seconds:.1f} s",
         file=out,
     )
-    cost = sum(r["cost"] for r in rows)
     lost = sum(r["answers_lost"] for r in rows)
-    by_provider = sorted({r["provider"] for r in rows if r["provider"]})
+    by_provider = sorted({r["provider"] for r in rows if r["provider"] and r["status"] != STATUS_REJECTED})
     print(
-        f"  cost: ${cost:.4f} ({', '.join(by_provider) or 'no calls'})"
+        f"  cost: ${summary.get('cost', 0.0):.4f} ({', '.join(by_provider) or 'no calls'})"
         + (f"; {lost} request(s) whose answer never arrived (each may have been charged)" if lost else ""),
         file=out,
     )
@@ -431,7 +431,8 @@ def _print_summary(
     if len(problems) > 10:
         print(f"  ... and {len(problems) - 10} more in results.jsonl", file=out)
     print(
-        f"images: {folder / 'images'}   results: {folder / 'results.jsonl'}   logs: {folder / 'logs'}",
+        f"images: {folder / 'images'}   results: {folder / 'results.jsonl'} (and .csv)   "
+        f"report: {folder / 'report.html'}   logs: {folder / 'logs'}",
         file=out,
     )
 
@@ -444,19 +445,21 @@ class _Progress:
         self._last_line = 0.0
         self._line = ""
 
-    def show(self, manifest: dict | None, done: int, retried: int) -> None:
+    def show(self, job: dict | None, done: int, cost: float = 0.0, retried: int = 0) -> None:
         if not self._enabled:
             return
-        queued = manifest.get("queued") if manifest and manifest.get("status") != "splitting" else None
+        queued = job.get("queued") if job and job.get("status") != "splitting" else None
         elapsed = time.monotonic() - self._started
         rate = done / elapsed if elapsed > 0 else 0.0
         if queued:
             width = 30
             filled = int(width * min(done, queued) / queued)
-            line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{queued} tasks"
+            line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{queued} rows"
+            if rate > 0 and done < queued:
+                line += f"  ETA {int((queued - done) / rate)} s"
         else:
-            line = f"splitting the file... {done} tasks done"
-        line += f"  {rate:5.1f}/s" + (f"  {retried} retried" if retried else "")
+            line = f"splitting the file... {done} rows done"
+        line += f"  {rate:5.1f}/s  ${cost:.4f}" + (f"  {retried} retried" if retried else "")
         self._line = line
         if self._tty:
             self._stream.write("\r" + line.ljust(79))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import quote
 
 import httpx
 
-from imagepipe.contract import ImageTask
+from imagepipe.contract import RESERVED_PARAMS, ImageTask
 from imagepipe.providers.base import (
     Action,
     GeneratedImage,
@@ -42,31 +42,23 @@ FIELD_NAMES = {
     "steps": "num_inference_steps",
     "guidance": "guidance_scale",
 }
-# Set by the row's own columns; a params entry may not change what was checked and recorded.
-RESERVED_PARAMS = frozenset({"prompt", "model", "n"})
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What one known model takes, beyond the provider-wide limits."""
-
-    sizes: frozenset[tuple[int, int]]
-    fields: frozenset[str]
-    size_separator: str
-
-
+# Sides divisible by 16 (ERNIE-Image's VAE/patch size); the 256..2048 range and n <= 4 are [NF] for
+# models without limits of their own below.
+LIMITS = Limits(min_side=256, max_side=2048, side_step=16, max_n=4, fields=frozenset(FIELD_NAMES))
 # ERNIE-Image-Turbo on Atlas Cloud: size is "WxH" from a fixed list (ERNIE-Image's resolution presets), and
 # the schema has seed / num_inference_steps / guidance_scale / use_pe but no negative_prompt
 # [3P: captured Atlas Cloud model schema, matching the presets on the Hugging Face model card].
-MODEL_SPECS: dict[str, ModelSpec] = {
-    ERNIE_TURBO: ModelSpec(
+MODEL_LIMITS: dict[str, Limits] = {
+    ERNIE_TURBO: replace(
+        LIMITS,
         sizes=frozenset(
             {(1024, 1024), (1376, 768), (1264, 848), (1200, 896), (896, 1200), (848, 1264), (768, 1376)}
         ),
         fields=frozenset({"seed", "steps", "guidance"}),
-        size_separator="x",
     ),
 }
+# How a model's size is written: Atlas Cloud writes most models' sizes "W*H".
+SIZE_SEPARATORS = {ERNIE_TURBO: "x"}
 
 
 class AtlasCloudProvider(Provider):
@@ -77,37 +69,11 @@ class AtlasCloudProvider(Provider):
     asynchronous: ClassVar[bool] = True
     key_names: ClassVar[tuple[str, ...]] = (KEY_NAME,)
     public_url: ClassVar[str] = "https://api.atlascloud.ai"
-    # Sides divisible by 16 (ERNIE-Image's VAE/patch size); the 256..2048 range and n <= 4 are [NF] for
-    # models without a known spec. Known models are narrowed further in check().
-    limits: ClassVar[Limits] = Limits(
-        min_side=256,
-        max_side=2048,
-        side_step=16,
-        max_n=4,
-        fields=frozenset(FIELD_NAMES),
-    )
+    limits: ClassVar[Limits] = LIMITS
 
     @classmethod
-    def check(cls, task: ImageTask) -> str | None:
-        reason = super().check(task)
-        if reason:
-            return reason
-        reserved = sorted(RESERVED_PARAMS & task.params.keys())
-        if reserved:
-            return f"{cls.name} params cannot set {', '.join(reserved)}: use the row's own columns"
-        # The stack's configured model is not known here (no config at split time): rows without a model
-        # are checked against the provider's default model.
-        model = task.model or cls.default_model
-        spec = MODEL_SPECS.get(model)
-        if spec is None:
-            return None
-        if (task.width, task.height) not in spec.sizes:
-            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(spec.sizes))
-            return f"{model} takes only these sizes: {sizes} (not {task.width}x{task.height})"
-        for name in FIELD_NAMES:
-            if getattr(task, name) not in (None, "") and name not in spec.fields:
-                return f"{model} does not take {name}"
-        return None
+    def limits_for(cls, model: str) -> Limits:
+        return MODEL_LIMITS.get(model, LIMITS)
 
     # ------------------------------------------------------------------ the two calls
 
@@ -123,8 +89,7 @@ class AtlasCloudProvider(Provider):
 
     def _body(self, task: ImageTask) -> dict[str, Any]:
         model = self.model_for(task)
-        spec = MODEL_SPECS.get(model)
-        separator = spec.size_separator if spec else "*"  # Atlas Cloud writes most models' sizes "W*H"
+        separator = SIZE_SEPARATORS.get(model, "*")
         body: dict[str, Any] = {
             "model": model,
             "prompt": task.prompt,
@@ -194,11 +159,7 @@ class AtlasCloudProvider(Provider):
     # ------------------------------------------------------------------ shared
 
     def _auth_headers(self) -> dict[str, str]:
-        key = self.keys.get(KEY_NAME)
-        if not key:
-            # REAUTH: run() re-reads the keys once, then stops the job's calls if there is still none.
-            raise ProviderError("auth", f"no {KEY_NAME} is configured", action=Action.REAUTH)
-        return {"Authorization": f"Bearer {key}"}
+        return {"Authorization": f"Bearer {self.api_key()}"}
 
     def _outcome(
         self, prediction_id: str, data: dict[str, Any], response: httpx.Response, payload: dict[str, Any]

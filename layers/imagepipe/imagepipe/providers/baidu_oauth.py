@@ -17,7 +17,6 @@ from imagepipe.providers.base import (
     Action,
     GeneratedImage,
     Generation,
-    Keys,
     Limits,
     Provider,
     ProviderConfig,
@@ -27,6 +26,7 @@ from imagepipe.providers.base import (
     download,
     json_object,
     send,
+    status_kind,
 )
 
 TOKEN_PATH = "/oauth/2.0/token"
@@ -34,7 +34,6 @@ TOKEN_PATH = "/oauth/2.0/token"
 # row's model, else the stack's, else sd_xl. A configured path without it is used as it is.
 DEFAULT_PATH = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/{model}"
 BRIEF_PATH = "/v1/images/generations"  # the brief's (non-existent) shape: model goes in the body
-RESERVED_PARAMS = ("prompt", "model", "n")
 
 # Renew a token this long before the expires_in it came with (capped at half its lifetime).
 TOKEN_REFRESH_MARGIN_S = 300.0
@@ -107,37 +106,6 @@ def clear_tokens() -> None:
     TOKENS.clear()
 
 
-# --------------------------------------------------------------------------- the keys
-
-
-class _KeyPair(Keys):
-    """The provider's Keys, read as a pair. Keys.get() spends a forced re-read on the first name read
-    after refresh(), so a loader without its own cache would give the new API key with the old secret:
-    after a refresh both names are re-read."""
-
-    def __init__(self, keys: Keys) -> None:
-        super().__init__(lambda _force: {})  # never used: every read goes to `keys`
-        self.keys = keys
-        self._reread = False
-        self._reread_lock = threading.Lock()
-
-    def get(self, name: str) -> str:
-        return self.keys.get(name)
-
-    def refresh(self) -> None:
-        with self._reread_lock:
-            self._reread = True
-        self.keys.refresh()
-
-    def pair(self) -> tuple[str, str]:
-        with self._reread_lock:
-            reread, self._reread = self._reread, False
-        api_key = self.keys.get("BAIDU_API_KEY")
-        if reread:
-            self.keys.refresh()
-        return api_key, self.keys.get("BAIDU_SECRET_KEY")
-
-
 # --------------------------------------------------------------------------- the provider
 
 
@@ -159,24 +127,13 @@ class BaiduOAuthProvider(Provider):
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
-        self.keys = self.key_pair = _KeyPair(config.keys)
         self.path = "/" + (config.options.get("path") or DEFAULT_PATH).lstrip("/")
         self.token_url = self.base_url + TOKEN_PATH
-
-    @classmethod
-    def check(cls, task: ImageTask) -> str | None:
-        reason = super().check(task)
-        if reason:
-            return reason
-        reserved = [name for name in RESERVED_PARAMS if name in task.params]
-        if reserved:
-            return f"{cls.name}: params may not set {', '.join(reserved)} (use the row's own columns)"
-        return None
 
     # ---- one task
 
     def start(self, task: ImageTask) -> Generation:
-        api_key, secret_key = self.key_pair.pair()
+        api_key, secret_key = self.keys.get_many(*self.key_names)
         if not api_key or not secret_key:
             raise ProviderError(
                 "auth", "no BAIDU_API_KEY / BAIDU_SECRET_KEY configured for baidu-oauth", action=Action.REAUTH
@@ -344,22 +301,9 @@ def _code_error(code: int, status: int, text: str, request_id: str | None) -> Pr
 
 
 def _status_error(status: int, text: str, request_id: str | None) -> ProviderError:
+    kind, action = status_kind(status)
     message = f"Baidu answered HTTP {status}: {text or 'no message'}"
-
-    def error(kind: str, action: Action) -> ProviderError:
-        return ProviderError(kind, message, action=action, status=status, request_id=request_id)
-
-    if status == 401:
-        return error("auth", Action.REAUTH)
-    if status == 402:
-        return error("quota", Action.STOP_JOB)
-    if status in (403, 451):
-        return error("not_permitted", Action.STOP_JOB)
-    if status == 429:
-        return error("rate_limited", Action.RETRY)
-    if status == 408 or status >= 500:
-        return error("unavailable", Action.RETRY)
-    return error("refused", Action.FAIL_ROW)
+    return ProviderError(kind, message, action=action, status=status, request_id=request_id)
 
 
 def _message(payload: dict[str, Any]) -> str:

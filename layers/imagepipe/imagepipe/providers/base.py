@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from imagepipe.contract import ImageTask
+from imagepipe.contract import RESERVED_PARAMS, ImageTask
 
 
 class Action(StrEnum):
@@ -104,9 +104,15 @@ class Keys:
         self._lock = threading.Lock()
 
     def get(self, name: str) -> str:
+        return self.get_many(name)[0]
+
+    def get_many(self, *names: str) -> tuple[str, ...]:
+        """Several keys from one read, so a re-read after refresh() gives them all fresh (a provider
+        with an API key and a secret never pairs a new one with an old one)."""
         with self._lock:
             force, self._force = self._force, False
-        return str(self._load(force).get(name) or "")
+        values = self._load(force)
+        return tuple(str(values.get(name) or "") for name in names)
 
     def refresh(self) -> None:
         with self._lock:
@@ -134,7 +140,7 @@ class Provider(ABC):
     asynchronous: ClassVar[bool] = False
     key_names: ClassVar[tuple[str, ...]]  # names in the keys secret / local environment
     public_url: ClassVar[str]
-    limits: ClassVar[Limits]
+    limits: ClassVar[Limits]  # provider-wide; limits_for(model) may say more for a model it knows
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -146,26 +152,60 @@ class Provider(ABC):
         return task.model or self.config.model or self.default_model
 
     @classmethod
-    def check(cls, task: ImageTask) -> str | None:
-        """Why this provider cannot serve the task (a reason for the user), or None. No network."""
-        limits = cls.limits
+    def limits_for(cls, model: str) -> Limits:
+        """What `model` takes on this provider: the provider-wide limits unless a provider knows better."""
+        return cls.limits
+
+    @classmethod
+    def check(cls, task: ImageTask, model: str | None = None) -> str | None:
+        """Why this provider cannot serve the task on `model`, as a reason for the user, or None. No
+        network. Without a model: the row's, else the provider's default (the stack's model is not known
+        at split time)."""
+        reserved = [key for key in RESERVED_PARAMS if key in task.params]
+        if reserved:
+            columns = "column" if len(reserved) == 1 else "columns"
+            return f"{cls.name}: params cannot set {', '.join(reserved)} (use the row's own {columns})"
+        model = model or task.model or cls.default_model
+        limits = cls.limits_for(model)
+        who = f"{cls.name} {model}"
+        # A fixed size list says more than "a multiple of 512 from 1024 to 1536": it is named first.
+        if limits.sizes is not None and (task.width, task.height) not in limits.sizes:
+            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(limits.sizes))
+            return f"{who} takes only these sizes: {sizes} (not {task.width}x{task.height})"
         for side, value in (("width", task.width), ("height", task.height)):
             if not limits.min_side <= value <= limits.max_side or value % limits.side_step:
                 return (
-                    f"{cls.name} takes a {side} that is a multiple of {limits.side_step} from "
+                    f"{who} takes a {side} that is a multiple of {limits.side_step} from "
                     f"{limits.min_side} to {limits.max_side}, not {value}"
                 )
-        if limits.sizes is not None and (task.width, task.height) not in limits.sizes:
-            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(limits.sizes))
-            return f"{cls.name} takes only these sizes: {sizes} (not {task.width}x{task.height})"
         if task.n > limits.max_n:
-            return f"{cls.name} makes at most {limits.max_n} image(s) per request, not n={task.n}"
+            return f"{who} makes at most {limits.max_n} image(s) per request, not n={task.n}"
         if len(task.prompt) > limits.max_prompt_chars:
-            return f"{cls.name} takes prompts of at most {limits.max_prompt_chars} characters, not {len(task.prompt)}"
+            return (
+                f"{who} takes prompts of at most {limits.max_prompt_chars} characters, not {len(task.prompt)}"
+            )
         for name in ("seed", "steps", "guidance", "negative_prompt"):
             if getattr(task, name) not in (None, "") and name not in limits.fields:
-                return f"{cls.name} does not take {name}"
+                return f"{who} does not take {name}"
         return None
+
+    def checked_model(self, task: ImageTask) -> str:
+        """The model the task runs on, checked again: the split-time check assumed the provider's default
+        model for a row without one, and the stack's may take less. A row it cannot serve fails unsent."""
+        model = self.model_for(task)
+        reason = self.check(task, model)
+        if reason:
+            raise ProviderError("refused", reason, action=Action.FAIL_ROW)
+        return model
+
+    def api_key(self) -> str:
+        """The provider's one API key. None configured: REAUTH, so run() re-reads the keys once and then
+        stops the job's calls to this provider if there is still none."""
+        name = self.key_names[0]
+        key = self.keys.get(name)
+        if not key:
+            raise ProviderError("auth", f"no {name} is configured", action=Action.REAUTH)
+        return key
 
     def run(self, call: Callable[[], Any]) -> Any:
         """`call`, re-reading the keys once if the provider says they are wrong; a second refusal
@@ -240,6 +280,46 @@ def download(http: httpx.Client, url: str) -> GeneratedImage:
             status=response.status_code,
         )
     return sniff_image(response.content)
+
+
+def images_of(
+    who: str,
+    items: Any,
+    read: Callable[[Any], GeneratedImage],
+    response: httpx.Response,
+    request_id: str | None,
+) -> list[GeneratedImage]:
+    """The images of a successful answer's list of image entries, each read by `read`. An answer with
+    none is a bad response; an entry that cannot be read (a failed download, bad base64) names the answer."""
+    if not isinstance(items, list) or not items:
+        raise ProviderError(
+            "bad_response",
+            f"{who} answered HTTP {response.status_code} without images",
+            action=Action.RETRY,
+            status=response.status_code,
+            request_id=request_id,
+        )
+    try:
+        return [read(item) for item in items]
+    except ProviderError as exc:
+        exc.request_id = exc.request_id or request_id
+        exc.status = exc.status or response.status_code
+        raise
+
+
+def status_kind(status: int) -> tuple[str, Action]:
+    """What an HTTP error status means when nothing more precise in the answer says otherwise."""
+    if status == 401:
+        return "auth", Action.REAUTH
+    if status == 402:
+        return "quota", Action.STOP_JOB
+    if status in (403, 451):  # e.g. an account not verified for a model, an unsupported region
+        return "not_permitted", Action.STOP_JOB
+    if status == 429:
+        return "rate_limited", Action.RETRY
+    if status == 408 or status >= 500:
+        return "unavailable", Action.RETRY
+    return "refused", Action.FAIL_ROW
 
 
 def send(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import httpx
@@ -17,12 +16,13 @@ from imagepipe.providers.base import (
     ProviderError,
     decode_b64,
     download,
+    images_of,
     json_object,
     send,
+    status_kind,
 )
 
 GENERATIONS_PATH = "/v1/images/generations"
-RESERVED_PARAMS = ("prompt", "model", "n")
 GPT_IMAGE_PREFIX = "gpt-image"
 
 # providers.md section 3: gpt-image models take three sizes (or "auto", which a user may set in params),
@@ -45,15 +45,6 @@ QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "bi
 MAX_MESSAGE_CHARS = 300
 
 
-def check_limits(name: str, limits: Limits, task: ImageTask) -> str | None:
-    """The base class's generic check, against one model's limits (it reads only `name` and `limits`)."""
-    return Provider.check.__func__(SimpleNamespace(name=name, limits=limits), task)
-
-
-def limits_for(model: str) -> Limits:
-    return GPT_IMAGE_LIMITS if model.startswith(GPT_IMAGE_PREFIX) else COMPATIBLE_LIMITS
-
-
 class OpenAIProvider(Provider):
     name: ClassVar[str] = "openai"
     default_model: ClassVar[str] = "gpt-image-1"
@@ -63,23 +54,8 @@ class OpenAIProvider(Provider):
     limits: ClassVar[Limits] = GPT_IMAGE_LIMITS
 
     @classmethod
-    def check(cls, task: ImageTask) -> str | None:
-        # A row without a model runs on the stack's model, which a classmethod cannot see: the
-        # provider's default is assumed here, and start() checks again against the real one.
-        return cls.check_model(task, task.model or cls.default_model)
-
-    @classmethod
-    def check_model(cls, task: ImageTask, model: str) -> str | None:
-        """Why `model` on this endpoint cannot serve the task, or None."""
-        for key in RESERVED_PARAMS:
-            if key in task.params:
-                return f"{cls.name}: params may not set {key!r} (it comes from the row's own column)"
-        limits = limits_for(model)
-        # A fixed size list says more than "a multiple of 512 from 1024 to 1536": name it first.
-        if limits.sizes is not None and (task.width, task.height) not in limits.sizes:
-            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(limits.sizes))
-            return f"{cls.name} {model} takes only these sizes: {sizes} (not {task.width}x{task.height})"
-        return check_limits(f"{cls.name} {model}", limits, task)
+    def limits_for(cls, model: str) -> Limits:
+        return GPT_IMAGE_LIMITS if model.startswith(GPT_IMAGE_PREFIX) else COMPATIBLE_LIMITS
 
     def request_body(self, task: ImageTask, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -95,13 +71,8 @@ class OpenAIProvider(Provider):
         return self.run(lambda: self._generate(task))
 
     def _generate(self, task: ImageTask) -> Generation:
-        model = self.model_for(task)
-        reason = self.check_model(task, model)
-        if reason:  # the row was checked against another model than the one it runs on
-            raise ProviderError("refused", reason, action=Action.FAIL_ROW)
-        key = self.keys.get(self.key_names[0])
-        if not key:
-            raise ProviderError("auth", f"no {self.key_names[0]} is configured", action=Action.REAUTH)
+        model = self.checked_model(task)
+        key = self.api_key()
         headers = {"Authorization": f"Bearer {key}"}
         # Optional: which organisation/project a multi-org key bills to.
         if self.config.options.get("organization"):
@@ -119,21 +90,7 @@ class OpenAIProvider(Provider):
         payload = json_object(response)
         if not response.is_success:
             raise self._error(response, payload, request_id, key)
-        data = payload.get("data")
-        if not isinstance(data, list) or not data:
-            raise ProviderError(
-                "bad_response",
-                f"{self.name} answered HTTP {response.status_code} without images",
-                action=Action.RETRY,
-                status=response.status_code,
-                request_id=request_id,
-            )
-        try:
-            images = [self._image(item) for item in data]
-        except ProviderError as exc:  # the answer came but its images did not: name the answer
-            exc.request_id = exc.request_id or request_id
-            exc.status = exc.status or response.status_code
-            raise
+        images = images_of(self.name, payload.get("data"), self._image, response, request_id)
         # OpenAI reports token usage, not a price: turning tokens into money needs a price list that
         # changes, so the cost is left unknown.
         return Generation(images=images, request_id=request_id, cost=None)
@@ -165,15 +122,7 @@ class OpenAIProvider(Provider):
 
         if code in MODERATION_CODES or error_type in MODERATION_CODES:
             return fail("moderation", Action.FAIL_ROW)
-        if status == 401:
-            return fail("auth", Action.REAUTH)
         # insufficient_quota comes as a 429 too: retrying it only burns the job's attempts.
-        if status == 402 or code in QUOTA_CODES or error_type in QUOTA_CODES:
+        if status != 401 and (code in QUOTA_CODES or error_type in QUOTA_CODES):
             return fail("quota", Action.STOP_JOB)
-        if status in (403, 451):  # e.g. an organisation not verified for gpt-image, an unsupported region
-            return fail("not_permitted", Action.STOP_JOB)
-        if status == 429:
-            return fail("rate_limited", Action.RETRY)
-        if status == 408 or status >= 500:
-            return fail("unavailable", Action.RETRY)
-        return fail("refused", Action.FAIL_ROW)
+        return fail(*status_kind(status))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import httpx
@@ -17,13 +16,14 @@ from imagepipe.providers.base import (
     ProviderError,
     decode_b64,
     download,
+    images_of,
     json_object,
     send,
+    status_kind,
 )
 
 GENERATIONS_PATH = "/v2/images/generations"
 IRAG, FLUX = "irag-1.0", "flux.1-schnell"
-RESERVED_PARAMS = ("prompt", "model", "n")
 FLUX_FIELDS = ("steps", "seed", "guidance")
 
 # providers.md section 2. Sides 512..2048 are documented; "a multiple of 8" is [NF] (a safe guess that
@@ -51,11 +51,6 @@ QUOTA_WORDS = ("quota", "arrear", "balance", "overdue", "billing", "payment")
 MAX_MESSAGE_CHARS = 300
 
 
-def check_limits(name: str, limits: Limits, task: ImageTask) -> str | None:
-    """The base class's generic check, against one model's limits (it reads only `name` and `limits`)."""
-    return Provider.check.__func__(SimpleNamespace(name=name, limits=limits), task)
-
-
 class QianfanProvider(Provider):
     name: ClassVar[str] = "qianfan"
     default_model: ClassVar[str] = IRAG
@@ -65,18 +60,8 @@ class QianfanProvider(Provider):
     limits: ClassVar[Limits] = GENERIC_LIMITS
 
     @classmethod
-    def check(cls, task: ImageTask) -> str | None:
-        # A row without a model runs on the stack's model, which a classmethod cannot see: the
-        # provider's default is assumed here, and start() checks again against the real one.
-        return cls.check_model(task, task.model or cls.default_model)
-
-    @classmethod
-    def check_model(cls, task: ImageTask, model: str) -> str | None:
-        """Why `model` on Qianfan cannot serve the task, or None."""
-        for key in RESERVED_PARAMS:
-            if key in task.params:
-                return f"{cls.name}: params may not set {key!r} (it comes from the row's own column)"
-        return check_limits(f"{cls.name} {model}", MODEL_LIMITS.get(model, GENERIC_LIMITS), task)
+    def limits_for(cls, model: str) -> Limits:
+        return MODEL_LIMITS.get(model, GENERIC_LIMITS)
 
     def request_body(self, task: ImageTask, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -94,13 +79,8 @@ class QianfanProvider(Provider):
         return self.run(lambda: self._generate(task))
 
     def _generate(self, task: ImageTask) -> Generation:
-        model = self.model_for(task)
-        reason = self.check_model(task, model)
-        if reason:  # the row was checked against another model than the one it runs on
-            raise ProviderError("refused", reason, action=Action.FAIL_ROW)
-        key = self.keys.get(self.key_names[0])
-        if not key:
-            raise ProviderError("auth", f"no {self.key_names[0]} is configured", action=Action.REAUTH)
+        model = self.checked_model(task)
+        key = self.api_key()
         headers = {"Authorization": f"Bearer {key}"}
         if self.config.options.get("appid"):
             headers["appid"] = self.config.options["appid"]
@@ -115,21 +95,7 @@ class QianfanProvider(Provider):
         request_id = payload.get("id") if isinstance(payload.get("id"), str) else None
         if not response.is_success:
             raise self._error(response, payload, request_id, key)
-        data = payload.get("data")
-        if not isinstance(data, list) or not data:
-            raise ProviderError(
-                "bad_response",
-                f"{self.name} answered HTTP {response.status_code} without images",
-                action=Action.RETRY,
-                status=response.status_code,
-                request_id=request_id,
-            )
-        try:
-            images = [self._image(item) for item in data]
-        except ProviderError as exc:  # the answer came but its images did not: name the answer
-            exc.request_id = exc.request_id or request_id
-            exc.status = exc.status or response.status_code
-            raise
+        images = images_of(self.name, payload.get("data"), self._image, response, request_id)
         return Generation(images=images, request_id=request_id, cost=None)  # Qianfan reports no price
 
     def _image(self, item: Any) -> GeneratedImage:
@@ -157,16 +123,8 @@ class QianfanProvider(Provider):
         lowered = code.lower()
         if code in MODERATION_CODES:
             return fail("moderation", Action.FAIL_ROW)
-        if status == 401:
-            return fail("auth", Action.REAUTH)
-        if status == 429 and "rate_limit" in lowered:
-            return fail("rate_limited", Action.RETRY)
-        if status == 402 or any(word in lowered for word in QUOTA_WORDS):
+        # A code that reads like quota stops the job, unless the status is 401 or a plain rate limit.
+        rate_limited = status == 429 and "rate_limit" in lowered
+        if status != 401 and not rate_limited and any(word in lowered for word in QUOTA_WORDS):
             return fail("quota", Action.STOP_JOB)
-        if status in (403, 451):
-            return fail("not_permitted", Action.STOP_JOB)
-        if status == 429:
-            return fail("rate_limited", Action.RETRY)
-        if status == 408 or status >= 500:
-            return fail("unavailable", Action.RETRY)
-        return fail("refused", Action.FAIL_ROW)
+        return fail(*status_kind(status))
