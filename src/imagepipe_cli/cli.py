@@ -8,9 +8,19 @@ import traceback
 from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
+from imagepipe_cli import jobs
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
-from imagepipe_cli.local.runner import EXIT_USAGE, RunError, RunOptions, default_template, run
+from imagepipe_cli.local.runner import (
+    EXIT_USAGE,
+    RunError,
+    RunOptions,
+    check_stack_options,
+    default_template,
+    run,
+)
+from imagepipe_cli.local.runtime import RuntimeSetupError
+from imagepipe_cli.local.up import DEFAULT_PORT, UpOptions, up
 
 
 def _positive_int(text: str) -> int:
@@ -62,56 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument(
         "--out", type=Path, default=Path("output"), metavar="DIR", help="output folder (default: ./output)"
     )
-    run_cmd.add_argument(
-        "--provider",
-        choices=PROVIDER_NAMES,
-        default=DEFAULT_PROVIDER,
-        help=f"the image API for rows without a provider column (default: {DEFAULT_PROVIDER})",
-    )
-    run_cmd.add_argument(
-        "--api-url",
-        metavar="URL",
-        help="the provider's base URL, without the path (e.g. http://127.0.0.1:8000); keys from its "
-        "environment variables. Default: the public API when its keys are set, else the built-in emulator",
-    )
-    run_cmd.add_argument("--model", metavar="M", help="the model for rows without a model column")
-    run_cmd.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        metavar="N",
-        help="generator invocations in flight (default: GeneratorMaxConcurrency in template.yaml)",
-    )
-    run_cmd.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        metavar="N",
-        help="tasks per generator invocation (default: GeneratorBatchSize in template.yaml)",
-    )
-    run_cmd.add_argument(
-        "--template", type=Path, default=None, help="the SAM template (default: ./template.yaml)"
-    )
-    run_cmd.add_argument(
-        "--emulator-latency-ms",
-        type=_non_negative,
-        default=50.0,
-        metavar="MS",
-        help="emulator: time to make one image (default: 50)",
-    )
-    run_cmd.add_argument(
-        "--emulator-fault",
-        action="append",
-        default=[],
-        metavar="FAULT",
-        help="the provider's emulator: refuse=WORD, fail=WORD, flaky=WORD:N, rate-limit=WORD:N, stop=WORD, "
-        "hang=WORD, malformed=WORD, error-rate=P, and each API's own (see `imagepipe emulator --help`)",
-    )
-    run_cmd.add_argument(
-        "--retry-delay",
-        type=_positive_int,
-        default=1,
-        metavar="S",
-        help="seconds before a failed task is retried (AWS: the queue's visibility timeout)",
-    )
+    _stack_options(run_cmd)
     run_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     emu = commands.add_parser(
@@ -143,7 +104,79 @@ def build_parser() -> argparse.ArgumentParser:
         help="output URLs expire after S seconds",
     )
     emu.add_argument("--fault", action="append", default=[], metavar="FAULT", help="a fault (repeatable)")
+    up_cmd = commands.add_parser(
+        "up",
+        help="keep a local stack running for any AWS client (moto server + the API emulators) until Ctrl-C",
+        description="Start the stack that template.yaml declares on moto server at a fixed port, with the "
+        "functions and the API emulators, and keep it up: upload with `aws --endpoint-url ... s3 cp`, follow "
+        "jobs with AWS_ENDPOINT_URL=... imagepipe status. Ctrl-C stops it.",
+    )
+    up_cmd.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    up_cmd.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".imagepipe"),
+        metavar="DIR",
+        help="logs go here (default: .imagepipe)",
+    )
+    _stack_options(up_cmd)
+    # submit, status, results, cancel, retry, redrive: jobs on a deployed (or `imagepipe up`) stack.
+    jobs.add_parsers(commands)
     return parser
+
+
+def _stack_options(parser: argparse.ArgumentParser) -> None:
+    """How the local stack is set up: the same for `run` and `up`."""
+    parser.add_argument(
+        "--provider",
+        choices=PROVIDER_NAMES,
+        default=DEFAULT_PROVIDER,
+        help=f"the image API for rows without a provider column (default: {DEFAULT_PROVIDER})",
+    )
+    parser.add_argument(
+        "--api-url",
+        metavar="URL",
+        help="the provider's base URL, without the path (e.g. http://127.0.0.1:8000); keys from its "
+        "environment variables. Default: the public API when its keys are set, else the built-in emulator",
+    )
+    parser.add_argument("--model", metavar="M", help="the model for rows without a model column")
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="generator invocations in flight (default: GeneratorMaxConcurrency in template.yaml)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="tasks per generator invocation (default: GeneratorBatchSize in template.yaml)",
+    )
+    parser.add_argument(
+        "--template", type=Path, default=None, help="the SAM template (default: ./template.yaml)"
+    )
+    parser.add_argument(
+        "--emulator-latency-ms",
+        type=_non_negative,
+        default=50.0,
+        metavar="MS",
+        help="emulator: time to make one image (default: 50)",
+    )
+    parser.add_argument(
+        "--emulator-fault",
+        action="append",
+        default=[],
+        metavar="FAULT",
+        help="the provider's emulator: refuse=WORD, fail=WORD, flaky=WORD:N, rate-limit=WORD:N, stop=WORD, "
+        "hang=WORD, malformed=WORD, error-rate=P, and each API's own (see `imagepipe emulator --help`)",
+    )
+    parser.add_argument(
+        "--retry-delay",
+        type=_positive_int,
+        default=1,
+        metavar="S",
+        help="seconds before a failed task is retried (AWS: the queue's visibility timeout)",
+    )
 
 
 def _faults_help() -> str:
@@ -154,8 +187,39 @@ def _faults_help() -> str:
     return "\n".join(lines)
 
 
+def _up(args: argparse.Namespace) -> int:
+    options = UpOptions(
+        template=args.template or default_template(),
+        port=args.port,
+        state_dir=args.state_dir,
+        provider=args.provider,
+        api_url=args.api_url,
+        model=args.model,
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        emulator_latency_ms=args.emulator_latency_ms,
+        emulator_faults=args.emulator_fault,
+        retry_delay_s=args.retry_delay,
+    )
+    try:
+        check_stack_options(options)
+        return up(options)
+    except (RunError, RuntimeSetupError) as exc:
+        print(f"imagepipe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # the port is taken
+        print(f"imagepipe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in jobs.COMMANDS:
+        return jobs.run_command(args)
+    if args.command == "up":
+        return _up(args)
     if args.command == "emulator":
         if args.rate_limit == 0:
             print("imagepipe: error: --rate-limit must be more than 0", file=sys.stderr)

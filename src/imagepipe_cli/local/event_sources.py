@@ -250,3 +250,63 @@ class S3Notifications:
             except FunctionError as exc:
                 delivery.error = str(exc)
         return delivery
+
+
+class EventBridgeRules:
+    """EventBridge -> function, for the stack's rules (the splitter's "Object Created" and "ImageJob
+    Requested"). moto keeps the rules and matches events, but cannot run a Lambda target; so each rule's
+    Lambda target is swapped for an SQS target here, and each event is passed to the function as Lambda would
+    (asynchronously: a failed invocation is tried twice more). `taps` are extra queues that receive the
+    stack's own events (e.g. "ImageJob Completed"), for whoever wants to watch them."""
+
+    def __init__(self, events: Any, sqs: Any, functions: dict[str, Invocable], names: dict[str, str]) -> None:
+        # names: function name (as the stack named it) -> logical id
+        self._events, self._sqs, self._functions, self._names = events, sqs, functions, names
+        self._queues: dict[str, str] = {}  # queue url -> logical id
+
+    def setup(self) -> None:
+        for rule in self._events.list_rules().get("Rules", []):
+            for target in self._events.list_targets_by_rule(Rule=rule["Name"]).get("Targets", []):
+                logical_id = self._names.get(target["Arn"].rsplit(":", 1)[-1])
+                if logical_id is None:
+                    continue
+                url, arn = _queue(self._sqs, f"imagepipe-local-events-{logical_id}")
+                self._queues[url] = logical_id
+                # The queue takes the Lambda target's place: moto fails a PutEvents that matches a rule
+                # with a Lambda target (it cannot run one), as it would try to run the function in Docker.
+                self._events.remove_targets(Rule=rule["Name"], Ids=[target["Id"]])
+                self._events.put_targets(Rule=rule["Name"], Targets=[{"Id": "local-delivery", "Arn": arn}])
+
+    def tap(self, name: str, pattern: dict) -> str:
+        """A queue that receives every event matching `pattern` (returns its URL)."""
+        url, arn = _queue(self._sqs, name)
+        self._events.put_rule(Name=name, EventPattern=json.dumps(pattern), State="ENABLED")
+        self._events.put_targets(Rule=name, Targets=[{"Id": "tap", "Arn": arn}])
+        return url
+
+    def poll_once(self) -> list[Delivery]:
+        deliveries = []
+        for url, logical_id in self._queues.items():
+            messages = self._sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
+                "Messages", []
+            )
+            for message in messages:
+                delivery = Delivery(logical_id, json.loads(message["Body"]))
+                for _ in range(1 + ASYNC_RETRIES):
+                    try:
+                        delivery.result, delivery.error = (
+                            self._functions[logical_id].invoke(delivery.event),
+                            None,
+                        )
+                        break
+                    except FunctionError as exc:
+                        delivery.error = str(exc)
+                deliveries.append(delivery)
+                self._sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        return deliveries
+
+
+def _queue(sqs: Any, name: str) -> tuple[str, str]:
+    url = sqs.create_queue(QueueName=name)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return url, arn

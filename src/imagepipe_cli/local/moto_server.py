@@ -36,6 +36,10 @@ class MotoServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> MotoServer:
+        with socket.socket() as probe:
+            if probe.connect_ex((self.host, self.port)) == 0:
+                # Something already answers there (another `imagepipe up`?): never reuse its state.
+                raise OSError(f"port {self.port} on {self.host} is already in use")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's exit
         self._process = subprocess.Popen(
