@@ -14,7 +14,7 @@ PY312_DIR := $(patsubst %/,%,$(dir $(PY312)))
 AWS_OFFLINE := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=testing \
 	AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 
-.PHONY: demo test lint template build pytest bench clean
+.PHONY: demo test lint template build browser pytest bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imagepipe needs Python 3.11 or newer; found " + sys.version.split()[0] + " (set PYTHON=...)")'
@@ -32,7 +32,14 @@ $(SAM_VENV)/.installed:
 demo: $(BIN)/.installed
 	$(BIN)/imagepipe run examples/prompts.csv --out output
 
-test: lint template build pytest
+test: lint template build browser pytest
+
+# The report test renders report.html in Debian's headless Chromium (installed here if missing; as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the report's browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "chromium could not be installed: the report's browser test will say so and skip"; }
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

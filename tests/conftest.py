@@ -157,6 +157,15 @@ class Pipeline:
             messages.extend(batch)
         return messages
 
+    def new_generator(self) -> InlineFunction:
+        """Another execution environment of the generator (its own module state), for concurrent invocations."""
+        import uuid
+
+        fn = self.stack.functions["ImageGeneratorFunction"]
+        return InlineFunction(
+            fn, REGION, {**FAST_POLLS}, module_name=f"local_generator_{uuid.uuid4().hex[:8]}"
+        )
+
     def mapping(self, function: str = "ImageGeneratorFunction") -> Any:
         return next(m for m in self.stack.queue_mappings if m.function == function)
 

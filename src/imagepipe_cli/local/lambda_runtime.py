@@ -81,12 +81,18 @@ class InlineFunction:
     set for the call (tests: works under moto's in-process mock_aws)."""
 
     def __init__(
-        self, function: DeployedFunction, region: str = "us-east-1", env_overrides: dict | None = None
+        self,
+        function: DeployedFunction,
+        region: str = "us-east-1",
+        env_overrides: dict | None = None,
+        module_name: str | None = None,
     ) -> None:
         self.function, self.region = function, region
         self._env = {**function.env, **(env_overrides or {})}
         self._lock = threading.Lock()
-        self._handler = load_handler(function.code_dir, function.handler, f"local_{function.logical_id}")
+        self._handler = load_handler(
+            function.code_dir, function.handler, module_name or f"local_{function.logical_id}"
+        )
 
     def invoke(self, event: dict) -> Any:
         with self._lock, _environment(self._env):
