@@ -16,7 +16,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 
 import boto3
@@ -41,7 +43,13 @@ def write_csv(path: Path, rows: int, side: int = 1024) -> Path:
     return path
 
 
-def bench_run(rows: int, latency_ms: float, concurrency: int | None, extra: tuple[str, ...] = ()) -> dict:
+def bench_run(
+    rows: int,
+    latency_ms: float,
+    concurrency: int | None,
+    extra: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> dict:
     """Wall time of the whole `imagepipe run` command, start-up included, and its run-stats.json."""
     with tempfile.TemporaryDirectory() as tmp:
         source = write_csv(Path(tmp) / f"bench-{rows}.csv", rows)
@@ -61,7 +69,9 @@ def bench_run(rows: int, latency_ms: float, concurrency: int | None, extra: tupl
             args += ["--concurrency", str(concurrency)]
         args += list(extra)
         started = time.monotonic()
-        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}
+        )
         seconds = time.monotonic() - started
         if done.returncode != 0:
             raise SystemExit(f"imagepipe run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -71,6 +81,183 @@ def bench_run(rows: int, latency_ms: float, concurrency: int | None, extra: tupl
         ok = sum(r["status"] == "succeeded" for r in results)
         stats = json.loads((Path(tmp) / "out" / "logs" / "run-stats.json").read_text())
     return {"rows": rows, "seconds": seconds, "succeeded": ok, "rows_per_s": rows / seconds, "stats": stats}
+
+
+def bench_counters(rows: int) -> dict:
+    """DynamoDB writes of one job, per item and per partition key (counted by the local moto server),
+    scaled to a job making 1,000 images/s. DynamoDB serves about 1,000 writes/s per partition key."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "writes.tsv"
+        run = bench_run(rows, 50.0, None, env={"IMAGEPIPE_DYNAMODB_WRITE_LOG": str(log)})
+        writes = [line.split("\t") for line in log.read_text().splitlines()]
+    images = run["succeeded"]
+    per_item = Counter((pk, sk) for _, pk, sk in writes)
+    per_key = Counter(pk for _, pk, _ in writes)
+    (hot_item, hot_item_writes), (hot_key, hot_key_writes) = (
+        per_item.most_common(1)[0],
+        per_key.most_common(1)[0],
+    )
+    job_record = sum(n for (pk, sk), n in per_item.items() if sk == "JOB")
+    counters = [n for (pk, sk), n in per_item.items() if sk == "COUNT"]
+    scale = 1000 / images
+    return {
+        "rows": rows,
+        "images": images,
+        "writes": len(writes),
+        "writes_per_image": len(writes) / images,
+        "partition_keys": len(per_key),
+        "hottest_item": f"{hot_item[0]} {hot_item[1]}",
+        "hottest_item_writes": hot_item_writes,
+        "hottest_key": hot_key,
+        "hottest_key_writes": hot_key_writes,
+        "job_record_writes": job_record,
+        "counter_items": len(counters),
+        "max_counter_item_writes": max(counters),
+        "at_1000_images_s": {
+            "hottest_item_writes_s": round(hot_item_writes * scale),
+            "hottest_key_writes_s": round(hot_key_writes * scale),
+            "counter_item_writes_s": round(max(counters) * scale),
+            "job_record_writes_per_job": job_record,
+        },
+    }
+
+
+_FINISHER_PROBE = r"""
+import json, sys, time
+from pathlib import Path
+from imagepipe_cli.local.lambda_runtime import load_handler
+handler = load_handler(Path(sys.argv[1]), "app.lambda_handler")
+event = json.loads(sys.stdin.read())
+class Context:
+    function_name = "JobFinisherFunction"; memory_limit_in_mb = 2048; aws_request_id = "bench"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench"
+    def get_remaining_time_in_millis(self): return 900000
+started = time.monotonic()
+result = handler(event, Context())
+print(json.dumps({"seconds": time.monotonic() - started, "result": result}))
+"""
+
+
+def bench_finisher(rows: int) -> dict:
+    """One JobFinisherFunction run on a job of `rows` finished rows (records made up front on moto
+    server): results.jsonl, results.csv, report.html and manifest written, the event published."""
+    from imagepipe.jobstate import SHARDS, shard_of
+
+    template = load_template(ROOT / "template.yaml")
+    with tempfile.TemporaryDirectory() as tmp, MotoServer(Path(tmp) / "moto.log") as moto:
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+
+        def client(name: str):
+            return session.client(name, endpoint_url=moto.url)
+
+        stack = deploy_stack(
+            client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"
+        )
+        table = session.resource("dynamodb", endpoint_url=moto.url).Table(stack.outputs["JobsTableName"])
+        bucket, job = stack.outputs["OutputBucketName"], "bench-finish"
+        lines, started = [], time.monotonic()
+        with table.batch_writer() as batch:
+            for i in range(1, rows + 1):
+                name = f"r{i}"
+                lines.append(
+                    json.dumps(
+                        {
+                            "row": i,
+                            "id": name,
+                            "name": name,
+                            "status": "queued",
+                            "provider": "atlascloud",
+                            "model": "baidu/ERNIE-Image-Turbo/text-to-image",
+                            "prompt": f"product shot {i}",
+                        }
+                    )
+                )
+                batch.put_item(
+                    Item={
+                        "pk": f"JOB#{job}#{shard_of(name):02d}",
+                        "sk": f"TASK#{name}",
+                        "status": "succeeded",
+                        "name": name,
+                        "id": name,
+                        "row": i,
+                        "images": [f"jobs/{job}/images/{name}.png"],
+                        "provider": "atlascloud",
+                        "model": "baidu/ERNIE-Image-Turbo/text-to-image",
+                        "request_id": f"p{i}",
+                        "cost": Decimal("0.003"),
+                        "attempt": 1,
+                        "seconds": Decimal("21.5"),
+                        "answers_lost": 0,
+                    }
+                )
+            for shard in range(SHARDS):
+                batch.put_item(Item={"pk": f"JOB#{job}#{shard:02d}", "sk": "COUNT", "succeeded": 0})
+        client("s3").put_object(Bucket=bucket, Key=f"jobs/{job}/rows.jsonl", Body="\n".join(lines).encode())
+        table.put_item(
+            Item={
+                "pk": f"JOB#{job}",
+                "sk": "JOB",
+                "job_id": job,
+                "status": "finishing",
+                "queued": rows,
+                "total": rows,
+                "created_at": Decimal(str(time.time())),
+                "rows_key": f"jobs/{job}/rows.jsonl",
+            }
+        )
+        prepared = time.monotonic() - started
+        event = {
+            "Records": [
+                {
+                    "messageId": "bench",
+                    "receiptHandle": "bench",
+                    "body": json.dumps({"job_id": job}),
+                    "attributes": {
+                        "ApproximateReceiveCount": "1",
+                        "SentTimestamp": "0",
+                        "SenderId": "bench",
+                        "ApproximateFirstReceiveTimestamp": "0",
+                    },
+                    "messageAttributes": {},
+                    "md5OfBody": "",
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:FinisherQueue",
+                    "awsRegion": "us-east-1",
+                }
+            ]
+        }
+        env = {
+            **os.environ,
+            **stack.functions["JobFinisherFunction"].env,
+            "AWS_ENDPOINT_URL": moto.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_LOG_LEVEL": "WARNING",
+            "POWERTOOLS_METRICS_DISABLED": "true",
+        }
+        probe = subprocess.run(
+            [sys.executable, "-c", _FINISHER_PROBE, str(stack.functions["JobFinisherFunction"].code_dir)],
+            input=json.dumps(event),
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if probe.returncode != 0:
+            raise SystemExit(f"finisher probe failed:\n{probe.stderr[-3000:]}")
+        measured = json.loads(probe.stdout.strip().splitlines()[-1])
+        head = client("s3").head_object(Bucket=bucket, Key=f"jobs/{job}/results.jsonl")
+        final = table.get_item(Key={"pk": f"JOB#{job}", "sk": "JOB"})["Item"]["status"]
+    return {
+        "rows": rows,
+        "seconds": measured["seconds"],
+        "prepare_seconds": prepared,
+        "results_mib": head["ContentLength"] / 2**20,
+        "status": final,
+    }
 
 
 def bench_async_cost(rows: int, generation_s: float, batch_size: int) -> dict:
@@ -266,7 +453,11 @@ def main() -> None:
     parser.add_argument(
         "--generation-s", type=float, default=20.0, help="Atlas Cloud emulated generation time"
     )
-    parser.add_argument("--skip", default="", help="comma-separated: run,async,splitter,brief")
+    parser.add_argument("--counter-rows", type=int, default=1000, help="rows for the DynamoDB write count")
+    parser.add_argument("--finisher-rows", type=int, default=100_000, help="rows for the finisher run")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: run,async,counters,finisher,splitter,brief"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -277,6 +468,8 @@ def main() -> None:
         "brief": [],
         "splitter": None,
         "async": None,
+        "counters": None,
+        "finisher": None,
     }
 
     for rows in [int(r) for r in args.rows.split(",") if r and "run" not in skip]:
@@ -316,6 +509,23 @@ def main() -> None:
             f"{a['billed_s_per_image']:.2f} Lambda s billed per image; HTTP calls per image "
             f"{a['http_calls_per_image']:.2f} ({a['submits_per_image']:.2f} submits + {a['polls_per_image']:.2f} polls "
             f"+ {a['downloads_per_image']:.2f} downloads); {a['invocations']} invocations, {a['seconds']:.0f} s",
+            flush=True,
+        )
+    if "counters" not in skip:
+        report["counters"] = c = bench_counters(args.counter_rows)
+        hot = c["at_1000_images_s"]
+        print(
+            f"DynamoDB writes, {c['images']} images: {c['writes_per_image']:.2f} writes per image over "
+            f"{c['partition_keys']} partition keys; hottest key {c['hottest_key_writes']} writes, hottest item "
+            f"{c['hottest_item_writes']} ({c['hottest_item']}), job record {c['job_record_writes']}; at 1,000 images/s: "
+            f"hottest key {hot['hottest_key_writes_s']} writes/s, a counter item {hot['counter_item_writes_s']} writes/s",
+            flush=True,
+        )
+    if "finisher" not in skip:
+        report["finisher"] = f = bench_finisher(args.finisher_rows)
+        print(
+            f"finisher, {f['rows']} rows: results written in {f['seconds']:.1f} s "
+            f"(results.jsonl {f['results_mib']:.1f} MiB, status {f['status']})",
             flush=True,
         )
     if "splitter" not in skip:

@@ -1,9 +1,11 @@
 """`imagepipe run` as a user runs it: a real process, moto server over HTTP, the emulator over HTTP."""
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import EXAMPLES, ROOT
@@ -131,3 +133,32 @@ def test_a_file_that_mixes_all_four_providers_runs_end_to_end(tmp_path):
         assert image.size == (1376, 768)
     for name in ("atlascloud", "qianfan", "openai", "baidu-oauth"):
         assert f"image API {name}" in run.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium is not on PATH (make test installs it)"
+)
+def test_the_report_of_a_run_shows_the_images_in_a_browser(tmp_path):
+    # Given a finished run
+    run = imagepipe("run", str(EXAMPLES / "prompts.csv"), "--out", str(tmp_path), "--no-progress")
+    assert run.returncode == 0, run.stderr
+
+    # When its report.html is opened in headless Chromium
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--virtual-time-budget=5000", f"--screenshot={shot}",
+            "--window-size=1280,1100", (tmp_path / "report.html").as_uri(),
+        ],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+
+    # Then every row's card is there and its thumbnail is drawn: each image's main colour fills part
+    # of the screenshot
+    with Image.open(shot) as page:
+        colours = dict((colour, count) for count, colour in page.convert("RGB").getcolors(1 << 22))
+    for row in read_results(tmp_path):
+        with Image.open(tmp_path / row["images"][0]) as image:
+            _, main = max(image.convert("RGB").getcolors(1 << 22))
+        assert colours.get(main, 0) > 2_000, (row["id"], main)

@@ -3,7 +3,7 @@ and a real headless Chromium renders pages of cards and filters them from the UR
 
 from __future__ import annotations
 
-import colorsys
+import io
 import json
 import shutil
 import subprocess
@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from imagepipe.report import render_report
+from imagepipe_cli.emulators.base import render_png
 
 EVIL_PROMPT = "</script><script>alert(1)</script>"
 EVIL_ID = "a\"b'c<img src=x onerror=alert(1)>&amp;"
@@ -269,14 +270,15 @@ def chromium(*args: str, url: str) -> str:
 
 
 def png(path: Path, i: int) -> None:
-    image = Image.new("RGB", (96, 96))
-    draw = ImageDraw.Draw(image)
-    hue = (i * 0.07) % 1
-    for y in range(96):
-        r, g, b = colorsys.hsv_to_rgb((hue + y / 400) % 1, 0.55, 0.5 + 0.45 * y / 96)
-        draw.line([(0, y), (95, y)], fill=(int(r * 255), int(g * 255), int(b * 255)))
-    draw.ellipse([28, 28, 68, 68], fill=(250, 250, 250))
-    image.save(path)
+    # What the emulators make: a full-size palette PNG with the marker colour drawn in (browsers decode
+    # such images more slowly than small icons, which is where an async-decoded thumbnail went blank).
+    image = Image.open(io.BytesIO(render_png(f"row {i}", 1024, 1024))).convert("RGB")
+    ImageDraw.Draw(image).ellipse([300, 300, 724, 724], fill=MARKER)
+    image.quantize(64).save(path, compress_level=1)
+
+
+# A colour no part of the page uses: pixels of it in a screenshot are thumbnails actually drawn.
+MARKER = (255, 0, 255)
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +338,9 @@ def test_chromium_screenshot_is_not_blank(report_file, tmp_path):
         assert image.size == (1280, 2000)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 500
+    # The thumbnails themselves are on screen (not blank boxes): thousands of pixels of their marker.
+    marker_pixels = sum(count for count, colour in colours if colour == MARKER)
+    assert marker_pixels > 20_000, marker_pixels
 
 
 @needs_chromium

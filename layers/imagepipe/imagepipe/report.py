@@ -479,7 +479,6 @@ _JS = r"""
       thumb.setAttribute("data-lightbox", "");
       var img = el("img");
       img.setAttribute("loading", "lazy");
-      img.setAttribute("decoding", "async");
       img.setAttribute("alt", id || prompt.slice(0, 120));
       img.setAttribute("src", first);
       thumb.appendChild(img);

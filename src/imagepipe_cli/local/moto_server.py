@@ -15,6 +15,9 @@ an API call answers:
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -94,15 +97,54 @@ def _free_port(host: str) -> int:
 
 
 class _OneAtATime:
-    """WSGI middleware: one request inside moto at a time."""
+    """WSGI middleware: one request inside moto at a time. With a `write_log`, every DynamoDB write is
+    also logged as one line `operation<TAB>pk<TAB>sk` (what `make bench` counts per item and per key)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, write_log: str | None = None) -> None:
         self._app, self._lock = app, threading.Lock()
+        self._write_log = open(write_log, "a", buffering=1) if write_log else None  # noqa: SIM115 - lives as long as the server
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         with self._lock:
+            if self._write_log is not None:
+                self._log_writes(environ)
             # Read the whole body inside the lock, so a slow client cannot hold moto mid-request.
             return list(self._app(environ, start_response))
+
+    def _log_writes(self, environ: dict) -> None:
+        operation = environ.get("HTTP_X_AMZ_TARGET", "").rpartition(".")[2]
+        if operation not in DYNAMODB_WRITES:
+            return
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        for pk, sk in _written_keys(operation, json.loads(body or b"{}")):
+            self._write_log.write(f"{operation}\t{pk}\t{sk}\n")
+
+
+DYNAMODB_WRITES = {"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"}
+
+
+def _written_keys(operation: str, request: dict) -> list[tuple[str, str]]:
+    def key_of(item: dict) -> tuple[str, str]:
+        return item.get("pk", {}).get("S", ""), item.get("sk", {}).get("S", "")
+
+    if operation == "PutItem":
+        return [key_of(request.get("Item", {}))]
+    if operation in ("UpdateItem", "DeleteItem"):
+        return [key_of(request.get("Key", {}))]
+    if operation == "TransactWriteItems":
+        return [
+            key_of(part.get("Key") or part.get("Item") or {})
+            for item in request.get("TransactItems", [])
+            for part in item.values()
+        ]
+    return [
+        key_of(
+            (entry.get("PutRequest") or {}).get("Item") or (entry.get("DeleteRequest") or {}).get("Key") or {}
+        )
+        for entries in request.get("RequestItems", {}).values()
+        for entry in entries
+    ]
 
 
 COUNT_TTL_S = 0.1
@@ -166,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     speed_up_moto_sqs()
     app = DomainDispatcherApplication(create_backend_app)
-    run_simple(args.host, args.port, _OneAtATime(app), threaded=True, request_handler=MotoRequestHandler)
+    app = _OneAtATime(app, os.environ.get("IMAGEPIPE_DYNAMODB_WRITE_LOG"))
+    run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
 
 
 if __name__ == "__main__":
