@@ -9,6 +9,7 @@ from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
 from imagepipe_cli import jobs
+from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
 from imagepipe_cli.local.runner import (
@@ -21,36 +22,6 @@ from imagepipe_cli.local.runner import (
 )
 from imagepipe_cli.local.runtime import RuntimeSetupError
 from imagepipe_cli.local.up import DEFAULT_PORT, UpOptions, up
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,24 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument(
         "--provider", choices=PROVIDER_NAMES, default=DEFAULT_PROVIDER, help="which API to emulate"
     )
-    emu.add_argument("--port", type=_port, default=8790, help="port (default: 8790; 0 picks a free one)")
+    emu.add_argument("--port", type=port, default=8790, help="port (default: 8790; 0 picks a free one)")
     emu.add_argument(
         "--latency-ms",
-        type=_non_negative,
+        type=non_negative,
         default=0.0,
         metavar="MS",
         help="time to make one request's images (Atlas Cloud: the generation time)",
     )
     emu.add_argument(
         "--rate-limit",
-        type=_non_negative,
+        type=non_negative,
         default=None,
         metavar="R",
         help="paid requests per second before the API's rate-limit answer",
     )
     emu.add_argument(
         "--url-ttl",
-        type=_non_negative,
+        type=non_negative,
         default=3600.0,
         metavar="S",
         help="output URLs expire after S seconds",
@@ -111,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "functions and the API emulators, and keep it up: upload with `aws --endpoint-url ... s3 cp`, follow "
         "jobs with AWS_ENDPOINT_URL=... imagepipe status. Ctrl-C stops it.",
     )
-    up_cmd.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    up_cmd.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     up_cmd.add_argument(
         "--state-dir",
         type=Path,
@@ -142,13 +113,13 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="M", help="the model for rows without a model column")
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="generator invocations in flight (default: GeneratorMaxConcurrency in template.yaml)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="tasks per generator invocation (default: GeneratorBatchSize in template.yaml)",
     )
@@ -157,7 +128,7 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--emulator-latency-ms",
-        type=_non_negative,
+        type=non_negative,
         default=50.0,
         metavar="MS",
         help="emulator: time to make one image (default: 50)",
@@ -172,7 +143,7 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retry-delay",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="S",
         help="seconds before a failed task is retried (AWS: the queue's visibility timeout)",
@@ -187,20 +158,23 @@ def _faults_help() -> str:
     return "\n".join(lines)
 
 
+def _stack_fields(args: argparse.Namespace) -> dict:
+    """The StackOptions fields from the flags `run` and `up` share."""
+    return {
+        "template": args.template or default_template(),
+        "provider": args.provider,
+        "api_url": args.api_url,
+        "model": args.model,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+        "emulator_latency_ms": args.emulator_latency_ms,
+        "emulator_faults": args.emulator_fault,
+        "retry_delay_s": args.retry_delay,
+    }
+
+
 def _up(args: argparse.Namespace) -> int:
-    options = UpOptions(
-        template=args.template or default_template(),
-        port=args.port,
-        state_dir=args.state_dir,
-        provider=args.provider,
-        api_url=args.api_url,
-        model=args.model,
-        concurrency=args.concurrency,
-        batch_size=args.batch_size,
-        emulator_latency_ms=args.emulator_latency_ms,
-        emulator_faults=args.emulator_fault,
-        retry_delay_s=args.retry_delay,
-    )
+    options = UpOptions(port=args.port, state_dir=args.state_dir, **_stack_fields(args))
     try:
         check_stack_options(options)
         return up(options)
@@ -248,15 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions(
         input=args.input,
         out=args.out,
-        template=args.template or default_template(),
-        provider=args.provider,
-        api_url=args.api_url,
-        model=args.model,
-        concurrency=args.concurrency,
-        batch_size=args.batch_size,
-        emulator_latency_ms=args.emulator_latency_ms,
-        emulator_faults=args.emulator_fault,
-        retry_delay_s=args.retry_delay,
+        **_stack_fields(args),
         progress=not args.no_progress,
     )
     try:

@@ -35,6 +35,7 @@ from imagepipe.rows import (
     to_task,
 )
 from imagepipe.settings import GeneratorSettings
+from imagepipe_cli.argtypes import dollars, positive_int
 from imagepipe_cli.local.runner import (
     clear_previous_output,
     default_template,
@@ -91,7 +92,7 @@ def add_parsers(commands: Any) -> None:
         "--job-id", metavar="ID", help="name the job (default: <file stem>-<yyyymmdd-hhmmss>-<4 hex>)"
     )
     submit_cmd.add_argument(
-        "--max-cost", type=_dollars, metavar="USD", help="stop paid calls once the job has spent this much"
+        "--max-cost", type=dollars, metavar="USD", help="stop paid calls once the job has spent this much"
     )
     submit_cmd.add_argument("--wait", action="store_true", help="follow the job until it is finished")
     submit_cmd.add_argument(
@@ -110,7 +111,7 @@ def add_parsers(commands: Any) -> None:
     status_cmd.add_argument("job", nargs="?", metavar="JOB", help="a job id (default: list recent jobs)")
     status_cmd.add_argument("--json", action="store_true", help="the job record(s) as JSON")
     status_cmd.add_argument(
-        "--limit", type=_positive_int, default=20, metavar="N", help="recent jobs to list (default: 20)"
+        "--limit", type=positive_int, default=20, metavar="N", help="recent jobs to list (default: 20)"
     )
 
     results_cmd = commands.add_parser(
@@ -143,7 +144,7 @@ def add_parsers(commands: Any) -> None:
     retry_cmd.add_argument("job", metavar="JOB")
     retry_cmd.add_argument("--wait", action="store_true", help="follow the new job until it is finished")
     retry_cmd.add_argument(
-        "--max-cost", type=_dollars, metavar="USD", help="the new job's budget (default: the old job's)"
+        "--max-cost", type=dollars, metavar="USD", help="the new job's budget (default: the old job's)"
     )
 
     commands.add_parser(
@@ -184,26 +185,6 @@ def run_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     except Exception as exc:  # a bug, not the user's doing: still one line
         print(f"imagepipe: internal error: {type(exc).__name__}: {exc}", file=err)
         return EXIT_INTERNAL
-
-
-def _dollars(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of dollars") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _stack_flag(args: argparse.Namespace) -> str:

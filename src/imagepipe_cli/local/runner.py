@@ -13,19 +13,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES, job_stem
+from imagepipe.contract import PROVIDER_NAMES, job_stem
 from imagepipe.jobstate import JOB_FINAL
 from imagepipe.layout import STATUS_REJECTED, STATUS_SUCCEEDED
 from imagepipe.records import get_json
 from imagepipe.rows import FORMATS
 from imagepipe_cli.emulators import emulator_class
 from imagepipe_cli.emulators.base import parse_fault
-from imagepipe_cli.local.runtime import LocalRuntime, RuntimeFailure, RuntimeSetupError
+from imagepipe_cli.local.runtime import LocalRuntime, RuntimeFailure, RuntimeSetupError, StackOptions
 from imagepipe_cli.local.template import load_template
 from imagepipe_cli.progress import Progress as _Progress
 
@@ -38,18 +38,9 @@ class RunError(Exception):
 
 
 @dataclass
-class RunOptions:
-    input: Path
+class RunOptions(StackOptions):
+    input: Path = Path()
     out: Path = Path("output")
-    template: Path = Path("template.yaml")
-    provider: str = DEFAULT_PROVIDER
-    api_url: str | None = None
-    model: str | None = None
-    concurrency: int | None = None
-    batch_size: int | None = None
-    emulator_latency_ms: float = 50.0
-    emulator_faults: list[str] = field(default_factory=list)
-    retry_delay_s: int = 1
     timeout_s: float = 3600.0
     progress: bool = True
 
@@ -125,7 +116,7 @@ def _check_options(options: RunOptions) -> None:
     check_stack_options(options)
 
 
-def check_stack_options(options: Any) -> None:
+def check_stack_options(options: StackOptions) -> None:
     """The options `run` and `up` share (template, provider, faults, API URL)."""
     if not options.template.is_file():
         raise RunError(f"{options.template}: template not found (use --template)")

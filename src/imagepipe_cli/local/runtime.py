@@ -8,14 +8,14 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import boto3
 from botocore.config import Config
 
-from imagepipe.contract import PROVIDER_NAMES
+from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
 from imagepipe.jobstate import JobState
 from imagepipe.providers import provider_class
 from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
@@ -32,6 +32,21 @@ GENERATOR = "ImageGeneratorFunction"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
+@dataclass
+class StackOptions:
+    """How the local stack is set up: the same for `imagepipe run` and `imagepipe up`."""
+
+    template: Path = Path("template.yaml")
+    provider: str = DEFAULT_PROVIDER
+    api_url: str | None = None
+    model: str | None = None
+    concurrency: int | None = None
+    batch_size: int | None = None
+    emulator_latency_ms: float = 50.0
+    emulator_faults: list[str] = field(default_factory=list)
+    retry_delay_s: int = 1
+
+
 class RuntimeSetupError(Exception):
     """The local stack cannot be set up as asked (a flag out of range, keys missing): one line for the user."""
 
@@ -41,10 +56,9 @@ class RuntimeFailure(Exception):
 
 
 class LocalRuntime:
-    """`options` carries provider, api_url, model, concurrency, batch_size, emulator_latency_ms,
-    emulator_faults and retry_delay_s (RunOptions of `imagepipe run`, or those of `imagepipe up`)."""
-
-    def __init__(self, template: Template, options: Any, logs: Path, out: TextIO, port: int = 0) -> None:
+    def __init__(
+        self, template: Template, options: StackOptions, logs: Path, out: TextIO, port: int = 0
+    ) -> None:
         self.template, self.options, self.logs, self.out, self.port = template, options, logs, out, port
         self._cleanup = ExitStack()
 
@@ -200,7 +214,7 @@ def _check_range(template: Template, parameter: str, flag: str, value: int) -> N
         )
 
 
-def _stack_parameters(template: Template, options: Any, apis: dict[str, _Api]) -> dict[str, str]:
+def _stack_parameters(template: Template, options: StackOptions, apis: dict[str, _Api]) -> dict[str, str]:
     params = {
         "DefaultProvider": options.provider,
         "DefaultModel": options.model or "",
@@ -225,7 +239,7 @@ class _Api:
     emulator: BaseEmulator | None = None
 
 
-def _api_endpoints(options: Any, cleanup: ExitStack, out: TextIO) -> dict[str, _Api]:
+def _api_endpoints(options: StackOptions, cleanup: ExitStack, out: TextIO) -> dict[str, _Api]:
     """Each provider's API: --api-url for the chosen provider; else its public URL when its keys are in
     the environment; else its built-in emulator (which a file with a provider column may also use)."""
     apis: dict[str, _Api] = {}
@@ -279,7 +293,7 @@ def _resource(name: str, endpoint: str) -> Any:
     return session.resource(name, endpoint_url=endpoint)
 
 
-def _concurrency_for(stack: LocalStack, logical_id: str, options: Any) -> int:
+def _concurrency_for(stack: LocalStack, logical_id: str, options: StackOptions) -> int:
     for mapping in stack.queue_mappings:
         if mapping.function == logical_id:
             if logical_id == GENERATOR:

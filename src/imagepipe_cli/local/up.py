@@ -7,30 +7,20 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from imagepipe.contract import DEFAULT_PROVIDER
-from imagepipe_cli.local.runtime import REGION, STACK_NAME, LocalRuntime, RuntimeFailure
+from imagepipe_cli.local.runtime import REGION, STACK_NAME, LocalRuntime, RuntimeFailure, StackOptions
 from imagepipe_cli.local.template import load_template
 
 DEFAULT_PORT = 4566  # the port local AWS tools conventionally use
 
 
 @dataclass
-class UpOptions:
-    template: Path
+class UpOptions(StackOptions):
     port: int = DEFAULT_PORT
     state_dir: Path = Path(".imagepipe")
-    provider: str = DEFAULT_PROVIDER
-    api_url: str | None = None
-    model: str | None = None
-    concurrency: int | None = None
-    batch_size: int | None = None
-    emulator_latency_ms: float = 50.0
-    emulator_faults: list[str] = field(default_factory=list)
-    retry_delay_s: int = 1
 
 
 def up(options: UpOptions, out: TextIO = sys.stdout, ready: list[str] | None = None) -> int:
