@@ -99,6 +99,22 @@ class Batch:
             self._stops[job_id] = stop
         return stop
 
+    def provider_stop(self, job_id: str, provider: str) -> dict[str, str] | None:
+        """A provider that stopped the job's calls, read once per invocation (and known at once when a
+        task of this batch is the one that stops it)."""
+        key = f"{job_id}\0{provider}"
+        with self._lock:
+            if key in self._stops:
+                return self._stops[key]
+        stop = self.processor.state.provider_stop(job_id, provider)
+        with self._lock:
+            self._stops.setdefault(key, stop)
+            return self._stops[key]
+
+    def stopped(self, job_id: str, provider: str, error: dict[str, str]) -> None:
+        with self._lock:
+            self._stops[f"{job_id}\0{provider}"] = error
+
     def finish(self) -> None:
         """Hand each job whose last row just finished to the finisher, exactly once."""
         processor = self.processor
@@ -132,31 +148,37 @@ class _Run:
         self.answers_lost = 0
 
     def go(self) -> None:
-        task, state = self.task, self.p.state.task(self.task.job_id, self.name)
-        if state is not None and state.status in FINISHED:
-            logger.info("task already finished: duplicate delivery ignored", extra=self.log)
-            return
-        self.answers_lost = state.answers_lost if state else 0
-        resumed = state is not None and bool(state.prediction_id)
-        if not resumed:  # a prediction already submitted is paid for: it is seen through, whatever happens
-            job_stop = self.batch.job_stop(task.job_id)
-            if job_stop is not None:
-                self.record(CANCELLED, error=job_stop)
-                return
-            stop = self.p.state.provider_stop(task.job_id, task.provider)
-            if stop is not None:
-                self.record(FAILED, error=stop)
-                return
-        if state is not None and state.prediction_id:
-            outcome: Generation | Pending = Pending(state.prediction_id)
-            submitted_at = state.submitted_at or self.started
+        task = self.task
+        if task.prediction_id:
+            # A handed-back prediction: paid for already, so it is seen through whatever happens. No read
+            # first: if a duplicate already finished it, recording the outcome again changes nothing.
+            outcome: Generation | Pending = Pending(task.prediction_id)
+            submitted_at, resumed = task.submitted_at or self.started, True
         else:
-            self.claim(state)
-            outcome = self.provider.run(lambda: self.provider.start(task))
-            submitted_at = self.p.clock()
-            if isinstance(outcome, Pending):
-                self.p.state.record_prediction(task.job_id, self.name, outcome.request_id, submitted_at)
-                self.claimed = False  # the prediction is on record: from here on it is resumed, never resent
+            stop = self.batch.job_stop(task.job_id) or self.batch.provider_stop(task.job_id, task.provider)
+            if stop is not None:
+                self.record(CANCELLED if stop["type"] in ("cancelled", "budget") else FAILED, error=stop)
+                return
+            # The common case - a task nobody has touched - costs one conditional write, no read.
+            lost = self.p.state.claim(task.job_id, self.name, task.provider)
+            state = None if lost is not None else self.claim_again()
+            self.answers_lost = lost if lost is not None else self.answers_lost
+            if state is not None and state.status in FINISHED:
+                logger.info("task already finished: duplicate delivery ignored", extra=self.log)
+                return
+            if state is not None and state.prediction_id:
+                # Redelivered after its prediction was submitted: resume it, never submit again.
+                outcome = Pending(state.prediction_id)
+                submitted_at, resumed = state.submitted_at or self.started, True
+            else:
+                self.claimed = True
+                outcome = self.provider.run(lambda: self.provider.start(task))
+                submitted_at, resumed = self.p.clock(), False
+                if isinstance(outcome, Pending):
+                    self.p.state.record_prediction(task.job_id, self.name, outcome.request_id, submitted_at)
+                    self.claimed = (
+                        False  # the prediction is on record: from here on it is resumed, never resent
+                    )
         if isinstance(outcome, Pending):
             outcome = self.poll(outcome, at_once=resumed)
         if isinstance(outcome, Pending):
@@ -164,27 +186,36 @@ class _Run:
             return
         self.succeeded(outcome)
 
-    def claim(self, state: TaskState | None) -> None:
-        stale = None
-        if state is not None and state.status == "submitting":
+    def claim_again(self) -> TaskState | None:
+        """The claim was refused: the task has a record. Read it and decide - finished (a duplicate),
+        a prediction on record (resume), a claim held by a live delivery (come back later), or one whose
+        holder is gone (claim it again: counted as a lost answer, or refused for asynchronous APIs).
+        Returns the state when there is nothing to claim, None once claimed."""
+        state = self.p.state.task(self.task.job_id, self.name)
+        if state is None or state.status in FINISHED or state.prediction_id:
+            return state
+        if state.status == "submitting":
             if self.p.clock() - state.claimed_at < self.p.options.claim_stale_s:
                 # Another delivery of this task is calling the API right now: come back later, when it is done.
                 raise RetryLater("another delivery of this task is in flight")
             if self.provider.asynchronous:
                 # An earlier attempt submitted and never recorded the answer: the provider may have accepted
                 # (and will charge for) it, and a resend could be a second paid prediction.
-                self.answers_lost += 1
+                self.answers_lost = state.answers_lost + 1
                 raise ProviderError(
                     "answer_lost",
                     "an earlier attempt submitted this row and its answer never arrived; it is not resent "
                     "because the provider may have accepted it (a resend could be charged twice)",
                     action=Action.FAIL_ROW,
                 )
-            stale = state  # synchronous: the lost answer is counted, and the request is sent once more
-            self.answers_lost += 1
-        if not self.p.state.claim(self.task.job_id, self.name, self.task.provider, stale=stale):
+            # synchronous: the lost answer is counted (by the claim), and the request sent once more
+            lost = self.p.state.claim(self.task.job_id, self.name, self.task.provider, stale=state)
+        else:  # released: answered without being accepted; the earlier lost answers stay counted
+            lost = self.p.state.claim(self.task.job_id, self.name, self.task.provider)
+        if lost is None:
             raise RetryLater("another delivery of this task claimed it first")
-        self.claimed = True
+        self.answers_lost = lost
+        return None
 
     def poll(self, pending: Pending, *, at_once: bool) -> Generation | Pending:
         """Read the prediction until it is done or the invocation's poll budget is spent. A handed-back
@@ -253,6 +284,7 @@ class _Run:
         if exc.action is Action.STOP_JOB:
             # The provider will refuse every row of this job (balance, quota, keys, region): stop calling it.
             self.p.state.stop_provider(task.job_id, task.provider, exc.as_record())
+            self.batch.stopped(task.job_id, task.provider, exc.as_record())
         if self.claimed and exc.retryable:
             lost = exc.maybe_accepted
             if lost and self.provider.asynchronous:

@@ -288,11 +288,12 @@ class JobState:
         item = self._table.get_item(Key=_task_key(job_id, name), ConsistentRead=True).get("Item")
         return TaskState.from_item(item) if item else None
 
-    def claim(self, job_id: str, name: str, provider: str, *, stale: TaskState | None = None) -> bool:
+    def claim(self, job_id: str, name: str, provider: str, *, stale: TaskState | None = None) -> int | None:
         """Take the right to send this task's paid request; only one caller gets it. Free to take: no
         record yet, or one whose last request was answered without being accepted (released). `stale`
         retakes a claim whose holder is gone (it sent a request and never recorded the answer): that
-        possible second charge is counted on the record."""
+        possible second charge is counted on the record. Returns the task's lost answers so far
+        (0 for a new task), or None when the claim was refused."""
         values: dict[str, Any] = {
             ":submitting": SUBMITTING,
             ":released": RELEASED,
@@ -308,18 +309,19 @@ class JobState:
             update += " ADD answers_lost :one"
             values[":one"] = 1
         try:
-            self._table.update_item(
+            answer = self._table.update_item(
                 Key=_task_key(job_id, name),
                 UpdateExpression=update,
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
             if _conditional_failed(exc):
-                return False
+                return None
             raise
-        return True
+        return int(answer.get("Attributes", {}).get("answers_lost", 0))
 
     def release(self, job_id: str, name: str, *, answer_lost: bool = False) -> None:
         """The request was answered without being accepted - or, for a synchronous API whose answer was

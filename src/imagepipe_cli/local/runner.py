@@ -153,12 +153,18 @@ def _wait_for_job(
     state = runtime.state
     started = time.monotonic()
     deadline = started + options.timeout_s
-    quiet_checks = 0
+    quiet_checks = ticks = 0
     while time.monotonic() < deadline:
         try:
             runtime.pump()
         except RuntimeFailure as exc:
             raise RunError(f"{exc} (see {options.out}/logs)") from None
+        ticks += 1
+        if (
+            ticks % 4
+        ):  # the job record every second; S3 events every quarter (a busy moto serves one at a time)
+            time.sleep(0.25)
+            continue
         job = state.job(job_id)
         if job is None:
             if time.monotonic() - started > SPLIT_START_TIMEOUT_S:
@@ -172,7 +178,7 @@ def _wait_for_job(
             progress.show(job, counts.finished, counts.cost, runtime.retried)
             # Two quiet checks in a row: a message can be between receive and invoke for an instant.
             quiet_checks = quiet_checks + 1 if job["status"] == "running" and runtime.drained() else 0
-            if quiet_checks >= 8:
+            if quiet_checks >= 3:
                 missing = int(job.get("queued", 0)) - counts.finished
                 raise RunError(
                     f"the job cannot finish: {missing} row(s) have no outcome and nothing is left to run "
