@@ -96,6 +96,8 @@ URL_PARAMETERS = {
 }
 # Generator settings the template does not expose, shortened so tests do not wait on real-time polls.
 FAST_POLLS = {"POLL_INTERVAL_SECONDS": "0.1"}
+# The functions Lambda drives from queues, in the order a drain works them.
+DRAINED = ("ImageGeneratorFunction", "DeadLetterRecorderFunction", "JobFinisherFunction")
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Pipeline:
     splitter: InlineFunction
     generator: InlineFunction
     finisher: InlineFunction
+    recorder: InlineFunction
 
     @property
     def emulator(self) -> BaseEmulator:
@@ -170,7 +173,11 @@ class Pipeline:
         return next(m for m in self.stack.queue_mappings if m.function == function)
 
     def poller(self, function: str = "ImageGeneratorFunction", **options: Any) -> SqsPoller:
-        handler = {"ImageGeneratorFunction": self.generator, "JobFinisherFunction": self.finisher}[function]
+        handler = {
+            "ImageGeneratorFunction": self.generator,
+            "JobFinisherFunction": self.finisher,
+            "DeadLetterRecorderFunction": self.recorder,
+        }[function]
         return SqsPoller(self.client("sqs"), self.mapping(function), handler, region=REGION, **options)
 
     @property
@@ -181,7 +188,7 @@ class Pipeline:
 
     def drain(self, max_polls: int = 200) -> int:
         """Lambda's pollers, one batch at a time, until the queues are empty; failed tasks come back at once."""
-        pollers = [self.poller(retry_delay_s=0), self.poller("JobFinisherFunction", retry_delay_s=0)]
+        pollers = [self.poller(name, retry_delay_s=0) for name in DRAINED]
         polls = 0
         while polls < max_polls and sum(p.poll_once() for p in pollers):
             polls += 1
@@ -192,14 +199,14 @@ class Pipeline:
         back after their delay, so this waits for them); the finisher included."""
         import time
 
-        pollers = [self.poller(retry_delay_s=0), self.poller("JobFinisherFunction", retry_delay_s=0)]
+        pollers = [self.poller(name, retry_delay_s=0) for name in DRAINED]
         sqs = self.client("sqs")
         deadline = time.monotonic() + max_seconds
         while time.monotonic() < deadline:
             if sum(p.poll_once() for p in pollers):
                 continue
             waiting = 0
-            for queue in (self.tasks_queue, self.stack.outputs["FinisherQueueUrl"]):
+            for queue in (self.tasks_queue, self.dead_letter_queue, self.stack.outputs["FinisherQueueUrl"]):
                 attrs = sqs.get_queue_attributes(
                     QueueUrl=queue,
                     AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
@@ -287,6 +294,7 @@ def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[
                     stack.functions["ImageGeneratorFunction"], REGION, {**FAST_POLLS, **(generator_env or {})}
                 ),
                 finisher=InlineFunction(stack.functions["JobFinisherFunction"], REGION),
+                recorder=InlineFunction(stack.functions["DeadLetterRecorderFunction"], REGION),
             )
 
         yield make

@@ -147,12 +147,14 @@ def add_parsers(commands: Any) -> None:
         "--max-cost", type=dollars, metavar="USD", help="the new job's budget (default: the old job's)"
     )
 
-    commands.add_parser(
+    redrive_cmd = commands.add_parser(
         "redrive",
         parents=[stack],
-        help="move the tasks dead-letter queue's messages back to the tasks queue",
-        description="Move every message of the stack's tasks dead-letter queue back to its tasks queue.",
+        help="send the rows whose tasks ended in the dead-letter queue back to work",
+        description="Rows whose tasks ended in the dead-letter queue (recorded failed, with their message) "
+        "are queued again; their jobs run again and finish anew with the new outcomes.",
     )
+    redrive_cmd.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to redrive (default: recent jobs)")
 
 
 COMMANDS = ("submit", "status", "results", "cancel", "retry", "redrive")
@@ -672,59 +674,30 @@ def _free_retry_id(stack: Stack, old_id: str) -> str:
 
 
 def redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """The rows whose tasks ended in the dead-letter queue (recorded failed, their message kept) go back to
+    work: uncounted as failed, queued again as fresh tasks, their job running again - it finishes, writes
+    its results and announces itself anew with the new outcomes."""
     stack = find_stack(args.stack)
-    sqs = stack.client("sqs")
-    dead, tasks = stack.output("TasksDeadLetterQueueUrl"), stack.output("TasksQueueUrl")
-    moved, refused = 0, 0
-    jobs: Counter[str] = Counter()
-    while True:
-        # A short wait: SQS's short poll may answer empty while a few messages remain.
-        messages = stack.call(
-            lambda: sqs.receive_message(
-                QueueUrl=dead,
-                MaxNumberOfMessages=10,
-                WaitTimeSeconds=1,
-                VisibilityTimeout=60,
-                MessageAttributeNames=["All"],
-            ).get("Messages", [])
-        )
-        if not messages:
-            break
-        entries = []
-        for index, message in enumerate(messages):
-            entry = {"Id": str(index), "MessageBody": message["Body"]}
-            if message.get("MessageAttributes"):
-                entry["MessageAttributes"] = message["MessageAttributes"]
-            entries.append(entry)
-        answer = stack.call(lambda e=entries: sqs.send_message_batch(QueueUrl=tasks, Entries=e))
-        sent = [messages[int(item["Id"])] for item in answer.get("Successful", [])]
-        # Deleted only once sent: a message SQS refused stays in the dead-letter queue (it reappears after
-        # its visibility timeout).
-        refused += len(answer.get("Failed", []))
+    state, sqs, tasks = stack.state, stack.client("sqs"), stack.output("TasksQueueUrl")
+    job_ids = args.jobs or stack.call(lambda: state.recent_jobs(100))
+    total = 0
+    for job_id in job_ids:
+        sent = 0
+        for name, body in stack.call(lambda j=job_id: state.dead_letters(j)):
+            if not stack.call(lambda n=name, j=job_id: state.redrive(j, n)):
+                continue  # another redrive took it, or it has an outcome again
+            fresh = {
+                k: v
+                for k, v in json.loads(body).items()
+                if k not in ("prediction_id", "handbacks", "submitted_at")
+            }
+            stack.call(lambda f=fresh: sqs.send_message(QueueUrl=tasks, MessageBody=json.dumps(f)))
+            sent += 1
         if sent:
-            stack.call(
-                lambda s=sent: sqs.delete_message_batch(
-                    QueueUrl=dead,
-                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(s)],
-                )
-            )
-        moved += len(sent)
-        for message in sent:
-            jobs[_job_of(message["Body"])] += 1
-    print(f"moved {moved} message(s) from the tasks dead-letter queue back to the tasks queue", file=out)
-    if jobs:
-        print("  jobs: " + ", ".join(f"{job} ({count})" for job, count in sorted(jobs.items())), file=out)
-        print(
-            "  a row that already has an outcome (failed after its last attempt) is not made again: "
-            "`imagepipe retry JOB` runs a job's failed rows again",
-            file=out,
-        )
-    if refused:
-        print(
-            f"  {refused} message(s) were refused by the tasks queue and stay in the dead-letter queue",
-            file=err,
-        )
-        return EXIT_NOT_OK
+            stack.call(lambda j=job_id: state.reopen(j))
+            print(f"job {job_id}: {sent} dead-lettered row(s) queued again; the job runs again", file=out)
+        total += sent
+    print(f"redrove {total} row(s) from the dead-letter queue", file=out)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from imagepipe_cli import jobs
 from imagepipe_cli.cli import build_parser, main
+from imagepipe_cli.local.event_sources import lambda_sqs_event
 
 from conftest import load_event
 
@@ -436,26 +437,31 @@ def test_submit_wait_follows_the_job_to_its_end(pipeline, cli, tmp_path):
     assert "1/1 rows" in err  # the progress bar's last line
 
 
-def test_redrive_moves_dead_letters_back_to_the_tasks_queue(pipeline, cli):
-    # Given a task in the dead-letter queue
+def test_a_task_that_dies_in_the_dead_letter_queue_ends_failed_and_redrive_makes_it(pipeline_factory, cli):
+    # Given a row whose invocations kept crashing: its message ends in the dead-letter queue with no outcome
+    pipeline = pipeline_factory(provider="qianfan")
+    pipeline.split("inbox/dl.csv", b"id,prompt\nok,a calm lake\ncrash,a crashing wave\n", job_id="dl")
+    messages = {json.loads(m["Body"])["row_id"]: m for m in pipeline.queued_messages()}
     sqs = pipeline.client("sqs")
-    sqs.send_message(
-        QueueUrl=pipeline.dead_letter_queue, MessageBody=json.dumps({"job_id": "j1", "row_id": "x"})
-    )
+    sqs.send_message(QueueUrl=pipeline.dead_letter_queue, MessageBody=messages["crash"]["Body"])
+    pipeline.generator.invoke(lambda_sqs_event([messages["ok"]], pipeline.mapping().queue_arn, "us-east-1"))
 
-    # When the user redrives it
-    code, out, _ = cli("redrive")
+    # When the dead-letter recorder sees it, the job still finishes, the row failed with a reason
+    results = pipeline.results("dl")
+    assert results.status == "completed_with_failures"
+    crash = next(r for r in results.rows if r.id == "crash")
+    assert crash.status == "failed" and crash.error["type"] == "dead_letter"
+    assert "dead-letter queue" in crash.error["message"]
 
-    # Then it is back on the tasks queue, and the user is told how many moved
-    assert code == 0
-    assert out.splitlines()[:2] == [
-        "moved 1 message(s) from the tasks dead-letter queue back to the tasks queue",
-        "  jobs: j1 (1)",
-    ]
-    assert [json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()] == ["x"]
-    assert pipeline.queued_messages(pipeline.dead_letter_queue) == []
-    # And with nothing left, 0 is fine
-    code, out, _ = cli("redrive")
-    assert code == 0 and out.splitlines() == [
-        "moved 0 message(s) from the tasks dead-letter queue back to the tasks queue"
-    ]
+    # And when the user redrives it, the row is made, and the job's counts and results say so
+    code, out, _ = cli("redrive", "dl")
+    assert code == 0 and "job dl: 1 dead-lettered row(s) queued again" in out
+    results = pipeline.results("dl")
+    assert results.status == "completed"
+    assert [r.status for r in results.rows] == ["succeeded", "succeeded"]
+    counts = pipeline.state.counts("dl")
+    assert (counts.succeeded, counts.failed) == (2, 0)
+    assert pipeline.emulator.paid_for("a crashing wave") == 1
+    # A second redrive finds nothing left to do
+    code, out, _ = cli("redrive", "dl")
+    assert code == 0 and "redrove 0 row(s)" in out

@@ -7,7 +7,6 @@ ends goes back to the queue as a new delayed message (so it never counts toward 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -118,12 +117,10 @@ class Batch:
     def finish(self) -> None:
         """Hand each job whose last row just finished to the finisher, exactly once."""
         processor = self.processor
-        for job_id in sorted(self.jobs):
-            if processor.state.start_finishing(job_id):
-                processor.sqs.send_message(
-                    QueueUrl=processor.options.finisher_queue_url, MessageBody=json.dumps({"job_id": job_id})
-                )
-                logger.info("job's last row finished: handed to the finisher", extra={"job_id": job_id})
+        for job_id in processor.state.hand_to_finisher(
+            processor.sqs, processor.options.finisher_queue_url, self.jobs
+        ):
+            logger.info("job's last row finished: handed to the finisher", extra={"job_id": job_id})
 
 
 @dataclass
@@ -301,6 +298,7 @@ class _Run:
                 self.answers_lost += int(lost)
         if exc.retryable and self.attempt < self.p.options.max_attempts:
             logger.warning("image request failed, will retry", extra={**self.log, "error": exc.as_record()})
+            self.p.state.note_error(task.job_id, self.name, exc.as_record())
             raise exc
         self.record(FAILED, error=exc.as_record(), request_id=exc.request_id)
         if exc.retryable:

@@ -13,9 +13,10 @@ Layout (pk / sk), spread so that no key is hot at 1,000 images/s on one job:
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -25,7 +26,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 SHARDS = 16
-SUBMITTING, RELEASED, RUNNING = "submitting", "released", "running"
+SUBMITTING, RELEASED, RUNNING, REDRIVEN = "submitting", "released", "running", "redriven"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 # Job statuses.
@@ -219,6 +220,15 @@ class JobState:
         )
         return [item["job_id"] for item in answer.get("Items", [])]
 
+    def hand_to_finisher(self, sqs: Any, finisher_queue_url: str, job_ids: Iterable[str]) -> list[str]:
+        """Each job whose last row is done goes to the finisher, exactly once; returns those job ids."""
+        handed = []
+        for job_id in sorted(set(job_ids)):
+            if self.start_finishing(job_id):
+                sqs.send_message(QueueUrl=finisher_queue_url, MessageBody=json.dumps({"job_id": job_id}))
+                handed.append(job_id)
+        return handed
+
     def start_finishing(self, job_id: str) -> bool:
         """True for the one caller that sees the job's last row finish (running -> finishing)."""
         job = self.job(job_id)
@@ -297,12 +307,13 @@ class JobState:
         values: dict[str, Any] = {
             ":submitting": SUBMITTING,
             ":released": RELEASED,
+            ":redriven": REDRIVEN,
             ":now": self._now(),
             ":provider": provider,
             ":ttl": self._ttl(),
         }
         update = "SET #s = :submitting, claimed_at = :now, provider = :provider, expires_at = :ttl"
-        condition = "attribute_not_exists(pk) OR #s = :released"
+        condition = "attribute_not_exists(pk) OR #s IN (:released, :redriven)"
         if stale is not None:
             condition += " OR (#s = :submitting AND claimed_at = :claimed)"
             values[":claimed"] = Decimal(str(round(stale.claimed_at, 3)))
@@ -390,6 +401,97 @@ class JobState:
                         }
                     },
                 ]
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def note_error(self, job_id: str, name: str, error: dict[str, str]) -> None:
+        """The last retryable failure, kept so a task that then dies in the dead-letter queue says why."""
+        try:
+            self._table.update_item(
+                Key=_task_key(job_id, name),
+                UpdateExpression="SET last_error = :error",
+                ConditionExpression="attribute_exists(pk)",  # never a record without a status
+                ExpressionAttributeValues={":error": error},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def last_error(self, job_id: str, name: str) -> dict[str, str] | None:
+        item = self._table.get_item(Key=_task_key(job_id, name), ConsistentRead=True).get("Item") or {}
+        return plain(item.get("last_error")) if item.get("last_error") else None
+
+    def keep_dead_letter(self, job_id: str, name: str, body: str) -> None:
+        """The task's message, kept with its failed record, so `redrive` can send it again."""
+        try:
+            self._table.update_item(
+                Key=_task_key(job_id, name),
+                UpdateExpression="SET dead_letter = :body",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":body": body},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def dead_letters(self, job_id: str) -> list[tuple[str, str]]:
+        """(name, message) of the job's failed tasks whose message ended in the dead-letter queue."""
+        return [
+            (str(o["name"]), str(o["dead_letter"]))
+            for o in self.outcomes(job_id)
+            if o.get("dead_letter") and o.get("status") == FAILED
+        ]
+
+    def redrive(self, job_id: str, name: str) -> bool:
+        """A failed task goes back to work: uncounted as failed (in the same transaction), claimable
+        again; its next outcome is counted as usual. True for the one caller that did it."""
+        shard = shard_of(name)
+        try:
+            self._client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _task_key(job_id, name),
+                            "UpdateExpression": "SET #s = :redriven REMOVE dead_letter",
+                            "ConditionExpression": "#s = :failed",
+                            "ExpressionAttributeNames": {"#s": "status"},
+                            "ExpressionAttributeValues": {":redriven": REDRIVEN, ":failed": FAILED},
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _count_key(job_id, shard),
+                            "UpdateExpression": "ADD failed :minus",
+                            "ExpressionAttributeValues": {":minus": -1},
+                        }
+                    },
+                ]
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def reopen(self, job_id: str) -> bool:
+        """A finished job gets work again (a redrive): running, so it finishes - and is announced - anew."""
+        try:
+            self._table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET #s = :running, reopened_at = :now REMOVE event_pending",
+                ConditionExpression="#s IN (:c1, :c2, :c3, :c4)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":running": RUNNING,
+                    ":now": self._now(),
+                    **{f":c{i}": s for i, s in enumerate(JOB_FINAL, start=1)},
+                },
             )
         except ClientError as exc:
             if _conditional_failed(exc):

@@ -76,6 +76,11 @@ class GeneratorSettings(_Common):
         return prices
 
 
+class DeadLetterSettings(_EnvSettings):
+    jobs_table: str
+    finisher_queue_url: str
+
+
 class FinisherSettings(_EnvSettings):
     output_bucket: str
     jobs_table: str
