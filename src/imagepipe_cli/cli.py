@@ -148,6 +148,14 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds before a failed task is retried (AWS: the queue's visibility timeout)",
     )
+    parser.add_argument(
+        "--chaos",
+        metavar="SPEC",
+        help="make the local runtime fail on purpose, each a probability: redeliver=P (a message delivered "
+        "twice), crash-after-call=P (an invocation dies after the API answered), crash-before-ack=P (the "
+        "work is done but the messages come back), throttle=P (an invocation refused); e.g. "
+        "redeliver=0.2,crash-after-call=0.05",
+    )
 
 
 def _faults_help() -> str:
@@ -170,6 +178,7 @@ def _stack_fields(args: argparse.Namespace) -> dict:
         "emulator_latency_ms": args.emulator_latency_ms,
         "emulator_faults": args.emulator_fault,
         "retry_delay_s": args.retry_delay,
+        "chaos": args.chaos or "",
     }
 
 

@@ -186,6 +186,11 @@ def test_a_task_another_delivery_is_working_on_is_not_called_twice(pipeline_fact
     event = lambda_sqs_event([message], pipeline.mapping().queue_arn, "us-east-1")
     response = pipeline.generator.invoke(event)
 
-    # Then it goes back to the queue for later, and the API was not called
-    assert response == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    # Then the API was not called; the task comes back later as a new delayed message (the wait does not
+    # count toward the dead-letter queue)
+    assert response == {"batchItemFailures": []}
     assert pipeline.emulator.stats().get("requests", 0) == 0
+    attrs = pipeline.client("sqs").get_queue_attributes(
+        QueueUrl=pipeline.tasks_queue, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )["Attributes"]
+    assert attrs["ApproximateNumberOfMessagesDelayed"] == "1"

@@ -223,7 +223,7 @@ def _upload_csv(s3: Any, bucket: str, key: str, rows: list[dict[str, Any]]) -> N
     def lines() -> Iterator[str]:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="")
-        writer.writerow(header)
+        writer.writerow([csv_cell(name) for name in header])
         yield buffer.getvalue()
         for row in rows:
             buffer.seek(0)

@@ -23,7 +23,12 @@ from imagepipe.providers import Action, Generation, Pending, Provider, ProviderE
 
 
 class RetryLater(Exception):
-    """The task cannot be done now and SQS should deliver it again (the message goes back)."""
+    """Another delivery holds the task's claim: look again after `after_s` seconds (as a new delayed
+    message, so the wait never counts toward the dead-letter queue)."""
+
+    def __init__(self, message: str, after_s: float) -> None:
+        super().__init__(message)
+        self.after_s = after_s
 
 
 @dataclass
@@ -58,6 +63,13 @@ class TaskProcessor:
             run.go()
         except ProviderError as exc:
             run.failed(exc)
+        except RetryLater as exc:
+            self.sqs.send_message(
+                QueueUrl=self.options.queue_url,
+                MessageBody=task.model_dump_json(),
+                DelaySeconds=max(1, min(900, int(exc.after_s) + 1)),
+            )
+            logger.info(f"{exc}: looking again in {exc.after_s:.0f} s", extra=run.log)
 
 
 class Batch:
@@ -194,7 +206,10 @@ class _Run:
         if state.status == "submitting":
             if self.p.clock() - state.claimed_at < self.p.options.claim_stale_s:
                 # Another delivery of this task is calling the API right now: come back later, when it is done.
-                raise RetryLater("another delivery of this task is in flight")
+                age = self.p.clock() - state.claimed_at
+                raise RetryLater(
+                    "another delivery of this task is in flight", self.p.options.claim_stale_s - age
+                )
             if self.provider.asynchronous:
                 # An earlier attempt submitted and never recorded the answer: the provider may have accepted
                 # (and will charge for) it, and a resend could be a second paid prediction.
@@ -210,7 +225,7 @@ class _Run:
         else:  # released: answered without being accepted; the earlier lost answers stay counted
             lost = self.p.state.claim(self.task.job_id, self.name, self.task.provider)
         if lost is None:
-            raise RetryLater("another delivery of this task claimed it first")
+            raise RetryLater("another delivery of this task claimed it first", self.p.options.claim_stale_s)
         self.answers_lost = lost
         return None
 

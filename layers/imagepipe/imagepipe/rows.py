@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,8 +40,41 @@ KNOWN_COLUMNS = (
     "params",
 )
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
-# A prompt is at most 4,000 characters; a field far larger than that is rejected, not a crash.
-csv.field_size_limit(1_000_000)
+FORMAT_LABELS = {"csv": "CSV", "jsonl": "JSONL"}
+# A prompt is at most 4,000 characters; a field (a JSONL line) far larger than that is rejected, not a crash.
+MAX_FIELD_CHARS = 1_000_000
+csv.field_size_limit(MAX_FIELD_CHARS)
+# A line longer than this is cut here (its row is rejected), so a file without line breaks cannot fill memory.
+MAX_LINE_BYTES = 8 * 2**20
+# What is in the first bytes of a file decides how it is read: text (UTF-8, UTF-16/32) or refused as binary.
+SNIFF_BYTES = 1024
+# Files that are not text, known by their first bytes: what they are and what to upload instead.
+_SIGNATURES = (
+    (b"\x1f\x8b", "a gzip file", "upload the uncompressed {ext}"),
+    (b"PK\x03\x04", "a zip file (an Excel .xlsx workbook is one)", "from Excel use Save As > CSV UTF-8"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Excel .xls workbook", "from Excel use Save As > CSV UTF-8"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image", "upload the {ext} file of prompts"),
+    (b"\xff\xd8\xff", "a JPEG image", "upload the {ext} file of prompts"),
+    (b"GIF8", "a GIF image", "upload the {ext} file of prompts"),
+    (b"%PDF-", "a PDF document", "upload the {ext} file of prompts"),
+    (b"BZh", "a bzip2 file", "upload the uncompressed {ext}"),
+    (b"\x28\xb5\x2f\xfd", "a zstd file", "upload the uncompressed {ext}"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "upload the uncompressed {ext}"),
+)
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE: its BOM starts the same way
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _undecodable(error: UnicodeError) -> tuple[str, int]:
+    # A lone surrogate, like the ones surrogateescape leaves in UTF-8: the row holding it is rejected.
+    return "\udcff", getattr(error, "end", 0)
+
+
+codecs.register_error("imagepipe-undecodable", _undecodable)
 
 
 class InputUnreadable(Exception):
@@ -73,15 +108,36 @@ def format_for_key(key: str) -> str:
     raise InputUnreadable(f"unsupported file type for {key!r}: use a .csv or .jsonl file")
 
 
-def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Lines (ends kept) from a stream of byte chunks, holding at most one line in memory."""
+def split_lines(chunks: Iterable[bytes], max_line: int | None = None) -> Iterator[bytes]:
+    """Lines (ends kept) from a stream of byte chunks, holding at most one line in memory.
+
+    With max_line, a longer line is cut to its first max_line bytes and a line end, and the rest of it
+    is skipped as it arrives, so a file without line breaks is never held whole."""
     pending = b""
+    skip = ""  # after a cut: "rest" of the line still to come, or the "lf" of a \r\n
     for chunk in chunks:
+        if skip == "lf" and chunk:
+            chunk, skip = chunk.removeprefix(b"\n"), ""
         lines = (pending + chunk).splitlines(keepends=True)
         pending = lines.pop() if lines else b""
-        yield from lines
-    if pending:
-        yield pending
+        for line in lines:
+            if skip == "rest":
+                skip = ""
+                continue
+            yield line if max_line is None else _cut(line, max_line)
+        if max_line is not None and len(pending.rstrip(b"\r\n")) > max_line:
+            if skip != "rest":
+                yield pending[:max_line] + b"\n"
+            # What of the line is still to come: nothing, the \n of a \r\n, or the rest of it.
+            skip = "" if pending.endswith(b"\n") else "lf" if pending.endswith(b"\r") else "rest"
+            pending = b""
+    if pending and skip != "rest":
+        yield pending if max_line is None else _cut(pending, max_line)
+
+
+def _cut(line: bytes, max_line: int) -> bytes:
+    body = line.rstrip(b"\r\n")
+    return line if len(body) <= max_line else body[:max_line] + b"\n"
 
 
 def decode_lines(byte_lines: Iterable[bytes]) -> Iterator[str]:
@@ -94,6 +150,60 @@ def decode_lines(byte_lines: Iterable[bytes]) -> Iterator[str]:
             text = text.removeprefix("\ufeff")
             first = False
         yield text
+
+
+def text_lines(chunks: Iterable[bytes], fmt: str) -> Iterator[str]:
+    """The text lines of a file's bytes, as the splitter reads them: UTF-8 (with or without a BOM), or
+    UTF-16/UTF-32 with a BOM, or UTF-16 without one (known by its NUL bytes), recoded to UTF-8. A file
+    that is not text (gzip, xlsx, an image ...) is InputUnreadable before any row is read."""
+    source = iter(chunks)
+    head = b""
+    for chunk in source:
+        head += chunk
+        if len(head) >= SNIFF_BYTES:
+            break
+    encoding = _sniff(head, fmt)
+    stream: Iterator[bytes] = itertools.chain([head], source)
+    if encoding != "utf-8":
+        stream = _recode(stream, encoding)
+    yield from decode_lines(split_lines(stream, MAX_LINE_BYTES))
+
+
+def _sniff(head: bytes, fmt: str) -> str:
+    """The encoding of a file from its first bytes, or InputUnreadable saying what the file is instead."""
+    label, ext = FORMAT_LABELS.get(fmt, fmt), f".{fmt}"
+    head = head[:SNIFF_BYTES]
+    for signature, what, advice in _SIGNATURES:
+        if head.startswith(signature):
+            raise InputUnreadable(f"this is {what}, not a {label} file: {advice.format(ext=ext)}")
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    # UTF-16 without a BOM: the header is ASCII, so every other byte is NUL.
+    sample = head[: min(len(head), 64) // 2 * 2]
+    pairs = len(sample) // 2
+    if pairs >= 4:
+        for encoding, text, nul in (
+            ("utf-16-le", sample[0::2], sample[1::2]),
+            ("utf-16-be", sample[1::2], sample[0::2]),
+        ):
+            if nul.count(0) >= pairs * 3 // 4 and text.count(0) == 0:
+                return encoding
+    controls = sum(1 for byte in head if byte < 0x20 and byte not in b"\t\n\x0b\x0c\r")
+    if controls >= max(16, len(head) // 20):
+        raise InputUnreadable(
+            f"this is not a {label} file: its first {len(head)} bytes hold {controls} control bytes "
+            f"(such as NUL) that text does not have. Save the prompts as UTF-8 text and upload the {ext}"
+        )
+    return "utf-8"
+
+
+def _recode(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
+    """UTF-16/32 as UTF-8 bytes; what does not decode becomes a lone surrogate, so its row is rejected."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="imagepipe-undecodable")
+    for chunk in chunks:
+        yield decoder.decode(chunk).encode("utf-8", "surrogatepass")
+    yield decoder.decode(b"", final=True).encode("utf-8", "surrogatepass")
 
 
 def read_rows(lines: Iterable[str], fmt: str, report: ReadReport) -> Iterator[RawRow]:
@@ -142,9 +252,10 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
             break
         except csv.Error as exc:
             if header is None:
-                raise InputUnreadable(f"the CSV header cannot be read: {exc}") from None
+                _check_not_jsonl(tape.taken)
+                raise InputUnreadable(f"the CSV header cannot be read: {_csv_problem(exc)}") from None
             number += 1
-            yield RawRow(number, None, f"the CSV row cannot be read: {exc}")
+            yield RawRow(number, None, f"the CSV row cannot be read: {_csv_problem(exc)}")
             # Only the record's first line is lost to the error; the lines it swallowed are read again.
             tape.rewind_after_first()
             reader = csv.reader(tape, skipinitialspace=True, strict=True)
@@ -153,13 +264,15 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
             if not any(value.strip() for value in fields):
                 continue  # blank lines before the header
             header = [name.strip().lower() for name in fields]
+            if "prompt" not in header:
+                _check_not_jsonl(tape.taken)
             _check_header(header, report)
             continue
         if not any(value.strip() for value in fields):
             report.blank_rows += 1
             continue
         number += 1
-        if len(fields) > len(header):
+        if len(fields) > len(header) and any(value.strip() for value in fields[len(header) :]):
             yield RawRow(
                 number,
                 None,
@@ -167,23 +280,60 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 "(quote prompts that contain commas)",
             )
             continue
-        yield RawRow(number, dict(zip(header, fields, strict=False)))
+        # Columns without a name (the trailing commas a spreadsheet leaves) are not read.
+        yield RawRow(number, {name: value for name, value in zip(header, fields, strict=False) if name})
     if header is None:
         raise InputUnreadable(
             "the file is empty: expected a header line such as id,prompt,negative_prompt,width,height"
         )
 
 
+def _csv_problem(exc: csv.Error) -> str:
+    """The csv module's complaint in words a user can act on."""
+    text = str(exc)
+    if "field larger than field limit" in text:
+        return (
+            f"a field is longer than {MAX_FIELD_CHARS:,} characters (a prompt may have at most "
+            f'{MAX_PROMPT_CHARS}), or a quote (") is left open'
+        )
+    if "unexpected end of data" in text:
+        return 'a quote (") is opened and never closed'
+    if "expected after" in text:
+        return (
+            'a quote (") ends in the middle of a field: quote the whole field, and write "" for a quote in it'
+        )
+    return text
+
+
 def _check_header(header: list[str], report: ReadReport) -> None:
     if "prompt" not in header:
+        found = ", ".join(header) or "nothing"
+        found = found if len(found) <= 200 else found[:200] + "..."
         raise InputUnreadable(
-            f"the CSV header has no 'prompt' column (found: {', '.join(header) or 'nothing'}); "
-            "expected id,prompt,negative_prompt,width,height"
+            f"the CSV header has no 'prompt' column (found: {found}); {_header_hint(header)}"
         )
-    duplicates = sorted({name for name in header if header.count(name) > 1})
+    named = [name for name in header if name]
+    duplicates = sorted({name for name in named if named.count(name) > 1})
     if duplicates:
         raise InputUnreadable(f"the CSV header repeats column(s): {', '.join(duplicates)}")
-    report.ignored_columns = [name for name in header if name not in KNOWN_COLUMNS]
+    report.ignored_columns = [name for name in named if name not in KNOWN_COLUMNS]
+
+
+def _check_not_jsonl(lines: list[str]) -> None:
+    first = lines[0].strip() if lines else ""
+    if first.startswith(("{", "[")):
+        shown = first if len(first) <= 60 else first[:60] + "..."
+        raise InputUnreadable(
+            f"the file looks like JSON Lines, not a CSV (the first line is {shown!r}): name it .jsonl"
+        )
+
+
+def _header_hint(header: list[str]) -> str:
+    first = header[0] if header else ""
+    for separator, name in ((";", "semicolons"), ("\t", "tabs")):
+        if separator in first and "prompt" in first:
+            return f"the columns are separated by {name}: save the file as CSV with commas (CSV UTF-8)"
+    return "expected id,prompt,negative_prompt,width,height"
 
 
 def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
@@ -194,10 +344,21 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
             report.blank_rows += 1
             continue
         number += 1
+        if len(line) > MAX_FIELD_CHARS:
+            yield RawRow(
+                number,
+                None,
+                f"the line is longer than {MAX_FIELD_CHARS:,} characters (a prompt may have at most "
+                f"{MAX_PROMPT_CHARS})",
+            )
+            continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield RawRow(number, None, f"the line is not valid JSON: {exc.msg} at column {exc.colno}")
+            if number == 1:
+                _check_first_jsonl_line(line)
+            message = exc.msg.removesuffix(" at")  # "Invalid control character at"
+            yield RawRow(number, None, f"the line is not valid JSON: {message} at column {exc.colno}")
             continue
         except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
             yield RawRow(number, None, f"the line cannot be read as JSON: {type(exc).__name__}")
@@ -208,6 +369,20 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
         ignored.update(k for k in value if k not in KNOWN_COLUMNS)
         yield RawRow(number, value)
     report.ignored_columns = sorted(ignored)
+
+
+def _check_first_jsonl_line(line: str) -> None:
+    """A first line that is not JSON tells the file is something else: say what, instead of rejecting
+    every line."""
+    text = line.strip()
+    shown = text if len(text) <= 60 else text[:60] + "..."
+    if text == "{" or text.startswith("["):  # a broken object on one line is only that row's problem
+        raise InputUnreadable(
+            f"the file is not JSON Lines: it looks like one JSON document over many lines (the first line "
+            f'is {shown!r}); write one JSON object per line, e.g. {{"id": "1", "prompt": "a cat"}}'
+        )
+    if "prompt" in text.lower() and "," in text and not text.startswith("{"):
+        raise InputUnreadable(f"the file looks like a CSV (the first line is {shown!r}): name it .csv")
 
 
 @dataclass(frozen=True)
@@ -227,6 +402,8 @@ def to_task(job_id: str, row: RawRow, defaults: RowDefaults | None = None) -> Im
     for name, value in values.items():
         if isinstance(value, str) and _has_undecodable_bytes(value):
             raise RowRejected(f"the {name} is not valid UTF-8 text: save the file as UTF-8")
+        if isinstance(value, str) and "\x00" in value:
+            raise RowRejected(f"the {name} holds a NUL byte (\\x00): remove it from the file")
     row_id = _row_id(values, row.number)
     prompt = _text(values.get("prompt"), "prompt")
     if not prompt:

@@ -24,16 +24,18 @@ from imagepipe.rows import (
     ReadReport,
     RowDefaults,
     RowRejected,
-    decode_lines,
     format_for_key,
     read_rows,
     row_id_of,
-    split_lines,
+    text_lines,
     to_task,
 )
 
 SQS_BATCH = 10
 READ_CHUNK = 256 * 1024
+# An input file larger than this fails its job before a byte of it is read (the splitter's 15 minutes and
+# /tmp would not hold the rows of a bigger one).
+MAX_INPUT_BYTES = 2 * 2**30
 MANIFEST_SPLITTING, MANIFEST_SPLIT, MANIFEST_UNREADABLE = "splitting", "split", "unreadable"
 MANIFEST_DUPLICATE = "duplicate"  # the same upload again: its job exists already
 
@@ -242,7 +244,13 @@ def split_object(
     seen: dict[str, int] = {}
     try:
         fmt = format_for_key(key)
-        for raw in read_rows(decode_lines(split_lines(obj["Body"].iter_chunks(READ_CHUNK))), fmt, report):
+        size = obj.get("ContentLength") or 0
+        if size > MAX_INPUT_BYTES:
+            raise InputUnreadable(
+                f"the file is {size:,} bytes; the limit is {MAX_INPUT_BYTES:,} bytes: "
+                "split it into smaller files"
+            )
+        for raw in read_rows(text_lines(obj["Body"].iter_chunks(READ_CHUNK), fmt), fmt, report):
             _split_row(raw, job_id, seen, log, sender, target)
         sender.flush()
     except InputUnreadable as exc:
@@ -273,8 +281,7 @@ def split_object(
     put_json(s3, target.output_bucket, layout.manifest_key, manifest)
     target.state.split_done(job_id, counts)
     # Every row may already be done (all rejected, or the generators were quick): then finish here.
-    if target.state.start_finishing(job_id):
-        sqs.send_message(QueueUrl=target.finisher_queue_url, MessageBody=json.dumps({"job_id": job_id}))
+    target.state.hand_to_finisher(sqs, target.finisher_queue_url, [job_id])
     return result
 
 

@@ -4,6 +4,7 @@ concurrency) and S3 -> function notifications."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,10 +65,53 @@ def failed_message_ids(response: Any, message_ids: list[str], report_batch_item_
     return failed
 
 
+CHAOS_KINDS = ("redeliver", "crash-after-call", "crash-before-ack", "throttle")
+
+
+@dataclass(frozen=True)
+class Chaos:
+    """What the local runtime does wrong on purpose, each a probability: deliver a message twice, kill an
+    invocation after the API answered (like a Lambda timeout), lose an invocation's acknowledgement after
+    its work was done, or throttle an invocation (its messages come back, their receive counted)."""
+
+    redeliver: float = 0.0
+    crash_after_call: float = 0.0
+    crash_before_ack: float = 0.0
+    throttle: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Chaos:
+        """ "redeliver=0.2,crash-after-call=0.05"; ValueError with a one-line reason."""
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, number = part.partition("=")
+            if name not in CHAOS_KINDS:
+                raise ValueError(f"unknown chaos {name!r}: use {', '.join(k + '=P' for k in CHAOS_KINDS)}")
+            try:
+                probability = float(number)
+            except ValueError:
+                probability = -1.0
+            if not 0 <= probability <= 1:
+                raise ValueError(f"chaos {part!r}: P must be a number from 0 to 1")
+            values[name.replace("-", "_")] = probability
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return ",".join(
+            f"{k}={getattr(self, k.replace('-', '_')):g}"
+            for k in CHAOS_KINDS
+            if getattr(self, k.replace("-", "_"))
+        )
+
+
 @dataclass
 class PollerStats:
     deleted: int = 0
     returned: int = 0
+    redelivered: int = 0
+    throttled: int = 0
+    acks_lost: int = 0
     fatal: str | None = None  # the poller stopped on this error
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,6 +136,7 @@ class SqsPoller:
         concurrency: int | None = None,
         retry_delay_s: int = 1,
         idle_sleep_s: float = 0.2,
+        chaos: Chaos | None = None,
     ) -> None:
         self._sqs, self._mapping, self._function, self._region = sqs, mapping, function, region
         self.batch_size = batch_size or mapping.batch_size
@@ -100,6 +145,9 @@ class SqsPoller:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = PollerStats()
+        self._chaos = chaos or Chaos()
+        self._rng = random.Random(self._chaos.seed)
+        self._rng_lock = threading.Lock()
 
     def start(self) -> None:
         for index in range(self.concurrency):
@@ -135,15 +183,38 @@ class SqsPoller:
             self._invoke(messages)
         return len(messages)
 
+    def _chance(self, probability: float) -> bool:
+        if not probability:
+            return False
+        with self._rng_lock:
+            return self._rng.random() < probability
+
     def _invoke(self, messages: list[dict]) -> None:
         ids = [m["MessageId"] for m in messages]
-        try:
-            response = self._function.invoke(
-                lambda_sqs_event(messages, self._mapping.queue_arn, self._region)
-            )
-            failed = failed_message_ids(response, ids, self._mapping.report_batch_item_failures)
-        except FunctionError:
-            failed = set(ids)  # the function's log has the error; Lambda returns the whole batch
+        for message in messages:
+            if self._chance(self._chaos.redeliver):
+                # At-least-once: the same task again, to be received by another poller, maybe at once.
+                self._sqs.send_message(QueueUrl=self._mapping.queue_url, MessageBody=message["Body"])
+                with self.stats.lock:
+                    self.stats.redelivered += 1
+        if self._chance(self._chaos.throttle):
+            # Lambda refused the invocation: the batch goes back, its receives counted, nothing ran.
+            failed = set(ids)
+            with self.stats.lock:
+                self.stats.throttled += 1
+        else:
+            try:
+                response = self._function.invoke(
+                    lambda_sqs_event(messages, self._mapping.queue_arn, self._region)
+                )
+                failed = failed_message_ids(response, ids, self._mapping.report_batch_item_failures)
+            except FunctionError:
+                failed = set(ids)  # the function's log has the error; Lambda returns the whole batch
+            if self._chance(self._chaos.crash_before_ack):
+                # The work was done, but the invocation timed out before Lambda could delete the messages.
+                failed = set(ids)
+                with self.stats.lock:
+                    self.stats.acks_lost += 1
         done = [m for m in messages if m["MessageId"] not in failed]
         back = [m for m in messages if m["MessageId"] in failed]
         if done:

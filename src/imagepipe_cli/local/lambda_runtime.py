@@ -137,6 +137,7 @@ class ProcessFunction:
     ) -> None:
         self.function, self.region = function, region
         self.invocations, self.billed_s = 0, 0.0  # what Lambda would bill: handler time per invocation
+        self.failures = 0  # invocations that raised (or were killed by --chaos)
         self._lock = threading.Lock()
         env = {**function.env, **env_overrides}
         self._pool = ProcessPoolExecutor(
@@ -153,6 +154,7 @@ class ProcessFunction:
         with self._lock:
             self.invocations += 1
             self.billed_s += outcome.seconds
+            self.failures += outcome.error is not None
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
@@ -171,10 +173,35 @@ class _Outcome:
 _HANDLER: Callable[[dict, Any], Any] | None = None
 
 
+class ChaosCrash(BaseException):
+    """The local runtime killing an invocation on purpose (`--chaos crash-after-call=P`): a
+    BaseException, so no handler code catches it, like a Lambda timeout."""
+
+
+def _crash_after_calls(probability: float) -> None:
+    """Every provider call that got an answer may be followed by the invocation dying, before the
+    answer is recorded or the message deleted."""
+    import random
+
+    from imagepipe.providers import base
+
+    answered, rng = base.Provider.run, random.Random()
+
+    def run(self: Any, call: Callable[[], Any]) -> Any:
+        result = answered(self, call)
+        if rng.random() < probability:
+            raise ChaosCrash("chaos: the invocation died after the API answered")
+        return result
+
+    base.Provider.run = run  # type: ignore[method-assign]
+
+
 def _start_environment(code_dir: str, handler: str, env: dict[str, str], log_path: str) -> None:
     """Runs once in each new worker process: Lambda's init phase."""
     global _HANDLER
     os.environ.update(env)
+    if float(env.get("IMAGEPIPE_CHAOS_CRASH_AFTER_CALL") or 0):
+        _crash_after_calls(float(env["IMAGEPIPE_CHAOS_CRASH_AFTER_CALL"]))
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)  # the function's stdout/stderr (Powertools' JSON logs) go to its log file
     os.dup2(log, 2)
@@ -188,7 +215,7 @@ def _invoke(logical_id: str, event: dict, context: LambdaContext) -> _Outcome:
     try:
         result = json.loads(json.dumps(_HANDLER(event, context)))
         return _Outcome(result, time.monotonic() - started)
-    except Exception as exc:
+    except (Exception, ChaosCrash) as exc:
         traceback.print_exc()
         sys.stderr.flush()
         return _Outcome(

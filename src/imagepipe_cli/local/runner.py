@@ -25,6 +25,7 @@ from imagepipe.records import get_json
 from imagepipe.rows import FORMATS
 from imagepipe_cli.emulators import emulator_class
 from imagepipe_cli.emulators.base import parse_fault
+from imagepipe_cli.local.event_sources import Chaos
 from imagepipe_cli.local.runtime import LocalRuntime, RuntimeFailure, RuntimeSetupError, StackOptions
 from imagepipe_cli.local.template import load_template
 from imagepipe_cli.progress import Progress as _Progress
@@ -122,6 +123,11 @@ def check_stack_options(options: StackOptions) -> None:
         raise RunError(f"{options.template}: template not found (use --template)")
     if options.provider not in PROVIDER_NAMES:
         raise RunError(f"--provider {options.provider!r}: use one of {', '.join(PROVIDER_NAMES)}")
+    if options.chaos:
+        try:
+            Chaos.parse(options.chaos)
+        except ValueError as exc:
+            raise RunError(f"--chaos: {exc}") from None
     for fault in options.emulator_faults:
         try:
             parse_fault(fault, emulator_class(options.provider).FAULTS)

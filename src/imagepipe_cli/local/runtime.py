@@ -20,7 +20,7 @@ from imagepipe.jobstate import JobState
 from imagepipe.providers import provider_class
 from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault
-from imagepipe_cli.local.event_sources import Delivery, EventBridgeRules, S3Notifications, SqsPoller
+from imagepipe_cli.local.event_sources import Chaos, Delivery, EventBridgeRules, S3Notifications, SqsPoller
 from imagepipe_cli.local.lambda_runtime import ProcessFunction
 from imagepipe_cli.local.moto_server import MotoServer
 from imagepipe_cli.local.stack import LocalStack, deploy_stack
@@ -45,6 +45,13 @@ class StackOptions:
     emulator_latency_ms: float = 50.0
     emulator_faults: list[str] = field(default_factory=list)
     retry_delay_s: int = 1
+    chaos: str = ""  # e.g. "redeliver=0.2,crash-after-call=0.05" (see Chaos)
+
+
+# With chaos, a crashed invocation's task comes back after --retry-delay, not after the queue's 30-minute
+# visibility timeout; its claim on the API call must then count as abandoned after seconds, not after the
+# function's 300 s Timeout - and an HTTP call must not outlive that.
+CHAOS_TIMING = {"CLAIM_STALE_SECONDS": "6", "HTTP_TIMEOUT_SECONDS": "2"}
 
 
 class RuntimeSetupError(Exception):
@@ -97,13 +104,18 @@ class LocalRuntime:
             "AWS_REGION": REGION,
             "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon here
         }
+        self.chaos = Chaos.parse(options.chaos) if options.chaos else Chaos()
+        chaos_env = {**CHAOS_TIMING, "IMAGEPIPE_CHAOS_CRASH_AFTER_CALL": str(self.chaos.crash_after_call)}
         self.functions = {
             logical_id: cleanup.enter_context(
                 closing(
                     ProcessFunction(
                         fn,
                         concurrency=_concurrency_for(self.stack, logical_id, options),
-                        env_overrides=env,
+                        env_overrides={
+                            **env,
+                            **(chaos_env if options.chaos and logical_id == GENERATOR else {}),
+                        },
                         log_path=self.logs / f"{logical_id}.log",
                         region=REGION,
                     )
@@ -134,6 +146,7 @@ class LocalRuntime:
                 batch_size=options.batch_size if mapping.function == GENERATOR else None,
                 concurrency=_concurrency_for(self.stack, mapping.function, options),
                 retry_delay_s=options.retry_delay_s,
+                chaos=self.chaos if mapping.function == GENERATOR else None,
             )
             for mapping in self.stack.queue_mappings
         ]
@@ -191,6 +204,13 @@ class LocalRuntime:
         """What the run cost in Lambda time and API calls (what `make bench` reports)."""
         stats = {
             "rows": rows,
+            "chaos": {
+                "spec": str(self.chaos),
+                "redelivered": sum(p.stats.redelivered for p in self.pollers),
+                "throttled": sum(p.stats.throttled for p in self.pollers),
+                "acks_lost": sum(p.stats.acks_lost for p in self.pollers),
+                "invocations_failed": sum(fn.failures for fn in self.functions.values()),
+            },
             "functions": {
                 name: {"invocations": fn.invocations, "billed_seconds": round(fn.billed_s, 3)}
                 for name, fn in self.functions.items()
