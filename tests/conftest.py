@@ -194,7 +194,7 @@ class Pipeline:
             polls += 1
         return polls
 
-    def drain_all(self, max_seconds: float = 30.0) -> None:
+    def drain_all(self, max_seconds: float = 120.0) -> None:
         """Lambda's pollers until nothing is waiting, in flight or delayed (handed-back predictions come
         back after their delay, so this waits for them); the finisher included."""
         import time
