@@ -149,6 +149,12 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         help="seconds before a failed task is retried (AWS: the queue's visibility timeout)",
     )
     parser.add_argument(
+        "--max-attempts",
+        type=positive_int,
+        metavar="N",
+        help="deliveries of a task before the dead-letter queue (default: TaskMaxReceiveCount in template.yaml)",
+    )
+    parser.add_argument(
         "--chaos",
         metavar="SPEC",
         help="make the local runtime fail on purpose, each a probability: redeliver=P (a message delivered "
@@ -179,6 +185,7 @@ def _stack_fields(args: argparse.Namespace) -> dict:
         "emulator_faults": args.emulator_fault,
         "retry_delay_s": args.retry_delay,
         "chaos": args.chaos or "",
+        "max_attempts": args.max_attempts,
     }
 
 

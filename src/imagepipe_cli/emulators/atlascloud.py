@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from imagepipe_cli.emulators.base import (
     PROBABILITY,
+    RATE_FAULTS,
     WORD,
     WORD_COUNT,
     BaseEmulator,
@@ -83,6 +84,7 @@ class AtlasCloudEmulator(BaseEmulator):
         "region": WORD,  # 451 on submit
         "poll-flaky": WORD_COUNT,  # the first N polls of a matching prediction get 503
         "sync": WORD,  # the submit answer already carries the outputs, status completed
+        **RATE_FAULTS,  # rate-limit-rate=P, malformed-rate=P, hang-rate=P
     }
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {"ATLASCLOUD_API_KEY": "emulator-atlascloud-key"}
     # `refuse` is not among them: a refused prompt's submit is accepted and the prediction fails.

@@ -12,6 +12,7 @@ from imagepipe_cli.emulators.base import (
     COUNT,
     FLAG,
     PROBABILITY,
+    RATE_FAULTS,
     WORD,
     WORD_COUNT,
     BaseEmulator,
@@ -63,6 +64,7 @@ class BaiduOAuthEmulator(BaseEmulator):
         "error-rate": PROBABILITY,  # random HTTP 500s
         "revoke-tokens-every": COUNT,  # every N successes all tokens are revoked (then 110)
         "expire-tokens": FLAG,  # every token answers 111
+        **RATE_FAULTS,  # rate-limit-rate=P, malformed-rate=P, hang-rate=P
     }
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {
         "BAIDU_API_KEY": "emulator-api-key",

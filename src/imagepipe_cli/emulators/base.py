@@ -73,6 +73,10 @@ COMMON_FAULTS: dict[str, str] = {
     "malformed": WORD,  # a 200 that is not the API's answer
     "error-rate": PROBABILITY,  # random server errors (seeded)
 }
+# Probability twins of WORD faults, for fault mixes over many rows ("5% of requests are rate limited").
+RATE_TWINS: dict[str, str] = {"rate-limit-rate": "rate-limit", "malformed-rate": "malformed"}
+RATE_FAULTS: dict[str, str] = {**dict.fromkeys(RATE_TWINS, PROBABILITY), "hang-rate": PROBABILITY}
+COMMON_FAULTS.update(RATE_FAULTS)
 
 
 def parse_fault(text: str, kinds: dict[str, str]) -> Fault:
@@ -365,6 +369,10 @@ class BaseEmulator:
                 fault = self.prompt_fault(kind, prompt)
             if fault is not None:
                 raise answer(kind, fault)
+        for twin, kind in RATE_TWINS.items():
+            fault = self.chance(twin) if twin in self.FAULTS and kind in self.REFUSALS else None
+            if fault is not None:
+                raise answer(kind, fault)
 
     def charge(self, prompt: str, images: int = 0) -> None:
         """Count a request as paid: the API bills it from here on, even if its answer never arrives."""
@@ -381,7 +389,8 @@ class BaseEmulator:
     def hang(self, prompt: str) -> None:
         """The `hang` fault: an accepted request's answer comes hang_s late, or never when the emulator
         stops meanwhile (its client is cut off quietly)."""
-        if self.prompt_fault("hang", prompt) and self._stopping.wait(self.hang_s):
+        hung = self.prompt_fault("hang", prompt) or ("hang-rate" in self.FAULTS and self.chance("hang-rate"))
+        if hung and self._stopping.wait(self.hang_s):
             raise ConnectionAbortedError("emulator stopped during a hang")
 
     def accept(self, prompt: str, n: int) -> None:

@@ -89,7 +89,8 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
             error = job.get("error") or job["summary"]["error"]
             raise RunError(f"{options.input}: {error['message']}")
         rows = download_results(s3, stack.outputs["OutputBucketName"], job_id, options.out)
-        runtime.write_stats(logs / "run-stats.json", len(rows))
+        time.sleep(0.5)  # the completion event travels EventBridge -> the local tap queue
+        runtime.write_stats(logs / "run-stats.json", len(rows), runtime.completions())
         manifest = get_json(s3, stack.outputs["OutputBucketName"], f"jobs/{job_id}/manifest.json") or {}
     seconds = time.monotonic() - started
     code = EXIT_OK if all(r["status"] == STATUS_SUCCEEDED for r in rows) else EXIT_ROWS_FAILED

@@ -46,6 +46,7 @@ class StackOptions:
     emulator_faults: list[str] = field(default_factory=list)
     retry_delay_s: int = 1
     chaos: str = ""  # e.g. "redeliver=0.2,crash-after-call=0.05" (see Chaos)
+    max_attempts: int | None = None  # the stack's TaskMaxReceiveCount
 
 
 # With chaos, a crashed invocation's task comes back after --retry-delay, not after the queue's 30-minute
@@ -200,10 +201,18 @@ class LocalRuntime:
                 return False
         return True
 
-    def write_stats(self, path: Path, rows: int) -> None:
-        """What the run cost in Lambda time and API calls (what `make bench` reports)."""
+    def write_stats(self, path: Path, rows: int, events: list[dict] | None = None) -> None:
+        """What the run cost in Lambda time and API calls (what `make bench` reports), what the chaos did,
+        and the completion events the stack published."""
         stats = {
             "rows": rows,
+            "completion_events": [e.get("detail") for e in events or []],
+            "dead_letter_queue": int(
+                self.sqs.get_queue_attributes(
+                    QueueUrl=self.stack.outputs["TasksDeadLetterQueueUrl"],
+                    AttributeNames=["ApproximateNumberOfMessages"],
+                )["Attributes"]["ApproximateNumberOfMessages"]
+            ),
             "chaos": {
                 "spec": str(self.chaos),
                 "redelivered": sum(p.stats.redelivered for p in self.pollers),
@@ -219,7 +228,8 @@ class LocalRuntime:
                 name: api.emulator.stats() for name, api in self.apis.items() if api.emulator is not None
             },
         }
-        for api in stats["emulators"].values():  # per-prompt counters are for tests, not for a summary
+        for api in stats["emulators"].values():  # per-prompt counters, apart: what each prompt was billed
+            api["paid_by_prompt"] = {k[5:]: api.pop(k) for k in [k for k in api if k.startswith("paid:")]}
             for key in [k for k in api if ":" in k]:
                 del api[key]
         path.write_text(json.dumps(stats, indent=2), encoding="utf-8")
@@ -249,6 +259,9 @@ def _stack_parameters(template: Template, options: StackOptions, apis: dict[str,
     if options.concurrency is not None:
         _check_range(template, "GeneratorMaxConcurrency", "--concurrency", options.concurrency)
         params["GeneratorMaxConcurrency"] = str(options.concurrency)
+    if options.max_attempts is not None:
+        _check_range(template, "TaskMaxReceiveCount", "--max-attempts", options.max_attempts)
+        params["TaskMaxReceiveCount"] = str(options.max_attempts)
     return params
 
 
