@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import EXAMPLES, load_event
 
 
@@ -140,3 +142,53 @@ def test_a_row_its_provider_cannot_serve_is_rejected_before_any_paid_call(pipeli
     assert "provider 'midjourney' is not one of" in reasons["who"]
     assert "params cannot set prompt" in reasons["params"]
     assert sum(e.stats().get("requests", 0) for e in pipeline.emulators.values()) == 0
+
+
+def test_a_split_taken_over_after_its_splitter_died_queues_no_row_twice(pipeline):
+    # Given a 45-row upload whose splitter dies after queuing its first two batches (20 rows)
+    from imagepipe.splitter import SplitTarget, split_object
+
+    body = "id,prompt\n" + "".join(f"r{i},a picture number {i}\n" for i in range(1, 46))
+    pipeline.upload("inbox/big.csv", body.encode(), job_id="takeover")
+    s3, sqs = pipeline.client("s3"), pipeline.client("sqs")
+
+    class DiesAfterTwoBatches:
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def send_message_batch(self, **kwargs):
+            if self.batches == 2:
+                raise RuntimeError("the splitter's invocation timed out")
+            self.batches += 1
+            return sqs.send_message_batch(**kwargs)
+
+    def target(lease_s: float) -> SplitTarget:
+        return SplitTarget(
+            queue_url=pipeline.tasks_queue,
+            output_bucket=pipeline.output_bucket,
+            state=pipeline.state,
+            finisher_queue_url=pipeline.stack.outputs["FinisherQueueUrl"],
+            lease_s=lease_s,
+        )
+
+    with pytest.raises(RuntimeError):
+        split_object(
+            s3=s3,
+            sqs=DiesAfterTwoBatches(),
+            target=target(60),
+            bucket=pipeline.input_bucket,
+            key="inbox/big.csv",
+        )
+
+    # When Lambda retries it while the first is fresh, it waits; once the first is stale, it takes over
+    from imagepipe.jobstate import SplitInProgress
+
+    with pytest.raises(SplitInProgress):
+        split_object(s3=s3, sqs=sqs, target=target(60), bucket=pipeline.input_bucket, key="inbox/big.csv")
+    result = split_object(s3=s3, sqs=sqs, target=target(0), bucket=pipeline.input_bucket, key="inbox/big.csv")
+
+    # Then every row is on the queue exactly once, the job is split and counts all 45
+    queued = sorted(json.loads(m["Body"])["row_number"] for m in pipeline.queued_messages())
+    assert queued == list(range(1, 46))
+    assert (result.status, result.queued) == ("split", 45)
+    assert pipeline.job("takeover")["status"] == "running"

@@ -36,6 +36,10 @@ JOB_FINAL = (COMPLETED, COMPLETED_WITH_FAILURES, FAILED, CANCELLED)
 RECORD_TTL_S = 60 * 24 * 3600  # longer than any job: state outlives every redelivery
 
 
+class SplitInProgress(Exception):
+    """Another invocation is splitting this job right now (the invocation fails, Lambda retries it later)."""
+
+
 def shard_of(name: str) -> int:
     return zlib.crc32(name.encode("utf-8", "surrogatepass")) % SHARDS
 
@@ -131,33 +135,68 @@ class JobState:
 
     # ------------------------------------------------------------------ the job record
 
-    def create_job(self, job_id: str, fields: dict[str, Any], *, stale_after_s: float) -> bool:
-        """Start the job's record (status splitting). False when the job exists already - a second
-        delivery of the same upload - unless its split was abandoned (still splitting after
-        stale_after_s: the splitter that held it is gone), which this call then takes over."""
+    def create_job(self, job_id: str, fields: dict[str, Any], *, owner: str, lease_s: float) -> int | None:
+        """Take the job's split. A new job: its record (status splitting), returns 0. A split whose
+        splitter is gone (no progress for lease_s - a crash, a timeout): taken over, returns the last row
+        it had queued, so no row is queued twice. None when the job exists already and is split - a second
+        delivery of the same upload. SplitInProgress while another splitter is live on it."""
         now = self._now()
         item = {**_job_key(job_id), **_dynamo(fields), "job_id": job_id, "status": SPLITTING}
-        item.update(created_at=now, split_started_at=now, expires_at=self._ttl())
+        item.update(
+            created_at=now, split_owner=owner, split_heartbeat=now, split_through=0, expires_at=self._ttl()
+        )
         try:
+            self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+        else:
             self._table.put_item(
-                Item=item,
-                ConditionExpression="attribute_not_exists(pk) OR (#s = :splitting AND split_started_at < :stale)",
+                Item={
+                    "pk": "JOBS",
+                    "sk": f"{fields.get('created_iso', '')}#{job_id}",
+                    "job_id": job_id,
+                    "expires_at": self._ttl(),
+                }
+            )
+            return 0
+        job = self.job(job_id) or {}
+        if job.get("status") != SPLITTING:
+            return None
+        if float(job.get("split_heartbeat", 0)) >= float(now) - lease_s:
+            raise SplitInProgress(f"job {job_id} is being split by another invocation")
+        try:
+            self._table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET split_owner = :me, split_heartbeat = :now",
+                ConditionExpression="#s = :splitting AND split_heartbeat = :seen",
                 ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":splitting": SPLITTING, ":stale": now - _num(stale_after_s)},
+                ExpressionAttributeValues={
+                    ":me": owner,
+                    ":now": now,
+                    ":splitting": SPLITTING,
+                    ":seen": _num(float(job.get("split_heartbeat", 0))),
+                },
             )
         except ClientError as exc:
             if _conditional_failed(exc):
-                return False
+                raise SplitInProgress(f"job {job_id} was taken over by another invocation") from None
             raise
-        self._table.put_item(
-            Item={
-                "pk": "JOBS",
-                "sk": f"{fields.get('created_iso', '')}#{job_id}",
-                "job_id": job_id,
-                "expires_at": self._ttl(),
-            }
-        )
-        return True
+        return int(job.get("split_through", 0))
+
+    def split_progress(self, job_id: str, owner: str, through_row: int) -> None:
+        """Every row up to through_row is on the queue (and this splitter is alive)."""
+        try:
+            self._table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET split_through = :row, split_heartbeat = :now",
+                ConditionExpression="split_owner = :me",
+                ExpressionAttributeValues={":row": through_row, ":now": self._now(), ":me": owner},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise SplitInProgress(f"job {job_id} was taken over by another invocation") from None
+            raise
 
     def split_done(self, job_id: str, fields: dict[str, Any]) -> None:
         """The file is split: how many rows, how many queued and rejected (a file that could not be read

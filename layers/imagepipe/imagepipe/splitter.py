@@ -7,6 +7,7 @@ import json
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -55,8 +56,8 @@ class SplitTarget:
     check: Callable[[ImageTask], str | None] = lambda task: None
     defaults: RowDefaults = field(default_factory=RowDefaults)
     default_max_cost: float | None = None
-    # A split still "splitting" after this long was abandoned (the function's Timeout): a retry takes over.
-    stale_after_s: float = 900.0
+    # A split that made no progress for this long was abandoned (a crash): a retry takes it over.
+    lease_s: float = 60.0
 
 
 @dataclass
@@ -91,23 +92,30 @@ class TaskSender:
         on_rejected: Callable[[ImageTask, str], None],
         max_attempts: int = 5,
         sleep: Callable[[float], None] = time.sleep,
+        on_sent: Callable[[int], None] = lambda through_row: None,
+        skip_through: int = 0,
     ) -> None:
         self._sqs, self._queue_url, self._on_rejected = sqs, queue_url, on_rejected
         self._max_attempts, self._sleep = max_attempts, sleep
         self._pending: list[ImageTask] = []
         self.sent = 0
+        # A split taken over from a splitter that died: the rows it queued are not queued again.
+        self._on_sent, self._skip_through = on_sent, skip_through
 
     def add(self, task: ImageTask) -> None:
+        if task.row_number <= self._skip_through:
+            return
         self._pending.append(task)
         if len(self._pending) == SQS_BATCH:
             self.flush()
 
     def flush(self) -> None:
         entries = {str(i): task for i, task in enumerate(self._pending)}
+        through = max((task.row_number for task in self._pending), default=0)
         self._pending = []
         for attempt in range(1, self._max_attempts + 1):
             if not entries:
-                return
+                break
             response = self._sqs.send_message_batch(
                 QueueUrl=self._queue_url,
                 Entries=[{"Id": i, "MessageBody": t.model_dump_json()} for i, t in entries.items()],
@@ -128,6 +136,8 @@ class TaskSender:
                 self._sleep(min(0.1 * 2**attempt, 2.0))
         if entries:
             raise SendFailed(f"SQS did not accept {len(entries)} task(s) after {self._max_attempts} attempts")
+        if through:
+            self._on_sent(through)  # a checkpoint: a takeover queues only the rows after it
 
 
 RowCheck = Callable[[ImageTask], "str | None"]
@@ -226,7 +236,9 @@ def split_object(
         "created_iso": started,
         "rows_key": layout.rows_key,
     }
-    if not target.state.create_job(job_id, record, stale_after_s=target.stale_after_s):
+    owner = uuid.uuid4().hex
+    resume_after = target.state.create_job(job_id, record, owner=owner, lease_s=target.lease_s)
+    if resume_after is None:
         return SplitResult(job_id=job_id, status=MANIFEST_DUPLICATE)
     manifest: dict[str, Any] = {
         "job_id": job_id,
@@ -240,7 +252,13 @@ def split_object(
     log = RowLog()
     result = SplitResult(job_id=job_id, status=MANIFEST_SPLIT, warnings=warnings)
     report = ReadReport()
-    sender = TaskSender(sqs, target.queue_url, on_rejected=lambda task, reason: _unqueue(log, task, reason))
+    sender = TaskSender(
+        sqs,
+        target.queue_url,
+        on_rejected=lambda task, reason: _unqueue(log, task, reason),
+        on_sent=lambda through_row: target.state.split_progress(job_id, owner, through_row),
+        skip_through=resume_after,
+    )
     seen: dict[str, int] = {}
     try:
         fmt = format_for_key(key)
