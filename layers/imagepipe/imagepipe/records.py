@@ -27,10 +27,3 @@ def get_json(s3: Any, bucket: str, key: str) -> Any | None:
     except s3.exceptions.NoSuchKey:
         return None
     return json.loads(body)
-
-
-def list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
-    keys: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(item["Key"] for item in page.get("Contents", []))
-    return keys
