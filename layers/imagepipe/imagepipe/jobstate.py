@@ -33,6 +33,8 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 SPLITTING, FINISHING = "splitting", "finishing"
 COMPLETED, COMPLETED_WITH_FAILURES = "completed", "completed_with_failures"
 JOB_FINAL = (COMPLETED, COMPLETED_WITH_FAILURES, FAILED, CANCELLED)
+# ":c1".. ":c4": the final statuses, for conditions written `#s IN (:c1, :c2, :c3, :c4)`.
+_FINAL_VALUES = {f":c{i}": status for i, status in enumerate(JOB_FINAL, start=1)}
 RECORD_TTL_S = 60 * 24 * 3600  # longer than any job: state outlives every redelivery
 
 
@@ -73,6 +75,26 @@ def _conditional_failed(exc: ClientError) -> bool:
     return error.get("Code") == "TransactionCanceledException" and any(
         r.get("Code") == "ConditionalCheckFailed" for r in reasons
     )
+
+
+def _assignments(fields: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """`#f0 = :v0, #f1 = :v1 ...` for an update's fields (None left out), with their names and values."""
+    fields = _dynamo(fields)
+    names = {f"#f{i}": name for i, name in enumerate(fields)}
+    values = {f":v{i}": value for i, value in enumerate(fields.values())}
+    return ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))), names, values
+
+
+def _conditionally(write: Callable[..., Any], **request: Any) -> bool:
+    """A conditional write: True if it was made, False if its condition did not hold (any other error
+    is raised)."""
+    try:
+        write(**request)
+    except ClientError as exc:
+        if _conditional_failed(exc):
+            return False
+        raise
+    return True
 
 
 def _num(value: float) -> Decimal:
@@ -165,52 +187,42 @@ class JobState:
             return None
         if float(job.get("split_heartbeat", 0)) >= float(now) - lease_s:
             raise SplitInProgress(f"job {job_id} is being split by another invocation")
-        try:
-            self._table.update_item(
-                Key=_job_key(job_id),
-                UpdateExpression="SET split_owner = :me, split_heartbeat = :now",
-                ConditionExpression="#s = :splitting AND split_heartbeat = :seen",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":me": owner,
-                    ":now": now,
-                    ":splitting": SPLITTING,
-                    ":seen": _num(float(job.get("split_heartbeat", 0))),
-                },
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                raise SplitInProgress(f"job {job_id} was taken over by another invocation") from None
-            raise
+        if not _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET split_owner = :me, split_heartbeat = :now",
+            ConditionExpression="#s = :splitting AND split_heartbeat = :seen",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":me": owner,
+                ":now": now,
+                ":splitting": SPLITTING,
+                ":seen": _num(float(job.get("split_heartbeat", 0))),
+            },
+        ):
+            raise SplitInProgress(f"job {job_id} was taken over by another invocation")
         return int(job.get("split_through", 0))
 
     def split_progress(self, job_id: str, owner: str, through_row: int) -> None:
         """Every row up to through_row is on the queue (and this splitter is alive)."""
-        try:
-            self._table.update_item(
-                Key=_job_key(job_id),
-                UpdateExpression="SET split_through = :row, split_heartbeat = :now",
-                ConditionExpression="split_owner = :me",
-                ExpressionAttributeValues={":row": through_row, ":now": self._now(), ":me": owner},
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                raise SplitInProgress(f"job {job_id} was taken over by another invocation") from None
-            raise
+        if not _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET split_through = :row, split_heartbeat = :now",
+            ConditionExpression="split_owner = :me",
+            ExpressionAttributeValues={":row": through_row, ":now": self._now(), ":me": owner},
+        ):
+            raise SplitInProgress(f"job {job_id} was taken over by another invocation")
 
     def split_done(self, job_id: str, fields: dict[str, Any]) -> None:
         """The file is split: how many rows, how many queued and rejected (a file that could not be read
         at all has an error and no rows: the finisher then ends the job failed)."""
-        names, values, sets = {"#s": "status"}, {":status": RUNNING, ":now": self._now()}, []
-        for index, (name, value) in enumerate(_dynamo(fields).items()):
-            names[f"#f{index}"] = name
-            values[f":v{index}"] = value
-            sets.append(f"#f{index} = :v{index}")
+        sets, names, values = _assignments(fields)
         self._table.update_item(
             Key=_job_key(job_id),
-            UpdateExpression="SET #s = :status, split_at = :now, " + ", ".join(sets),
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
+            UpdateExpression="SET #s = :status, split_at = :now, " + sets,
+            ExpressionAttributeNames={**names, "#s": "status"},
+            ExpressionAttributeValues={**values, ":status": RUNNING, ":now": self._now()},
         )
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -235,23 +247,18 @@ class JobState:
 
     def request_cancel(self, job_id: str) -> bool:
         """Ask the job to stop: no more paid calls; its rows not yet made end cancelled."""
-        try:
-            self._table.update_item(
-                Key=_job_key(job_id),
-                UpdateExpression="SET cancel_requested = :true, cancel_requested_at = :now",
-                ConditionExpression="attribute_exists(pk) AND NOT #s IN (:c1, :c2, :c3, :c4)",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":true": True,
-                    ":now": self._now(),
-                    **{f":c{i}": s for i, s in enumerate(JOB_FINAL, start=1)},
-                },
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET cancel_requested = :true, cancel_requested_at = :now",
+            ConditionExpression="attribute_exists(pk) AND NOT #s IN (:c1, :c2, :c3, :c4)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":true": True,
+                ":now": self._now(),
+                **_FINAL_VALUES,
+            },
+        )
 
     def recent_jobs(self, limit: int = 20) -> list[str]:
         answer = self._table.query(
@@ -275,40 +282,26 @@ class JobState:
             return False
         if self.counts(job_id).finished < int(job.get("queued", 0)):
             return False
-        try:
-            self._table.update_item(
-                Key=_job_key(job_id),
-                UpdateExpression="SET #s = :finishing, finishing_at = :now",
-                ConditionExpression="#s = :running",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":finishing": FINISHING, ":running": RUNNING, ":now": self._now()},
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET #s = :finishing, finishing_at = :now",
+            ConditionExpression="#s = :running",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":finishing": FINISHING, ":running": RUNNING, ":now": self._now()},
+        )
 
     def complete(self, job_id: str, status: str, fields: dict[str, Any]) -> bool:
         """finishing -> the final status, once; the completion event is then owed (event_pending)."""
-        names, values, sets = {"#s": "status"}, {":status": status, ":finishing": FINISHING}, []
-        for index, (name, value) in enumerate(_dynamo({**fields, "event_pending": True}).items()):
-            names[f"#f{index}"] = name
-            values[f":v{index}"] = value
-            sets.append(f"#f{index} = :v{index}")
-        try:
-            self._table.update_item(
-                Key=_job_key(job_id),
-                UpdateExpression="SET #s = :status, " + ", ".join(sets),
-                ConditionExpression="#s = :finishing",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        sets, names, values = _assignments({**fields, "event_pending": True})
+        return _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET #s = :status, " + sets,
+            ConditionExpression="#s = :finishing",
+            ExpressionAttributeNames={**names, "#s": "status"},
+            ExpressionAttributeValues={**values, ":status": status, ":finishing": FINISHING},
+        )
 
     def event_sent(self, job_id: str) -> None:
         self._table.update_item(Key=_job_key(job_id), UpdateExpression="REMOVE event_pending")
@@ -380,17 +373,14 @@ class JobState:
         values: dict[str, Any] = {":released": RELEASED, ":submitting": SUBMITTING}
         if answer_lost:
             values[":one"] = 1
-        try:
-            self._table.update_item(
-                Key=_task_key(job_id, name),
-                UpdateExpression=update,
-                ConditionExpression="#s = :submitting",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        _conditionally(
+            self._table.update_item,
+            Key=_task_key(job_id, name),
+            UpdateExpression=update,
+            ConditionExpression="#s = :submitting",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues=values,
+        )
 
     def record_prediction(self, job_id: str, name: str, prediction_id: str, submitted_at: float) -> None:
         """Kept before anyone waits on the prediction: a redelivered task resumes it instead of submitting."""
@@ -405,60 +395,50 @@ class JobState:
         """Record the task's outcome and count it in its shard, in one transaction: True for the one
         caller that did it; a duplicate delivery gets False and changes nothing."""
         task_key, shard = _task_key(job_id, name), shard_of(name)
-        fields = _dynamo({**outcome, "status": status, "finished_at": self._clock()})
-        names = {f"#f{i}": k for i, k in enumerate(fields)}
-        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        sets, names, values = _assignments({**outcome, "status": status, "finished_at": self._clock()})
         values.update({":done1": SUCCEEDED, ":done2": FAILED, ":done3": CANCELLED, ":ttl": self._ttl()})
         names["#s"] = "status"
-        update = "SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))) + ", expires_at = :ttl"
+        update = "SET " + sets + ", expires_at = :ttl"
         counter = {
             ":one": 1,
             ":cost": _num(float(outcome.get("cost") or 0.0)),
             ":lost": int(outcome.get("answers_lost") or 0),
             ":ttl": self._ttl(),
         }
-        try:
-            self._client.transact_write_items(
-                TransactItems=[
-                    {
-                        "Update": {
-                            "TableName": self._table.name,
-                            "Key": task_key,
-                            "UpdateExpression": update,
-                            "ConditionExpression": "attribute_not_exists(#s) OR NOT #s IN (:done1, :done2, :done3)",
-                            "ExpressionAttributeNames": names,
-                            "ExpressionAttributeValues": values,
-                        }
-                    },
-                    {
-                        "Update": {
-                            "TableName": self._table.name,
-                            "Key": _count_key(job_id, shard),
-                            "UpdateExpression": "ADD #n :one, cost :cost, answers_lost :lost SET expires_at = :ttl",
-                            "ExpressionAttributeNames": {"#n": status},
-                            "ExpressionAttributeValues": counter,
-                        }
-                    },
-                ]
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return _conditionally(
+            self._client.transact_write_items,
+            TransactItems=[
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": task_key,
+                        "UpdateExpression": update,
+                        "ConditionExpression": "attribute_not_exists(#s) OR NOT #s IN (:done1, :done2, :done3)",
+                        "ExpressionAttributeNames": names,
+                        "ExpressionAttributeValues": values,
+                    }
+                },
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": _count_key(job_id, shard),
+                        "UpdateExpression": "ADD #n :one, cost :cost, answers_lost :lost SET expires_at = :ttl",
+                        "ExpressionAttributeNames": {"#n": status},
+                        "ExpressionAttributeValues": counter,
+                    }
+                },
+            ],
+        )
 
     def note_error(self, job_id: str, name: str, error: dict[str, str]) -> None:
         """The last retryable failure, kept so a task that then dies in the dead-letter queue says why."""
-        try:
-            self._table.update_item(
-                Key=_task_key(job_id, name),
-                UpdateExpression="SET last_error = :error",
-                ConditionExpression="attribute_exists(pk)",  # never a record without a status
-                ExpressionAttributeValues={":error": error},
-            )
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        _conditionally(
+            self._table.update_item,
+            Key=_task_key(job_id, name),
+            UpdateExpression="SET last_error = :error",
+            ConditionExpression="attribute_exists(pk)",  # never a record without a status
+            ExpressionAttributeValues={":error": error},
+        )
 
     def last_error(self, job_id: str, name: str) -> dict[str, str] | None:
         item = self._table.get_item(Key=_task_key(job_id, name), ConsistentRead=True).get("Item") or {}
@@ -466,16 +446,13 @@ class JobState:
 
     def keep_dead_letter(self, job_id: str, name: str, body: str) -> None:
         """The task's message, kept with its failed record, so `redrive` can send it again."""
-        try:
-            self._table.update_item(
-                Key=_task_key(job_id, name),
-                UpdateExpression="SET dead_letter = :body",
-                ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeValues={":body": body},
-            )
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        _conditionally(
+            self._table.update_item,
+            Key=_task_key(job_id, name),
+            UpdateExpression="SET dead_letter = :body",
+            ConditionExpression="attribute_exists(pk)",
+            ExpressionAttributeValues={":body": body},
+        )
 
     def dead_letters(self, job_id: str) -> list[tuple[str, str]]:
         """(name, message) of the job's failed tasks whose message ended in the dead-letter queue."""
@@ -489,54 +466,44 @@ class JobState:
         """A failed task goes back to work: uncounted as failed (in the same transaction), claimable
         again; its next outcome is counted as usual. True for the one caller that did it."""
         shard = shard_of(name)
-        try:
-            self._client.transact_write_items(
-                TransactItems=[
-                    {
-                        "Update": {
-                            "TableName": self._table.name,
-                            "Key": _task_key(job_id, name),
-                            "UpdateExpression": "SET #s = :redriven REMOVE dead_letter",
-                            "ConditionExpression": "#s = :failed",
-                            "ExpressionAttributeNames": {"#s": "status"},
-                            "ExpressionAttributeValues": {":redriven": REDRIVEN, ":failed": FAILED},
-                        }
-                    },
-                    {
-                        "Update": {
-                            "TableName": self._table.name,
-                            "Key": _count_key(job_id, shard),
-                            "UpdateExpression": "ADD failed :minus",
-                            "ExpressionAttributeValues": {":minus": -1},
-                        }
-                    },
-                ]
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return _conditionally(
+            self._client.transact_write_items,
+            TransactItems=[
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": _task_key(job_id, name),
+                        "UpdateExpression": "SET #s = :redriven REMOVE dead_letter",
+                        "ConditionExpression": "#s = :failed",
+                        "ExpressionAttributeNames": {"#s": "status"},
+                        "ExpressionAttributeValues": {":redriven": REDRIVEN, ":failed": FAILED},
+                    }
+                },
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": _count_key(job_id, shard),
+                        "UpdateExpression": "ADD failed :minus",
+                        "ExpressionAttributeValues": {":minus": -1},
+                    }
+                },
+            ],
+        )
 
     def reopen(self, job_id: str) -> bool:
         """A finished job gets work again (a redrive): running, so it finishes - and is announced - anew."""
-        try:
-            self._table.update_item(
-                Key=_job_key(job_id),
-                UpdateExpression="SET #s = :running, reopened_at = :now REMOVE event_pending",
-                ConditionExpression="#s IN (:c1, :c2, :c3, :c4)",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":running": RUNNING,
-                    ":now": self._now(),
-                    **{f":c{i}": s for i, s in enumerate(JOB_FINAL, start=1)},
-                },
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET #s = :running, reopened_at = :now REMOVE event_pending",
+            ConditionExpression="#s IN (:c1, :c2, :c3, :c4)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":running": RUNNING,
+                ":now": self._now(),
+                **_FINAL_VALUES,
+            },
+        )
 
     def outcomes(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every finished task of the job (the shards read side by side), as plain dicts."""
