@@ -17,9 +17,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx
@@ -138,11 +141,9 @@ print(json.dumps({"seconds": time.monotonic() - started, "result": result}))
 """
 
 
-def bench_finisher(rows: int) -> dict:
-    """One JobFinisherFunction run on a job of `rows` finished rows (records made up front on moto
-    server): results.jsonl, results.csv, report.html and manifest written, the event published."""
-    from imagepipe.jobstate import SHARDS, shard_of
-
+@contextmanager
+def bench_stack() -> Iterator[tuple[str, MotoServer, Any, Any]]:
+    """A fresh stack from template.yaml on its own moto server: (temp folder, moto, session, stack)."""
     template = load_template(ROOT / "template.yaml")
     with tempfile.TemporaryDirectory() as tmp, MotoServer(Path(tmp) / "moto.log") as moto:
         session = boto3.session.Session(
@@ -152,9 +153,50 @@ def bench_finisher(rows: int) -> dict:
         def client(name: str):
             return session.client(name, endpoint_url=moto.url)
 
-        stack = deploy_stack(
-            client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"
+        yield (
+            tmp,
+            moto,
+            session,
+            deploy_stack(client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"),
         )
+
+
+def run_probe(script: str, stack: Any, moto: MotoServer, function: str, event: dict) -> dict:
+    """One invocation of `function`'s handler in its own process (its environment from the stack, AWS
+    at moto); returns what `script` printed last, as JSON."""
+    env = {
+        **os.environ,
+        **stack.functions[function].env,
+        "AWS_ENDPOINT_URL": moto.url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_LOG_LEVEL": "WARNING",
+        "POWERTOOLS_METRICS_DISABLED": "true",
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", script, str(stack.functions[function].code_dir)],
+        input=json.dumps(event),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if probe.returncode != 0:
+        raise SystemExit(f"{function} probe failed:\n{probe.stderr[-3000:]}")
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+def bench_finisher(rows: int) -> dict:
+    """One JobFinisherFunction run on a job of `rows` finished rows (records made up front on moto
+    server): results.jsonl, results.csv, report.html and manifest written, the event published."""
+    from imagepipe.jobstate import SHARDS, shard_of
+
+    with bench_stack() as (tmp, moto, session, stack):
+
+        def client(name: str):
+            return session.client(name, endpoint_url=moto.url)
+
         table = session.resource("dynamodb", endpoint_url=moto.url).Table(stack.outputs["JobsTableName"])
         bucket, job = stack.outputs["OutputBucketName"], "bench-finish"
         lines, started = [], time.monotonic()
@@ -228,27 +270,7 @@ def bench_finisher(rows: int) -> dict:
                 }
             ]
         }
-        env = {
-            **os.environ,
-            **stack.functions["JobFinisherFunction"].env,
-            "AWS_ENDPOINT_URL": moto.url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-            "POWERTOOLS_METRICS_DISABLED": "true",
-        }
-        probe = subprocess.run(
-            [sys.executable, "-c", _FINISHER_PROBE, str(stack.functions["JobFinisherFunction"].code_dir)],
-            input=json.dumps(event),
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if probe.returncode != 0:
-            raise SystemExit(f"finisher probe failed:\n{probe.stderr[-3000:]}")
-        measured = json.loads(probe.stdout.strip().splitlines()[-1])
+        measured = run_probe(_FINISHER_PROBE, stack, moto, "JobFinisherFunction", event)
         head = client("s3").head_object(Bucket=bucket, Key=f"jobs/{job}/results.jsonl")
         final = table.get_item(Key={"pk": f"JOB#{job}", "sk": "JOB"})["Item"]["status"]
     return {
@@ -310,18 +332,11 @@ def bench_splitter_memory(rows: int) -> dict:
     """Peak memory of one splitter invocation on a `rows`-row file, against moto server, while a
     consumer keeps the queue short (moto's SendMessage slows with queue depth; Lambda's pollers
     drain the queue the same way on AWS)."""
-    template = load_template(ROOT / "template.yaml")
-    with tempfile.TemporaryDirectory() as tmp, MotoServer(Path(tmp) / "moto.log") as moto:
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-        )
+    with bench_stack() as (tmp, moto, session, stack):
 
         def client(name: str):
             return session.client(name, endpoint_url=moto.url)
 
-        stack = deploy_stack(
-            client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"
-        )
         source = write_csv(Path(tmp) / "big.csv", rows)
         file_mib = source.stat().st_size / 2**20
         key = "inbox/big.csv"
@@ -357,32 +372,14 @@ def bench_splitter_memory(rows: int) -> dict:
         consumers = [threading.Thread(target=consume, daemon=True) for _ in range(4)]
         for thread in consumers:
             thread.start()
-        env = {
-            **os.environ,
-            **stack.functions["CsvSplitterFunction"].env,
-            "AWS_ENDPOINT_URL": moto.url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-            "POWERTOOLS_METRICS_DISABLED": "true",
-        }
         started = time.monotonic()
-        probe = subprocess.run(
-            [sys.executable, "-c", _SPLITTER_PROBE, str(stack.functions["CsvSplitterFunction"].code_dir)],
-            input=json.dumps(event),
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        seconds = time.monotonic() - started
-        stop.set()
-        for thread in consumers:
-            thread.join()
-        if probe.returncode != 0:
-            raise SystemExit(f"splitter probe failed:\n{probe.stderr[-3000:]}")
-        measured = json.loads(probe.stdout.strip().splitlines()[-1])
+        try:
+            measured = run_probe(_SPLITTER_PROBE, stack, moto, "CsvSplitterFunction", event)
+        finally:
+            seconds = time.monotonic() - started
+            stop.set()
+            for thread in consumers:
+                thread.join()
     return {
         "rows": rows,
         "file_mib": file_mib,
