@@ -1,0 +1,47 @@
+"""Every boto3 client and resource the functions use, made here with the same botocore retry policy.
+
+botocore's "standard" retry mode retries throttling (ThrottlingException,
+ProvisionedThroughputExceededException, SlowDown...), 5xx answers and connection errors with exponential
+backoff and jitter, up to `max_attempts` calls in all. What it does not retry - a DynamoDB transaction
+cancelled with reason TransactionConflict - jobstate retries itself.
+
+Clients are thread-safe and may be shared; a boto3 *resource* (e.g. a DynamoDB Table) is not: make one per
+thread (`resource` returns a new one on each call).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+MAX_ATTEMPTS = 8
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30
+
+
+def config(**overrides: Any) -> Config:
+    """The shared botocore Config; `overrides` (e.g. read_timeout=...) replace its fields."""
+    options: dict[str, Any] = {
+        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "read_timeout": READ_TIMEOUT_S,
+    }
+    options.update(overrides)
+    return Config(**options)
+
+
+def client(name: str, **config_overrides: Any) -> Any:
+    """A boto3 client for service `name` (thread-safe: may be shared between threads)."""
+    return boto3.client(name, config=config(**config_overrides))
+
+
+def resource(name: str, **config_overrides: Any) -> Any:
+    """A new boto3 resource for service `name` (not thread-safe: one per thread)."""
+    return boto3.resource(name, config=config(**config_overrides))
+
+
+def table(name: str) -> Any:
+    """A new DynamoDB Table resource (not thread-safe: one per thread)."""
+    return resource("dynamodb").Table(name)
