@@ -27,11 +27,11 @@ def test_a_simple_id_is_its_own_file_name(row_id):
 @pytest.mark.parametrize(
     ("row_id", "name"),
     [
-        ("a b", "a_b-c8687a08"),
-        ("../../etc/passwd", "etc_passwd-3754d6cb"),
-        ("", "row-e3b0c442"),
-        ("..", "row-5ec1f7e7"),
-        ("猫", "row-a810bf84"),
+        ("a b", "a_b-zbuhucfklvxnebcdfd5gu2l2xa"),
+        ("../../etc/passwd", "etc_passwd-g5knnsz2hdqrqxs3hawv6pxt6e"),
+        ("", "row-4oymiquy7qobjgx36tejs35zeq"),
+        ("..", "row-l3a7pzya6n6d2czjqhieqvp4gq"),
+        ("猫", "row-vail7bc2gbzyeemonzvo6inht4"),
     ],
 )
 def test_a_changed_id_gets_the_same_name_in_every_release(row_id, name):
@@ -48,7 +48,7 @@ def test_ids_that_differ_after_the_first_80_characters_get_different_names():
 
     # Then both are shortened, and still distinct
     assert names[0] != names[1]
-    assert all(len(name) <= 89 and name.startswith("a" * 80) for name in names)
+    assert all(len(name) == 80 + 1 + 26 and name.startswith("a" * 80) for name in names)
 
 
 def test_a_name_is_only_letters_digits_underscore_and_dash_for_any_id():
@@ -80,8 +80,13 @@ def test_two_different_ids_never_share_a_name():
     import hypothesis
 
     st = hypothesis.strategies
-    # Small alphabets so the generated pairs often collapse to the same slug.
+    # Small alphabets so the generated pairs often collapse to the same slug, and ids that end like a
+    # changed name ("-" and 26 base32 letters), some of them another generated id's name.
     ids = st.text(st.sampled_from("aB1 _-./é"), max_size=12) | st.text(max_size=12)
+    hashed_like = st.builds(
+        lambda start, tail: f"{start}-{tail}", ids, st.text("abyz27", min_size=26, max_size=26)
+    )
+    ids = ids | hashed_like | ids.map(safe_name)
 
     @hypothesis.settings(database=None, max_examples=500, deadline=None)
     @hypothesis.given(ids, ids)
@@ -89,11 +94,47 @@ def test_two_different_ids_never_share_a_name():
     @hypothesis.example("a/b", "a.b")
     @hypothesis.example("", "row")
     @hypothesis.example("x", "_x_")
+    @hypothesis.example("且他", "丮俲")  # one name under a 32-bit hash
+    @hypothesis.example("a b", safe_name("a b"))
     def check(first: str, second: str) -> None:
         hypothesis.assume(first != second)
         assert safe_name(first) != safe_name(second)
 
     check()
+
+
+def _cjk(number: int) -> str:
+    """A row id of CJK characters only (no ASCII letter or digit), one per number."""
+    chars = ""
+    while True:
+        chars = chr(0x4E00 + number % 1000) + chars
+        number //= 1000
+        if not number:
+            return chars
+
+
+def test_100000_chinese_ids_get_100000_names():
+    # Given 100,000 different ids with no ASCII letter or digit (every one needs a hash to be named);
+    # a 32-bit hash gave two of them ("且他" and "丮俲") one name
+    ids = [_cjk(number) for number in range(100_000)]
+    assert len(set(ids)) == len(ids)
+
+    # When named
+    names = {safe_name(row_id) for row_id in ids}
+
+    # Then no two share a name, and each keeps the readable start and 128 bits of hash
+    assert len(names) == len(ids)
+    assert all(re.fullmatch(r"row-[a-z2-7]{26}", name) for name in names)
+
+
+def test_an_id_equal_to_another_ids_name_gets_a_name_of_its_own():
+    # Given a crafted pair: one id, and a second id that is exactly the first one's name
+    for row_id in ("且他", "a b", "x" * 100, "-row-"):
+        crafted = safe_name(row_id)
+
+        # Then the two rows get different names (else they share one task record and one image)
+        assert safe_name(crafted) != crafted
+        assert safe_name(crafted) != safe_name(row_id)
 
 
 def test_an_id_that_looks_like_a_changed_name_does_not_take_that_name():

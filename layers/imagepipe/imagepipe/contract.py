@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from typing import Any, Literal
@@ -22,7 +23,8 @@ DEFAULT_PROVIDER = "atlascloud"
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_HASHED = re.compile(r"-[0-9a-f]{8}$")
+# A changed id's name ends in "-" and 26 base32 letters: 128 bits of SHA-256 of the id (see safe_name).
+_HASHED = re.compile(r"-[a-z2-7]{26}$")
 
 
 class ImageTask(BaseModel):
@@ -80,13 +82,17 @@ class FinishRecord(SqsRecordModel):
 def safe_name(row_id: str) -> str:
     """A file name made from a row id: only [A-Za-z0-9_-], never empty, never a path.
 
-    Ids that had to be changed get a short hash of the original, so two different ids
-    ("a b" and "a_b") never share a name.
+    An id that is already such a name (at most 80 characters, no leading or trailing '_' or '-')
+    is its own name. Any other id - and any id that ends like a changed one - gets a readable start
+    (its first 80 safe characters, else "row") and 128 bits of SHA-256 of the whole id, in base32:
+    `a b` -> `a_b-<26 letters>`. Two different ids share a name only if SHA-256 collides in its first
+    128 bits (about 1 in 10^19 for a billion ids): an unchanged name never ends like a changed one,
+    and two changed names are equal only when their hashes are.
     """
     slug = _UNSAFE.sub("_", row_id).strip("_-")[:80] or "row"
-    # An id that already looks like a hashed name is hashed too, so it cannot take another id's name.
     if slug != row_id or _HASHED.search(row_id):
-        slug = f"{slug}-{hashlib.sha256(row_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+        digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).digest()[:16]
+        slug = f"{slug}-{base64.b32encode(digest).decode('ascii').rstrip('=').lower()}"
     return slug
 
 
