@@ -254,12 +254,14 @@ def test_an_unknown_model_or_a_malformed_request_fails_the_row(emulator_factory,
     assert "n must be" in malformed.message
 
 
-def test_a_submit_answer_without_a_prediction_id_is_retried(emulator_factory, http):
+def test_a_submit_answer_without_a_prediction_id_may_have_been_accepted(emulator_factory, http):
+    # A 200 that names no prediction: it may be running (and charged) and cannot be read, so it is an
+    # answer lost, never a reason to submit again.
     provider = provider_for(emulator_factory("malformed=odd"), http)
 
     error = provider_error(lambda: provider.start(task("an odd one")))
 
-    assert (error.kind, error.action) == ("bad_response", Action.RETRY)
+    assert (error.kind, error.action, error.maybe_accepted) == ("bad_response", Action.RETRY, True)
 
 
 def test_a_submit_whose_answer_is_lost_is_marked_maybe_accepted_and_sent_once(emulator_factory):
@@ -289,13 +291,16 @@ def test_failed_polls_are_retried_without_resubmitting(emulator_factory, http):
     assert (emulator.submits_for("a shaky poll"), emulator.stats()["polls"]) == (1, 3)
 
 
-def test_an_expired_output_url_is_retried(emulator_factory, http):
-    provider = provider_for(emulator_factory(url_ttl_s=0), http)
+def test_an_expired_output_url_fails_the_row_with_the_price_paid(emulator_factory, http):
+    emulator = emulator_factory(url_ttl_s=0)
+    provider = provider_for(emulator, http)
 
     pending = provider.start(task())
     error = provider_error(lambda: provider.resume(pending.request_id))
 
-    assert (error.kind, error.action, error.status) == ("unavailable", Action.RETRY, 403)
+    assert (error.kind, error.action, error.status) == ("download_failed", Action.FAIL_ROW, 403)
+    assert (error.request_id, error.cost) == (pending.request_id, 0.003)
+    assert (emulator.stats()["submits"], emulator.stats()["paid"]) == (1, 1)
 
 
 # --------------------------------------------------------------------------- keys

@@ -619,7 +619,6 @@ def test_token_endpoint_trouble_is_retryable_or_stops_and_never_counts_as_accept
     ("answer", "message"),
     [
         (httpx.Response(200, json={"log_id": 1}), "without images"),
-        (httpx.Response(200, json={"data": [{"b64_image": "%%% not base64"}]}), "not valid base64"),
         (httpx.Response(200, json={"data": [{"index": 0}]}), "none of b64_image, b64_json or url"),
     ],
 )
@@ -630,6 +629,15 @@ def test_a_200_without_a_usable_image_is_a_bad_response_worth_retrying(mocked, a
 
     assert (error.kind, error.action) == ("bad_response", Action.RETRY)
     assert message in error.message
+
+
+def test_a_paid_image_that_is_not_valid_base64_fails_the_row_and_is_not_asked_for_again(mocked):
+    provider, _ = mocked(httpx.Response(200, json={"log_id": 7, "data": [{"b64_image": "%%% not base64"}]}))
+
+    error = failure(provider, task())
+
+    assert (error.kind, error.action, error.request_id) == ("download_failed", Action.FAIL_ROW, "7")
+    assert "not valid base64" in error.message
 
 
 def test_a_token_is_renewed_a_margin_before_it_expires():

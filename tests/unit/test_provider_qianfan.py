@@ -206,16 +206,18 @@ def test_passing_errors_are_retried(make_emulator, make_provider, fault, kind, s
         assert emulator.paid_for("boom town") == 1
 
 
-def test_an_expired_image_url_is_retried_with_the_answer_id(make_emulator, make_provider):
+def test_an_expired_image_url_fails_the_paid_row_with_the_answer_id(make_emulator, make_provider):
     # Given an emulator whose output URLs expire at once
-    provider = make_provider(make_emulator(url_ttl_s=0))
+    emulator = make_emulator(url_ttl_s=0)
+    provider = make_provider(emulator)
 
     # When a row is sent
     error = failure(provider, task())
 
-    # Then the failed download is retryable and still names Qianfan's answer
-    assert (error.action, error.kind, error.status) == (Action.RETRY, "unavailable", 403)
+    # Then the paid answer is not asked for again: the row fails, naming Qianfan's answer
+    assert (error.action, error.kind, error.status) == (Action.FAIL_ROW, "download_failed", 403)
     assert error.request_id.startswith("as-")
+    assert (emulator.stats()["paid"], emulator.stats()["downloads"]) == (1, 1)
 
 
 def test_a_model_qianfan_does_not_have_fails_the_row(make_emulator, make_provider):

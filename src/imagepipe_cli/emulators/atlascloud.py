@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from imagepipe_cli.emulators.base import (
+    DOWNLOAD_FAULTS,
     PROBABILITY,
     RATE_FAULTS,
     WORD,
@@ -85,6 +86,7 @@ class AtlasCloudEmulator(BaseEmulator):
         "poll-flaky": WORD_COUNT,  # the first N polls of a matching prediction get 503
         "sync": WORD,  # the submit answer already carries the outputs, status completed
         **RATE_FAULTS,  # rate-limit-rate=P, malformed-rate=P, hang-rate=P
+        **DOWNLOAD_FAULTS,  # download-error=WORD, download-flaky=WORD:N, download-expired, download-garbage
     }
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {"ATLASCLOUD_API_KEY": "emulator-atlascloud-key"}
     # `refuse` is not among them: a refused prompt's submit is accepted and the prediction fails.
@@ -296,7 +298,10 @@ class AtlasCloudEmulator(BaseEmulator):
         with prediction.lock:  # two concurrent polls make the images once
             if prediction.outputs is None:
                 prediction.outputs = [
-                    self.store_file(render_png(prediction.prompt, prediction.width, prediction.height, i))
+                    self.store_file(
+                        render_png(prediction.prompt, prediction.width, prediction.height, i),
+                        prompt=prediction.prompt,
+                    )
                     for i in range(prediction.n)
                 ]
                 self.count("images", prediction.n)

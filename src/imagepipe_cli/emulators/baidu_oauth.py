@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from imagepipe_cli.emulators.base import (
     COUNT,
+    DOWNLOAD_FAULTS,
     FLAG,
     PROBABILITY,
     RATE_FAULTS,
@@ -65,6 +66,7 @@ class BaiduOAuthEmulator(BaseEmulator):
         "revoke-tokens-every": COUNT,  # every N successes all tokens are revoked (then 110)
         "expire-tokens": FLAG,  # every token answers 111
         **RATE_FAULTS,  # rate-limit-rate=P, malformed-rate=P, hang-rate=P
+        **DOWNLOAD_FAULTS,  # download-error=WORD, download-flaky=WORD:N, download-expired, download-garbage
     }
     DEFAULT_KEYS: ClassVar[dict[str, str]] = {
         "BAIDU_API_KEY": "emulator-api-key",
@@ -164,7 +166,7 @@ class BaiduOAuthEmulator(BaseEmulator):
         prompt, width, height, n, req = self._validate(request, brief=True)
         pngs = self._make(prompt, width, height, n)
         if req.get("response_format", "url") == "url":
-            data = [{"url": self.store_file(png)} for png in pngs]
+            data = [{"url": self.store_file(png, prompt=prompt)} for png in pngs]
         else:
             data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
         return {

@@ -77,6 +77,14 @@ COMMON_FAULTS: dict[str, str] = {
 RATE_TWINS: dict[str, str] = {"rate-limit-rate": "rate-limit", "malformed-rate": "malformed"}
 RATE_FAULTS: dict[str, str] = {**dict.fromkeys(RATE_TWINS, PROBABILITY), "hang-rate": PROBABILITY}
 COMMON_FAULTS.update(RATE_FAULTS)
+# Faults of the output files a paid answer links to (the request itself went through and was paid).
+DOWNLOAD_FAULTS: dict[str, str] = {
+    "download-error": WORD,  # every download of a matching prompt's files answers 500
+    "download-flaky": WORD_COUNT,  # the first N downloads of a matching prompt's files answer 503
+    "download-expired": WORD,  # a matching prompt's files answer 403 "Request has expired" at once
+    "download-garbage": WORD,  # a matching prompt's files answer 200 with an HTML page, not an image
+}
+COMMON_FAULTS.update(DOWNLOAD_FAULTS)
 
 
 def parse_fault(text: str, kinds: dict[str, str]) -> Fault:
@@ -346,11 +354,14 @@ class BaseEmulator:
                 return True
             return False
 
-    def store_file(self, data: bytes, content_type: str = "image/png", extension: str = "png") -> str:
-        """An output URL for `data`, fetchable for config.url_ttl_s (then 403, as an expired signed URL)."""
+    def store_file(
+        self, data: bytes, content_type: str = "image/png", extension: str = "png", prompt: str = ""
+    ) -> str:
+        """An output URL for `data`, fetchable for config.url_ttl_s (then 403, as an expired signed URL).
+        `prompt` is the request's, for the download faults."""
         file_id = secrets.token_hex(12)
         with self.lock:
-            self._files[file_id] = (data, content_type, time.monotonic() + self.config.url_ttl_s)
+            self._files[file_id] = (data, content_type, time.monotonic() + self.config.url_ttl_s, prompt)
             while len(self._files) > MAX_STORED_FILES:
                 self._files.popitem(last=False)
         return f"{self.base_url}{FILES_PREFIX}{file_id}.{extension}"
@@ -496,13 +507,21 @@ class BaseEmulator:
             found = self._files.get(file_id)
         if found is None:
             return Reply(404, raw=b"<Error><Code>NoSuchKey</Code></Error>", content_type="application/xml")
-        data, content_type, expires_at = found
-        if time.monotonic() >= expires_at:
+        data, content_type, expires_at, prompt = found
+        if time.monotonic() >= expires_at or self.prompt_fault("download-expired", prompt):
             return Reply(
                 403,
                 raw=b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
                 content_type="application/xml",
             )
+        if self.prompt_fault("download-error", prompt):
+            return Reply(
+                500, raw=b"<Error><Code>InternalError</Code></Error>", content_type="application/xml"
+            )
+        if self.flaky(prompt, "download-flaky"):
+            return Reply(503, raw=b"<Error><Code>SlowDown</Code></Error>", content_type="application/xml")
+        if self.prompt_fault("download-garbage", prompt):
+            return Reply(200, raw=b"<html><body>a CDN error page</body></html>", content_type="image/png")
         return Reply(200, raw=data, content_type=content_type)
 
 

@@ -113,7 +113,7 @@ class OpenAIEmulator(BaseEmulator):
         fmt = body.get("output_format", "png")
         images = [_encode(render_png(prompt, width, height, i), fmt) for i in range(n)]
         if self.faults("url-only"):
-            data = [{"url": self.store_file(img, f"image/{fmt}", fmt)} for img in images]
+            data = [{"url": self.store_file(img, f"image/{fmt}", fmt, prompt)} for img in images]
         else:
             data = [{"b64_json": base64.b64encode(img).decode("ascii")} for img in images]
         quality = body.get("quality", "auto")

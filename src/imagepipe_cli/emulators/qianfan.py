@@ -72,7 +72,7 @@ class QianfanEmulator(BaseEmulator):
             raise self.error(429, "rpm_rate_limit_exceeded", "Rate limit reached for RPM")
         self.apply_common_faults(prompt, self._fault_answer)
         self.accept(prompt, n)  # everything that can refuse has been decided: from here the request is paid
-        urls = [self.store_file(render_png(prompt, width, height, i)) for i in range(n)]
+        urls = [self.store_file(render_png(prompt, width, height, i), prompt=prompt) for i in range(n)]
         return {"id": _answer_id(), "created": int(time.time()), "data": [{"url": url} for url in urls]}
 
     def _validate(self, body: dict[str, Any]) -> tuple[str, str, int, int, int]:

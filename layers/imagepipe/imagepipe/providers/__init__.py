@@ -12,6 +12,8 @@ from imagepipe.providers.base import (
     Provider,
     ProviderConfig,
     ProviderError,
+    deadline,
+    time_left,
 )
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "ProviderError",
+    "deadline",
     "provider_class",
+    "time_left",
 ]
 
 

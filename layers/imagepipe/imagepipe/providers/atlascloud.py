@@ -20,6 +20,7 @@ from imagepipe.providers.base import (
     decode_b64,
     download,
     json_object,
+    paid_images,
     send,
 )
 
@@ -109,7 +110,12 @@ class AtlasCloudProvider(Provider):
 
     def _submit(self, body: dict[str, Any]) -> Generation | Pending:
         response = send(
-            self.http, "POST", self.base_url + SUBMIT_PATH, json=body, headers=self._auth_headers()
+            self.http,
+            "POST",
+            self.base_url + SUBMIT_PATH,
+            what="the submit",
+            json=body,
+            headers=self._auth_headers(),
         )
         payload = json_object(response)
         data = _terminal_data(response, payload)
@@ -119,21 +125,32 @@ class AtlasCloudProvider(Provider):
             data = payload.get("data")
         prediction_id = str(data.get("id") or "") if isinstance(data, dict) else ""
         if not isinstance(data, dict) or not prediction_id:
+            # Accepted by its status, yet nothing names the prediction: it may be running (and charged),
+            # and cannot be read. Never resent: the row fails answer_lost, counted.
             raise ProviderError(
                 "bad_response",
                 f"Atlas Cloud answered the submit with HTTP {response.status_code} but no prediction id",
                 action=Action.RETRY,
                 status=response.status_code,
                 request_id=_request_id(response, payload),
+                maybe_accepted=True,
             )
-        return self._outcome(prediction_id, data, response, payload)
+        try:
+            return self._outcome(prediction_id, data, response, payload)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            # The prediction exists (a model in sync mode answered it finished) but reading its result
+            # failed for now (an output download, an answer without outputs): it is read again by polls,
+            # never submitted again.
+            return Pending(prediction_id, str(data.get("status") or "completed"))
 
     # ------------------------------------------------------------------ poll
 
     def _poll(self, prediction_id: str) -> Generation | Pending:
         url = self.base_url + PREDICTION_PATH.format(id=quote(prediction_id, safe=""))
         try:
-            response = send(self.http, "GET", url, headers=self._auth_headers())
+            response = send(self.http, "GET", url, what="the poll", headers=self._auth_headers())
         except ProviderError as exc:
             # A read has no side effect: nothing was "maybe accepted", the caller just polls again later.
             raise ProviderError(
@@ -189,9 +206,14 @@ class AtlasCloudProvider(Provider):
                 status=response.status_code,
                 request_id=_request_id(response, payload),
             )
-        # Output URLs expire (some within a day): fetch every one now.
-        images = [self._image(output) for output in outputs]
-        return Generation(images, request_id=prediction_id, cost=_price(data.get("price")))
+        # Output URLs expire (some within a day): fetch every one now. The prediction is paid: a download
+        # that fails for now is retried by reading the prediction again (RETRY), one that cannot succeed
+        # (an expired URL, not an image) fails the row with its price - never a second submit.
+        cost = _price(data.get("price"))
+        images = paid_images(
+            lambda: [self._image(output) for output in outputs], prediction_id, cost, can_read_again=True
+        )
+        return Generation(images, request_id=prediction_id, cost=cost)
 
     def _image(self, output: str) -> GeneratedImage:
         if output.startswith(("http://", "https://")):

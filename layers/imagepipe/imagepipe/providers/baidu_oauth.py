@@ -25,6 +25,7 @@ from imagepipe.providers.base import (
     decode_b64,
     download,
     json_object,
+    paid_images,
     send,
     status_kind,
 )
@@ -184,7 +185,7 @@ class BaiduOAuthProvider(Provider):
     def _fetch_token(self, api_key: str, secret_key: str) -> tuple[str, float]:
         params = {"grant_type": "client_credentials", "client_id": api_key, "client_secret": secret_key}
         try:
-            response = send(self.http, "POST", self.token_url, params=params)
+            response = send(self.http, "POST", self.token_url, what="the token request", params=params)
         except ProviderError as exc:
             # A lost token request costs nothing: plainly retryable, never "maybe accepted".
             raise ProviderError(exc.kind, "token request: " + exc.message, action=Action.RETRY) from exc
@@ -228,6 +229,7 @@ class BaiduOAuthProvider(Provider):
             self.http,
             "POST",
             url,
+            what="the image request",
             params={"access_token": token},
             json=body,
             headers={"Authorization": f"Bearer {token}"},
@@ -252,7 +254,9 @@ class BaiduOAuthProvider(Provider):
                 status=status,
                 request_id=request_id,
             )
-        return Generation([self._image(item, request_id) for item in data], request_id=request_id)
+        # Paid from here: an image that cannot be fetched or decoded fails the row, never a second request.
+        images = paid_images(lambda: [self._image(item, request_id) for item in data], request_id)
+        return Generation(images, request_id=request_id)
 
     def _image(self, item: Any, request_id: str | None) -> GeneratedImage:
         if isinstance(item, dict):

@@ -5,9 +5,12 @@ field names."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -30,9 +33,11 @@ class ProviderError(Exception):
     """A call that gave no images.
 
     kind: a short word for results (refused, moderation, rate_limited, unavailable, timeout, auth,
-    quota, not_permitted, bad_response, config, answer_lost).
+    quota, not_permitted, bad_response, config, answer_lost, download_failed).
     maybe_accepted: the request was sent and its answer never arrived, so the provider may have
-    accepted (and charged for) it. A submit in that state is never resent blindly."""
+    accepted (and charged for) it. A submit in that state is never resent blindly.
+    cost: what the provider charged for the request when it says (a paid answer whose images could not
+    be fetched: kind download_failed); None when unknown."""
 
     def __init__(
         self,
@@ -43,10 +48,12 @@ class ProviderError(Exception):
         status: int | None = None,
         request_id: str | None = None,
         maybe_accepted: bool = False,
+        cost: float | None = None,
     ) -> None:
         super().__init__(message)
         self.kind, self.message, self.action = kind, message, action
         self.status, self.request_id, self.maybe_accepted = status, request_id, maybe_accepted
+        self.cost = cost
 
     @property
     def retryable(self) -> bool:
@@ -240,7 +247,67 @@ class Provider(ABC):
         raise NotImplementedError(f"{self.name} is synchronous")
 
 
+# ---------------------------------------------------------------- the deadline every HTTP call keeps
+
+# Time kept back from the deadline for the call's own end (closing the connection, raising).
+DEADLINE_MARGIN_S = 0.5
+# A call that would have less than this to get its answer is not sent at all.
+MIN_CALL_S = 1.0
+_DEADLINE: ContextVar[float | None] = ContextVar("imagepipe_provider_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(epoch_s: float | None) -> Iterator[None]:
+    """Every HTTP call a provider makes inside the block ends by `epoch_s` (epoch seconds): its
+    timeouts are the client's own, cut to the time left; a call with under MIN_CALL_S left is not sent
+    (ProviderError "timeout", RETRY, never maybe_accepted). Nested blocks keep the earlier deadline.
+    The deadline is per thread (a context variable): set it in the thread that makes the calls."""
+    current = _DEADLINE.get()
+    if epoch_s is None or (current is not None and current < epoch_s):
+        epoch_s = current
+    token = _DEADLINE.set(epoch_s)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds an HTTP call started now may take (the deadline less the margin), None without a deadline."""
+    end = _DEADLINE.get()
+    return None if end is None else end - time.time() - DEADLINE_MARGIN_S
+
+
+def call_timeout(http: httpx.Client, what: str) -> httpx.Timeout | None:
+    """The timeouts for one call under the current deadline (None: the client's own), or a
+    ProviderError("timeout", RETRY) when too little time is left to send it at all."""
+    left = time_left()
+    if left is None:
+        return None
+    if left < MIN_CALL_S:
+        raise ProviderError(
+            "timeout",
+            f"{what} was not sent: {max(left, 0.0):.1f} s left before the invocation's deadline",
+            action=Action.RETRY,
+        )
+    configured = http.timeout
+
+    def cap(value: float | None) -> float:
+        return left if value is None else min(value, left)
+
+    return httpx.Timeout(
+        connect=cap(configured.connect),
+        read=cap(configured.read),
+        write=cap(configured.write),
+        pool=cap(configured.pool),
+    )
+
+
 # ---------------------------------------------------------------- helpers the provider modules share
+
+# A failed image download is tried this many times in all, with these pauses between (within the deadline).
+DOWNLOAD_TRIES = 3
+DOWNLOAD_PAUSES_S = (0.5, 1.5)
 
 
 def sniff_image(raw: bytes) -> GeneratedImage:
@@ -250,10 +317,11 @@ def sniff_image(raw: bytes) -> GeneratedImage:
         return GeneratedImage(raw, "jpg", "image/jpeg")
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         return GeneratedImage(raw, "webp", "image/webp")
+    # Part of a paid answer: asking again would pay again, so the row fails with what was paid.
     raise ProviderError(
-        "bad_response",
+        "download_failed",
         "the image API returned data that is not a PNG, JPEG or WebP image",
-        action=Action.RETRY,
+        action=Action.FAIL_ROW,
     )
 
 
@@ -261,25 +329,48 @@ def decode_b64(value: str) -> GeneratedImage:
     try:
         return sniff_image(base64.b64decode(value, validate=True))
     except ValueError as exc:
-        raise ProviderError("bad_response", "an image is not valid base64", action=Action.RETRY) from exc
-
-
-def download(http: httpx.Client, url: str) -> GeneratedImage:
-    """An output URL, fetched at once (such URLs expire). No auth header: they are presigned."""
-    try:
-        response = http.get(url)
-    except httpx.HTTPError as exc:
         raise ProviderError(
-            "unavailable", f"image download failed: {describe(exc)}", action=Action.RETRY
+            "download_failed", "an image in the answer is not valid base64", action=Action.FAIL_ROW
         ) from exc
-    if response.status_code != 200:
-        raise ProviderError(
-            "unavailable",
-            f"image download answered HTTP {response.status_code}",
-            action=Action.RETRY,
-            status=response.status_code,
-        )
-    return sniff_image(response.content)
+
+
+def download(http: httpx.Client, url: str, *, sleep: Callable[[float], None] = time.sleep) -> GeneratedImage:
+    """An output URL of a paid answer, fetched at once (such URLs expire). No auth header: they are
+    presigned. A passing failure (no connection, no answer in time, 408, 429, 5xx) is tried again
+    DOWNLOAD_TRIES times in all, within the deadline. Raises ProviderError "download_failed": FAIL_ROW
+    when the file is gone for good (an expired URL, 403/404/410) or not an image; RETRY when it may
+    come back later (only an API that can read the answer again - Atlas Cloud's prediction - may
+    act on that; a synchronous provider turns it into FAIL_ROW, see `paid_images`)."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            # CDNs may redirect a signed URL to where the file is.
+            response = send(http, "GET", url, what="the image download", follow_redirects=True)
+        except ProviderError as exc:
+            problem, status = exc.message, exc.status
+        else:
+            status = response.status_code
+            if status == 200:
+                return sniff_image(response.content)
+            problem = f"image download answered HTTP {status}"
+            if 400 <= status < 500 and status not in (408, 429):  # an expired signed URL is a 403
+                raise ProviderError(
+                    "download_failed",
+                    f"{problem}: the image URL expired or is gone (the image was paid for)",
+                    action=Action.FAIL_ROW,
+                    status=status,
+                )
+        left = time_left()
+        pause = DOWNLOAD_PAUSES_S[min(tries, len(DOWNLOAD_PAUSES_S)) - 1]
+        if tries >= DOWNLOAD_TRIES or (left is not None and left < pause + MIN_CALL_S):
+            raise ProviderError(
+                "download_failed",
+                f"{problem} (after {tries} tries; the image was paid for)",
+                action=Action.RETRY,
+                status=status,
+            )
+        sleep(pause)
 
 
 def images_of(
@@ -288,9 +379,11 @@ def images_of(
     read: Callable[[Any], GeneratedImage],
     response: httpx.Response,
     request_id: str | None,
+    cost: float | None = None,
 ) -> list[GeneratedImage]:
     """The images of a successful answer's list of image entries, each read by `read`. An answer with
-    none is a bad response; an entry that cannot be read (a failed download, bad base64) names the answer."""
+    none is a bad response; an entry that cannot be read names the answer, and a paid image that could
+    not be fetched or decoded fails the row (see `paid_images`)."""
     if not isinstance(items, list) or not items:
         raise ProviderError(
             "bad_response",
@@ -300,10 +393,31 @@ def images_of(
             request_id=request_id,
         )
     try:
-        return [read(item) for item in items]
+        return paid_images(lambda: [read(item) for item in items], request_id, cost)
+    except ProviderError as exc:
+        exc.status = exc.status or response.status_code
+        raise
+
+
+def paid_images(
+    read: Callable[[], list[GeneratedImage]],
+    request_id: str | None,
+    cost: float | None = None,
+    *,
+    can_read_again: bool = False,
+) -> list[GeneratedImage]:
+    """The images of an answer the provider has already charged for. Its request is never sent again
+    because of them: a download or decode failure ("download_failed") fails the row with the request
+    id and the cost, unless the answer can be read again later (`can_read_again`, an asynchronous
+    prediction) and the failure may pass - then it stays RETRY, so the caller reads the prediction again."""
+    try:
+        return read()
     except ProviderError as exc:
         exc.request_id = exc.request_id or request_id
-        exc.status = exc.status or response.status_code
+        if exc.kind == "download_failed":
+            exc.cost = cost if exc.cost is None else exc.cost
+            if exc.action is Action.RETRY and not can_read_again:
+                exc.action = Action.FAIL_ROW
         raise
 
 
@@ -322,9 +436,15 @@ def status_kind(status: int) -> tuple[str, Action]:
     return "refused", Action.FAIL_ROW
 
 
-def send(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """One HTTP request. A failure before the request left (cannot connect) is plainly retryable; a
-    failure after it left (no answer in time, connection dropped) may have been accepted."""
+def send(
+    http: httpx.Client, method: str, url: str, *, what: str = "the request", **kwargs: Any
+) -> httpx.Response:
+    """One HTTP request, within the current deadline (a call with too little time left is not sent).
+    A failure before the request left (cannot connect) is plainly retryable; a failure after it left
+    (no answer in time, connection dropped) may have been accepted."""
+    timeout = call_timeout(http, what)
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     try:
         return http.request(method, url, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

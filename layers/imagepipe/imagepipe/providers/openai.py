@@ -83,6 +83,7 @@ class OpenAIProvider(Provider):
             self.http,
             "POST",
             self.base_url + GENERATIONS_PATH,
+            what="the image request",
             json=self.request_body(task, model),
             headers=headers,
         )

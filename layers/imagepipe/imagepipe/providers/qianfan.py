@@ -88,6 +88,7 @@ class QianfanProvider(Provider):
             self.http,
             "POST",
             self.base_url + GENERATIONS_PATH,
+            what="the image request",
             json=self.request_body(task, model),
             headers=headers,
         )
