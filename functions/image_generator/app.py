@@ -2,11 +2,11 @@
 batch's tasks run concurrently; only the failed messages go back to SQS (partial batch response)."""
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
-import boto3
 import httpx
 from aws_lambda_powertools.utilities.batch import (
     AsyncBatchProcessor,
@@ -15,6 +15,7 @@ from aws_lambda_powertools.utilities.batch import (
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from imagepipe import aws
 from imagepipe.contract import TaskRecord
 from imagepipe.generator import GeneratorOptions, TaskProcessor
 from imagepipe.jobstate import JobState
@@ -29,8 +30,22 @@ processor = AsyncBatchProcessor(
 )
 # The tasks of one batch (at most 10) wait on the network side by side.
 _threads = ThreadPoolExecutor(max_workers=10, thread_name_prefix="task")
-# Time kept back from the function's Timeout for recording outcomes after the last poll.
+# Time kept back from the function's Timeout for recording outcomes after the last poll or call: no
+# provider call runs into it (every HTTP call's timeout is cut to the time left before it).
 _RESERVE_S = 20.0
+
+
+def _per_thread(table_name: str):
+    """A JobState per thread: boto3 resources (the Table) are not thread-safe, so each task thread
+    makes its own."""
+    local = threading.local()
+
+    def state() -> JobState:
+        if getattr(local, "state", None) is None:
+            local.state = JobState(aws.table(table_name))
+        return local.state
+
+    return state
 
 
 @cache
@@ -51,14 +66,18 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
 
     return TaskProcessor(
         providers=provider,
-        s3=boto3.client("s3"),
-        sqs=boto3.client("sqs"),
-        state=JobState(boto3.resource("dynamodb").Table(settings.jobs_table)),
+        s3=aws.client("s3"),
+        sqs=aws.client("sqs"),
+        states=_per_thread(settings.jobs_table),
         options=GeneratorOptions(
             bucket=settings.output_bucket,
             queue_url=settings.tasks_queue_url,
             finisher_queue_url=settings.finisher_queue_url,
-            max_attempts=settings.task_max_receive_count,
+            max_attempts=settings.task_max_attempts,
+            retry_window_s=settings.task_retry_window_seconds,
+            retry_base_s=settings.retry_base_delay_seconds,
+            retry_max_s=settings.retry_max_delay_seconds,
+            max_receives=settings.task_max_receive_count,
             poll_interval_s=settings.poll_interval_seconds,
             poll_delay_s=settings.poll_delay_seconds,
             max_generation_s=settings.max_generation_seconds,
@@ -75,9 +94,10 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     settings = GeneratorSettings.from_env()
     tasks = _task_processor(settings)
     remaining_s = context.get_remaining_time_in_millis() / 1000 - _RESERVE_S
-    poll_until = time.time() + max(0.0, min(settings.poll_budget_seconds, remaining_s))
+    now = time.time()
+    poll_until = now + max(0.0, min(settings.poll_budget_seconds, remaining_s))
 
-    batch = tasks.batch(poll_until)
+    batch = tasks.batch(poll_until, until=now + max(0.0, remaining_s))
 
     async def record_handler(record: TaskRecord) -> None:
         await asyncio.get_running_loop().run_in_executor(_threads, batch.handle_record, record)
@@ -85,5 +105,8 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     response = async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
-    batch.finish()  # after the rows are recorded: a job whose last row this was goes to the finisher
+    try:
+        batch.finish()  # after the rows are recorded: a job whose last row this was goes to the finisher
+    finally:
+        batch.flush_metrics()
     return response

@@ -3,8 +3,11 @@
 import copy
 import io
 import json
+import time
 
 from PIL import Image
+
+from imagepipe_cli.local.event_sources import lambda_sqs_event
 
 from conftest import load_event
 
@@ -53,7 +56,14 @@ def test_one_oauth_token_serves_every_batch_of_a_warm_function(pipeline_factory)
     assert stats["token_requests"] == 1
 
 
-def test_a_partial_batch_failure_reports_only_the_failed_message(pipeline_factory):
+def delayed_tasks(pipeline) -> int:
+    attrs = pipeline.client("sqs").get_queue_attributes(
+        QueueUrl=pipeline.tasks_queue, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessagesDelayed"])
+
+
+def test_a_transient_failure_is_sent_again_after_a_backoff_and_the_batch_succeeds(pipeline_factory):
     # Given the API is briefly unavailable for one prompt
     pipeline = pipeline_factory("flaky=unlucky:1")
     event = sqs_event(pipeline, row2="an unlucky dog")
@@ -61,13 +71,20 @@ def test_a_partial_batch_failure_reports_only_the_failed_message(pipeline_factor
     # When the batch is processed
     response = pipeline.generator.invoke(event)
 
-    # Then only that message goes back to the queue; the other two are done
-    assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][1]["messageId"]}]}
+    # Then no message goes back to wait out the queue's visibility timeout: the failed task is a new
+    # message delayed by its backoff, carrying its first failure; the other two are done
+    assert response == {"batchItemFailures": []}
+    assert delayed_tasks(pipeline) == 1
     keys = {
         o["Key"] for o in pipeline.client("s3").list_objects_v2(Bucket=pipeline.output_bucket)["Contents"]
     }
     assert "jobs/spring-campaign/images/1.png" in keys and "jobs/spring-campaign/images/3.png" in keys
     assert "jobs/spring-campaign/images/2.png" not in keys
+    time.sleep(2.5)  # RetryBaseDelaySeconds (2): the first retry waits 1 to 2 s
+    (retry,) = pipeline.queued_messages()
+    task = json.loads(retry["Body"])
+    assert task["row_id"] == "2" and task["attempts"] == 1 and task["first_failed_at"]
+    assert retry["Attributes"]["ApproximateReceiveCount"] == "1"
 
 
 def test_an_api_refusal_is_final_and_recorded_failed_with_the_reason(pipeline_factory):
@@ -84,19 +101,58 @@ def test_an_api_refusal_is_final_and_recorded_failed_with_the_reason(pipeline_fa
     assert "content moderation" in record["error"]["message"]
 
 
-def test_the_last_failed_attempt_records_the_failure_and_still_returns_the_message(pipeline_factory):
-    # Given a task on its final attempt (ApproximateReceiveCount == maxReceiveCount) that fails again
+def with_attempts(event: dict, index: int, attempts: int) -> dict:
+    record = event["Records"][index]
+    record["body"] = json.dumps(
+        {**json.loads(record["body"]), "attempts": attempts, "first_failed_at": time.time()}
+    )
+    return event
+
+
+def test_the_last_attempt_records_the_failure_with_its_error_and_nothing_goes_back(pipeline_factory):
+    # Given a task on its last attempt (TaskMaxAttempts 8: seven transient failures so far) that fails again
     pipeline = pipeline_factory("fail=doomed")
-    event = sqs_event(pipeline, receive_count=3, row3="a doomed bird")
+    event = with_attempts(sqs_event(pipeline, row3="a doomed bird"), 2, 7)
 
     response = pipeline.generator.invoke(event)
 
-    # Then SQS gets it back (so it moves to the DLQ) and the failure is already on record
-    assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][2]["messageId"]}]}
+    # Then the row ends failed with the API's error, and no message is left to reach the dead-letter queue
+    assert response == {"batchItemFailures": []}
     record = pipeline.outcome("spring-campaign", "3")
+    assert record["status"] == "failed" and record["attempt"] == 8
     assert (
-        record["status"] == "failed" and record["attempt"] == 3 and "HTTP 500" in record["error"]["message"]
+        "HTTP 500" in record["error"]["message"]
+        and "gave up after 8 attempt(s)" in record["error"]["message"]
     )
+    assert pipeline.queued_messages() == [] and delayed_tasks(pipeline) == 0
+
+
+def test_an_aws_failure_comes_back_soon_and_on_the_last_delivery_the_row_ends_failed(pipeline_factory):
+    # Given the images cannot be stored (the output bucket is gone)
+    pipeline = pipeline_factory(parameters={"RetryBaseDelaySeconds": "0"})
+    pipeline.client("s3").delete_bucket(Bucket=pipeline.output_bucket)
+    body = sqs_event(pipeline)["Records"][0]["body"]
+    pipeline.client("sqs").send_message(QueueUrl=pipeline.tasks_queue, MessageBody=body)
+
+    # When a delivery that is not the message's last fails on it
+    (message,) = pipeline.queued_messages()
+    event = lambda_sqs_event([message], pipeline.mapping().queue_arn, "us-east-1")
+    response = pipeline.generator.invoke(event)
+
+    # Then the message comes back after a backoff (here 0 s), not the queue's 30-minute visibility timeout
+    assert response == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    (again,) = pipeline.queued_messages()
+    assert again["Attributes"]["ApproximateReceiveCount"] == "2"
+
+    # And on its last delivery (TaskMaxReceiveCount) the row ends failed with what went wrong, not lost
+    event = lambda_sqs_event([again], pipeline.mapping().queue_arn, "us-east-1")
+    event["Records"][0]["attributes"]["ApproximateReceiveCount"] = pipeline.stack.parameters[
+        "TaskMaxReceiveCount"
+    ]
+    assert pipeline.generator.invoke(event) == {"batchItemFailures": []}
+    record = pipeline.outcome("spring-campaign", "1")
+    assert record["status"] == "failed" and record["error"]["type"] == "internal"
+    assert "NoSuchBucket" in record["error"]["message"]
 
 
 def test_a_message_that_is_not_a_task_fails_alone(pipeline):

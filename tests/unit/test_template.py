@@ -14,19 +14,44 @@ def template():
 
 
 def test_a_task_is_never_redelivered_while_a_generator_may_still_run_it(template):
-    # AWS advises a visibility timeout of at least 6x the function timeout for SQS-driven functions.
+    # The generator's Timeout is a parameter; Lambda refuses a queue whose visibility timeout is shorter
+    # than the function's, and AWS advises 6x the function timeout.
     queue = template.resources["TasksQueue"]["Properties"]
-    generator_timeout = template.function_property("ImageGeneratorFunction", "Timeout")
-    assert queue["VisibilityTimeout"] >= 6 * generator_timeout
+    assert template.function_property("ImageGeneratorFunction", "Timeout") == {
+        "Ref": "GeneratorTimeoutSeconds"
+    }
+    timeout = template.parameter("GeneratorTimeoutSeconds")
+    assert queue["VisibilityTimeout"] >= 6 * int(timeout["Default"])
+    assert queue["VisibilityTimeout"] >= int(timeout["MaxValue"])
 
 
-def test_failing_tasks_go_to_the_dead_letter_queue_after_the_configured_attempts(template):
+def test_the_dead_letter_queue_only_guards_against_crashes_and_poison_messages(template):
     redrive = template.resources["TasksQueue"]["Properties"]["RedrivePolicy"]
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["TasksDeadLetterQueue", "Arn"]}
     assert redrive["maxReceiveCount"] == {"Ref": "TaskMaxReceiveCount"}
-    # the generator knows which attempt is the last one, to record the failure's reason
+    assert int(template.parameter("TaskMaxReceiveCount")["Default"]) >= 5  # AWS advises at least 5
+    # the generator knows which delivery is the last one, to record the row failed rather than lose it
     env = template.function_property("ImageGeneratorFunction", "Environment")["Variables"]
     assert env["TASK_MAX_RECEIVE_COUNT"] == {"Ref": "TaskMaxReceiveCount"}
+
+
+def test_failed_calls_are_retried_on_the_generators_own_schedule_within_a_window(template):
+    env = template.function_property("ImageGeneratorFunction", "Environment")["Variables"]
+    for name, variable in {
+        "TaskMaxAttempts": "TASK_MAX_ATTEMPTS",
+        "TaskRetryWindowSeconds": "TASK_RETRY_WINDOW_SECONDS",
+        "RetryBaseDelaySeconds": "RETRY_BASE_DELAY_SECONDS",
+        "RetryMaxDelaySeconds": "RETRY_MAX_DELAY_SECONDS",
+    }.items():
+        assert env[variable] == {"Ref": name}
+    assert int(template.parameter("TaskMaxAttempts")["Default"]) >= 8
+    assert int(template.parameter("TaskRetryWindowSeconds")["Default"]) >= 3600
+    # a retry is a new message delayed by SQS, which delays at most 900 s
+    assert int(template.parameter("RetryMaxDelaySeconds")["MaxValue"]) <= 900
+    # when that message cannot be sent, the delivered one is made visible again after the backoff
+    assert ("sqs:ChangeMessageVisibility", {"Fn::GetAtt": ["TasksQueue", "Arn"]}) in grants(
+        template, "ImageGeneratorFunction"
+    )
 
 
 def test_the_generator_reports_partial_batch_failures_with_bounded_concurrency(template):
@@ -118,10 +143,10 @@ def test_a_handed_back_prediction_waits_no_longer_than_sqs_allows(template):
 
 
 def test_a_claim_to_call_the_api_is_stale_only_after_the_invocation_that_made_it_is_gone(template):
+    # The generator derives the claim's lifetime from its own Timeout (plus a minute), never a copy of it.
     env = template.function_property("ImageGeneratorFunction", "Environment")["Variables"]
-    assert float(env["CLAIM_STALE_SECONDS"]) >= template.function_property(
-        "ImageGeneratorFunction", "Timeout"
-    )
+    assert env["GENERATOR_TIMEOUT_SECONDS"] == template.function_property("ImageGeneratorFunction", "Timeout")
+    assert "CLAIM_STALE_SECONDS" not in env
 
 
 def test_the_template_translates_to_cloudformation_with_the_sqs_mapping(template):
@@ -132,10 +157,12 @@ def test_the_template_translates_to_cloudformation_with_the_sqs_mapping(template
 
 def test_the_slowest_task_of_a_batch_still_fits_in_the_generator_timeout(template):
     # The tasks of a batch run side by side; the slowest makes at most two calls (the second after
-    # re-reading a refused key). A batch that outlives the function loses its progress.
+    # re-reading a refused key), each also cut to the invocation's time left. A batch that outlives the
+    # function loses its progress.
     env = template.function_property("ImageGeneratorFunction", "Environment")["Variables"]
-    timeout = template.function_property("ImageGeneratorFunction", "Timeout")
-    assert 2 * float(env["HTTP_TIMEOUT_SECONDS"]) < timeout
+    assert env["HTTP_TIMEOUT_SECONDS"] == {"Ref": "ProviderHttpTimeoutSeconds"}
+    http = int(template.parameter("ProviderHttpTimeoutSeconds")["Default"])
+    assert 2 * http < int(template.parameter("GeneratorTimeoutSeconds")["Default"])
 
 
 # ---------------------------------------------------------------- the locked-down stack

@@ -38,8 +38,9 @@ def client(name: str, **config_overrides: Any) -> Any:
 
 
 def resource(name: str, **config_overrides: Any) -> Any:
-    """A new boto3 resource for service `name` (not thread-safe: one per thread)."""
-    return boto3.resource(name, config=config(**config_overrides))
+    """A new boto3 resource for service `name`, from its own session (neither resources nor sessions
+    are thread-safe: make one per thread)."""
+    return boto3.session.Session().resource(name, config=config(**config_overrides))
 
 
 def table(name: str) -> Any:

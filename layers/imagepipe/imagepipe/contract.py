@@ -31,8 +31,9 @@ class ImageTask(BaseModel):
     """One row of an input file, ready for its image API. Version 2.
 
     The splitter resolves `provider` (the row's, else the stack's default) so the generator never
-    guesses. `prediction_id` and `handbacks` are set only on a task handed back to the queue while
-    its asynchronous generation is still running."""
+    guesses. `prediction_id`, `handbacks` and `reserved` are set only on a task handed back to the
+    queue while its asynchronous generation is still running; `attempts`, `throttles` and
+    `first_failed_at` on a task sent again after a retryable failure (older messages parse too)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +56,12 @@ class ImageTask(BaseModel):
     prediction_id: str | None = Field(None, max_length=200)
     handbacks: int = Field(0, ge=0)
     submitted_at: float | None = Field(None, description="epoch seconds of the accepted submit")
+    # Set on a task sent again after a retryable failure (the generator's own backoff schedule).
+    attempts: int = Field(0, ge=0, description="transient failures so far (rate limits not counted)")
+    throttles: int = Field(0, ge=0, description="rate-limit answers so far")
+    first_failed_at: float | None = Field(None, description="epoch seconds of the first failure")
+    # The job's budget reservation its claim holds (USD), carried by a handed-back prediction.
+    reserved: float = Field(0.0, ge=0)
 
     @property
     def image_name(self) -> str:

@@ -3,23 +3,36 @@
 At most one paid request per task: the request is claimed in JobsTable before it is sent, an
 asynchronous prediction id is kept before anyone waits on it, and a redelivered task resumes that
 prediction instead of submitting again. A prediction still running when the invocation's poll budget
-ends goes back to the queue as a new delayed message (so it never counts toward the dead-letter queue)."""
+ends goes back to the queue as a new delayed message (so it never counts toward the dead-letter queue).
+
+Retries run on the generator's own schedule, never on the queue's visibility timeout: a retryable
+failure sends the task again as a new message delayed by an exponential backoff with jitter, carrying
+its counters (`attempts` for transient failures, `throttles` for rate-limit answers, which never count
+as attempts, and `first_failed_at`); the delivered message is then done. Out of attempts, or past the
+retry window since the first failure, the row ends failed with its last error. The queue's
+maxReceiveCount only guards against crashes and poison messages."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
+from botocore.exceptions import BotoCoreError, ClientError
 
 from imagepipe.contract import ImageTask, TaskRecord
-from imagepipe.jobstate import CANCELLED, FAILED, FINISHED, SUCCEEDED, JobState, TaskState
+from imagepipe.jobstate import CANCELLED, FAILED, FINISHED, SUCCEEDED, Claim, JobState, TaskState
 from imagepipe.layout import JobLayout
-from imagepipe.observability import logger, metrics
+from imagepipe.observability import logger
 from imagepipe.providers import Action, Generation, Pending, Provider, ProviderError
+from imagepipe.providers.base import deadline
+
+SQS_MAX_DELAY_S = 900
 
 
 class RetryLater(Exception):
@@ -31,16 +44,39 @@ class RetryLater(Exception):
         self.after_s = after_s
 
 
+class SendFailed(Exception):
+    """The task could not be sent again (SQS refused it): the delivered message must come back instead,
+    after `delay_s` (ChangeMessageVisibility)."""
+
+    def __init__(self, message: str, delay_s: float) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+def backoff(
+    n: int, base_s: float, max_s: float, rand: Callable[[float, float], float] = random.uniform
+) -> float:
+    """The pause before retry n (1, 2, ...): exponential, with jitter over its upper half, at most max_s."""
+    high = min(max_s, base_s * 2 ** (max(n, 1) - 1))
+    return rand(high / 2, high)
+
+
 @dataclass
 class GeneratorOptions:
     bucket: str
     queue_url: str
     finisher_queue_url: str = ""
-    max_attempts: int = 3
+    max_attempts: int = 8  # TaskMaxAttempts: transient failures before the row fails
+    retry_window_s: float = (
+        3600.0  # TaskRetryWindowSeconds: no retry scheduled this long after the first failure
+    )
+    retry_base_s: float = 2.0  # RetryBaseDelaySeconds
+    retry_max_s: float = 900.0  # RetryMaxDelaySeconds (SQS's DelaySeconds at most)
+    max_receives: int = 5  # TaskMaxReceiveCount: the delivery that is the message's last before the DLQ
     poll_interval_s: float = 2.0
     poll_delay_s: int = 10
     max_generation_s: float = 1800.0
-    claim_stale_s: float = 300.0
+    claim_stale_s: float = 360.0
     prices: dict[str, float] = field(default_factory=dict)
 
 
@@ -49,62 +85,143 @@ class TaskProcessor:
     providers: Callable[[str], Provider]
     s3: Any
     sqs: Any
-    state: JobState
+    # A JobState for the calling thread (boto3 resources are not thread-safe: one Table per thread).
+    states: Callable[[], JobState]
     options: GeneratorOptions
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
+    rand: Callable[[float, float], float] = random.uniform
 
-    def batch(self, poll_until: float) -> Batch:
-        return Batch(self, poll_until)
+    @property
+    def state(self) -> JobState:
+        return self.states()
 
-    def process(self, task: ImageTask, attempt: int, poll_until: float, batch: Batch | None = None) -> None:
-        run = _Run(self, task, attempt, poll_until, batch or Batch(self, poll_until))
+    def batch(self, poll_until: float, until: float | None = None) -> Batch:
+        return Batch(self, poll_until, until)
+
+    def process(
+        self,
+        task: ImageTask,
+        receives: int,
+        poll_until: float,
+        batch: Batch | None = None,
+        receipt_handle: str | None = None,
+    ) -> None:
+        """One delivery of a task. Returning marks its message done; raising sends it back to the queue
+        (after the backoff when the new message could not be sent)."""
+        batch = batch or Batch(self, poll_until)
+        run = _Run(self, task, receives, poll_until, batch)
         try:
-            run.go()
-        except ProviderError as exc:
-            run.failed(exc)
-        except RetryLater as exc:
+            try:
+                run.go()
+            except ProviderError as exc:
+                run.failed(exc)
+            except RetryLater as exc:
+                self.send_again(task, exc.after_s)
+                logger.info(f"{exc}: looking again in {exc.after_s:.0f} s", extra=run.log)
+        except SendFailed as exc:
+            # The delivered message comes back after the backoff instead (its receive count grows).
+            self.come_back(receipt_handle, exc.delay_s)
+            logger.warning(f"{exc}: the message comes back in {exc.delay_s:.0f} s", extra=run.log)
+            raise
+        except Exception as exc:
+            if receives < self.options.max_receives:
+                # Not the API's failure (AWS after botocore's retries, a bug): the message comes back after
+                # a backoff rather than the queue's 30-minute visibility timeout.
+                run.abandon()
+                options = self.options
+                self.come_back(
+                    receipt_handle, backoff(receives + 3, options.retry_base_s, options.retry_max_s)
+                )
+                raise
+            # The message's last delivery before the dead-letter queue (a crash or a poison task that
+            # keeps failing): the row ends failed with what went wrong, so it is not lost.
+            run.last_delivery_failed(exc)
+
+    def come_back(self, receipt_handle: str | None, delay_s: float) -> None:
+        """Best effort: the delivered message comes back after delay_s (else after the queue's timeout)."""
+        if receipt_handle is None:
+            return
+        try:
+            self.sqs.change_message_visibility(
+                QueueUrl=self.options.queue_url,
+                ReceiptHandle=receipt_handle,
+                VisibilityTimeout=_sqs_delay(delay_s),
+            )
+        except (ClientError, BotoCoreError) as exc:
+            logger.warning(f"could not shorten the message's visibility: {exc}")
+
+    def send_again(self, task: ImageTask, delay_s: float) -> None:
+        """The task as a new message, delayed by delay_s (at most SQS's 900 s)."""
+        try:
             self.sqs.send_message(
                 QueueUrl=self.options.queue_url,
                 MessageBody=task.model_dump_json(),
-                DelaySeconds=max(1, min(900, int(exc.after_s) + 1)),
+                DelaySeconds=_sqs_delay(delay_s),
             )
-            logger.info(f"{exc}: looking again in {exc.after_s:.0f} s", extra=run.log)
+        except (ClientError, BotoCoreError) as exc:
+            raise SendFailed(f"the task could not be sent again ({exc})", delay_s) from exc
+
+
+def _sqs_delay(delay_s: float) -> int:
+    return max(0, min(SQS_MAX_DELAY_S, round(delay_s)))
 
 
 class Batch:
-    """One invocation's tasks: the job checks (cancelled? budget spent?) read once per job, and the
-    completion check for every job the batch touched, once at its end."""
+    """One invocation's tasks: the job checks (cancelled? budget spent?) read once per job, the
+    completion check for every job the batch touched, once at its end, and the per-provider metrics."""
 
-    def __init__(self, processor: TaskProcessor, poll_until: float) -> None:
-        self.processor, self.poll_until = processor, poll_until
+    def __init__(self, processor: TaskProcessor, poll_until: float, until: float | None = None) -> None:
+        self.processor, self.poll_until, self.until = processor, poll_until, until
         self._lock = threading.Lock()
         self._stops: dict[str, dict[str, str] | None] = {}
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._metrics: dict[str, Counter[str]] = {}
         self.jobs: set[str] = set()
 
     def handle_record(self, record: TaskRecord) -> None:
-        """Powertools' record handler: returning marks the message done, raising marks it for retry."""
+        """Powertools' record handler: returning marks the message done, raising marks it for retry.
+        Every provider call in it ends by the invocation's deadline (`until`)."""
         task = record.body
         with self._lock:
             self.jobs.add(task.job_id)
-        self.processor.process(task, int(record.attributes.ApproximateReceiveCount), self.poll_until, self)
+        with deadline(self.until):
+            self.processor.process(
+                task,
+                int(record.attributes.ApproximateReceiveCount),
+                self.poll_until,
+                self,
+                receipt_handle=record.receiptHandle,
+            )
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The job record, read once per invocation."""
+        with self._lock:
+            if job_id in self._jobs:
+                return self._jobs[job_id]
+        job = self.processor.state.job(job_id) or {}
+        with self._lock:
+            return self._jobs.setdefault(job_id, job)
 
     def job_stop(self, job_id: str) -> dict[str, str] | None:
-        """Why the job makes no more paid calls (cancelled, budget spent), read once per invocation."""
+        """Why the job makes no more paid calls (cancelled, budget spent), read once per invocation.
+        The budget counts what was spent and what the paid calls in flight are expected to cost."""
         with self._lock:
             if job_id in self._stops:
                 return self._stops[job_id]
-        state = self.processor.state
-        job = state.job(job_id) or {}
+        job = self.job(job_id)
         stop = None
         if job.get("cancel_requested"):
             stop = {"type": "cancelled", "message": "the job was cancelled before this row was made"}
         elif job.get("max_cost") is not None:
-            spent, cap = state.counts(job_id).cost, float(job["max_cost"])
-            if spent >= cap:
+            counts = self.processor.state.counts(job_id)
+            cap = float(job["max_cost"])
+            if counts.cost + counts.reserved >= cap:
+                in_flight = f", ${counts.reserved:.4f} more in flight" if counts.reserved else ""
                 stop = {
                     "type": "budget",
-                    "message": f"the job's budget of ${cap:g} was spent (${spent:.4f}) before this row was made",
+                    "message": f"the job's budget of ${cap:g} was spent (${counts.cost:.4f}{in_flight}) "
+                    "before this row was made",
                 }
         with self._lock:
             self._stops[job_id] = stop
@@ -126,6 +243,24 @@ class Batch:
         with self._lock:
             self._stops[f"{job_id}\0{provider}"] = error
 
+    def count(self, provider: str, name: str, value: float = 1) -> None:
+        """A metric with the dimension provider, sent at the end of the batch (flush_metrics)."""
+        if value:
+            with self._lock:
+                self._metrics.setdefault(provider, Counter())[name] += value
+
+    def flush_metrics(self) -> None:
+        """The batch's metrics, one EMF record per provider (Powertools: a metric set has one set of
+        dimensions, so each provider gets its own)."""
+        with self._lock:
+            collected, self._metrics = self._metrics, {}
+        for provider, values in sorted(collected.items()):
+            emf = EphemeralMetrics()
+            emf.add_dimension(name="provider", value=provider)
+            for name, value in sorted(values.items()):
+                emf.add_metric(name=name, unit=METRIC_UNITS.get(name, MetricUnit.Count), value=value)
+            emf.flush_metrics()
+
     def finish(self) -> None:
         """Hand each job whose last row just finished to the finisher, exactly once."""
         processor = self.processor
@@ -135,26 +270,41 @@ class Batch:
             logger.info("job's last row finished: handed to the finisher", extra={"job_id": job_id})
 
 
+# Metrics per provider: ImagesGenerated, RateLimited (answers), Retries (scheduled), AnswersLost, Cost (USD),
+# ProviderStopped (a provider stopped a job's calls), TasksFailed, TasksCancelled, PredictionsHandedBack.
+METRIC_UNITS = {"Cost": MetricUnit.NoUnit}
+
+
 @dataclass
 class _Run:
     """One task in one invocation."""
 
     p: TaskProcessor
     task: ImageTask
-    attempt: int
+    receives: int
     poll_until: float
     batch: Batch
     started: float = 0.0
-    claimed: bool = False
 
     def __post_init__(self) -> None:
         self.started = self.p.clock()
         self.name = self.task.image_name
         self.layout = JobLayout(self.task.job_id)
-        self.log = {"job_id": self.task.job_id, "row_id": self.task.row_id, "attempt": self.attempt}
+        self.log = {
+            "job_id": self.task.job_id,
+            "row_id": self.task.row_id,
+            "attempt": self.task.attempts + 1,
+            "receives": self.receives,
+        }
         self.provider = self.p.providers(self.task.provider)
         self.model = self.provider.model_for(self.task)
         self.answers_lost = 0
+        self.paid = 0.0  # what the generation cost, once it is known
+        self.state = self.p.state  # this thread's
+        # The claim this delivery holds while it may send the paid request (None: not ours, or done with).
+        self.claim: Claim | None = None
+        # The budget reservation the task holds (USD), released by whoever finishes it.
+        self.reserved: float | None = self.task.reserved if self.task.prediction_id else None
 
     def go(self) -> None:
         task = self.task
@@ -165,13 +315,9 @@ class _Run:
             submitted_at, resumed = task.submitted_at or self.started, True
         else:
             stop = self.batch.job_stop(task.job_id) or self.batch.provider_stop(task.job_id, task.provider)
-            if stop is not None:
-                self.record(CANCELLED if stop["type"] in ("cancelled", "budget") else FAILED, error=stop)
-                return
-            # The common case - a task nobody has touched - costs one conditional write, no read.
-            lost = self.p.state.claim(task.job_id, self.name, task.provider)
-            state = None if lost is not None else self.claim_again()
-            self.answers_lost = lost if lost is not None else self.answers_lost
+            # The common case - a task nobody has touched - costs one conditional write, no read (and one
+            # more for the budget reservation of a job with a cap).
+            state = self.take_claim(0.0 if stop else self.expected_cost())
             if state is not None and state.status in FINISHED:
                 logger.info("task already finished: duplicate delivery ignored", extra=self.log)
                 return
@@ -179,15 +325,33 @@ class _Run:
                 # Redelivered after its prediction was submitted: resume it, never submit again.
                 outcome = Pending(state.prediction_id)
                 submitted_at, resumed = state.submitted_at or self.started, True
+            elif stop is not None:
+                # This delivery holds the claim, so no other one is calling the API for the row: it may
+                # record the stop as the row's outcome (only while the claim is still its own).
+                self.record(CANCELLED if stop["type"] in ("cancelled", "budget") else FAILED, error=stop)
+                return
             else:
-                self.claimed = True
                 outcome = self.provider.run(lambda: self.provider.start(task))
                 submitted_at, resumed = self.p.clock(), False
                 if isinstance(outcome, Pending):
-                    self.p.state.record_prediction(task.job_id, self.name, outcome.request_id, submitted_at)
-                    self.claimed = (
-                        False  # the prediction is on record: from here on it is resumed, never resent
-                    )
+                    assert self.claim is not None
+                    if not self.state.record_prediction(
+                        task.job_id,
+                        self.name,
+                        outcome.request_id,
+                        submitted_at,
+                        claimed_at=self.claim.claimed_at,
+                    ):
+                        # The claim was taken over (or the row finished) while the submit was in flight:
+                        # the row's outcome is the other delivery's; this prediction is a lost answer.
+                        self.batch.count(task.provider, "AnswersLost")
+                        logger.warning(
+                            "prediction accepted after this delivery's claim was taken over: not followed",
+                            extra={**self.log, "prediction_id": outcome.request_id},
+                        )
+                        return
+                    # the prediction is on record: from here on it is resumed, never resent
+                    self.claim = None
         if isinstance(outcome, Pending):
             outcome = self.poll(outcome, at_once=resumed)
         if isinstance(outcome, Pending):
@@ -195,18 +359,39 @@ class _Run:
             return
         self.succeeded(outcome)
 
-    def claim_again(self) -> TaskState | None:
+    def expected_cost(self) -> float:
+        """What the call is expected to cost, reserved on the job's budget while it is in flight (only for
+        a job with a budget: without one nothing is reserved)."""
+        if self.batch.job(self.task.job_id).get("max_cost") is None:
+            return 0.0
+        return round(self.p.options.prices.get(self.task.provider, 0.0) * self.task.n, 6)
+
+    def take_claim(self, reserve: float) -> TaskState | None:
+        """Claim the task for this delivery. Returns None once claimed, else the task's state when there
+        is nothing to claim (finished: a duplicate; a prediction on record: resume it)."""
+        claim = self.state.claim(self.task.job_id, self.name, self.task.provider, reserve=reserve)
+        if claim is None:
+            return self.claim_again(reserve)
+        self.hold(claim)
+        return None
+
+    def hold(self, claim: Claim) -> None:
+        self.claim, self.reserved, self.answers_lost = claim, claim.reserved, claim.answers_lost
+
+    def claim_again(self, reserve: float) -> TaskState | None:
         """The claim was refused: the task has a record. Read it and decide - finished (a duplicate),
         a prediction on record (resume), a claim held by a live delivery (come back later), or one whose
         holder is gone (claim it again: counted as a lost answer, or refused for asynchronous APIs).
         Returns the state when there is nothing to claim, None once claimed."""
-        state = self.p.state.task(self.task.job_id, self.name)
+        state = self.state.task(self.task.job_id, self.name)
+        if state is not None:
+            self.reserved = state.reserved
         if state is None or state.status in FINISHED or state.prediction_id:
             return state
         if state.status == "submitting":
-            if self.p.clock() - state.claimed_at < self.p.options.claim_stale_s:
+            age = self.p.clock() - state.claimed_at
+            if age < self.p.options.claim_stale_s:
                 # Another delivery of this task is calling the API right now: come back later, when it is done.
-                age = self.p.clock() - state.claimed_at
                 raise RetryLater(
                     "another delivery of this task is in flight", self.p.options.claim_stale_s - age
                 )
@@ -221,12 +406,14 @@ class _Run:
                     action=Action.FAIL_ROW,
                 )
             # synchronous: the lost answer is counted (by the claim), and the request sent once more
-            lost = self.p.state.claim(self.task.job_id, self.name, self.task.provider, stale=state)
+            claim = self.state.claim(
+                self.task.job_id, self.name, self.task.provider, stale=state, reserve=reserve
+            )
         else:  # released: answered without being accepted; the earlier lost answers stay counted
-            lost = self.p.state.claim(self.task.job_id, self.name, self.task.provider)
-        if lost is None:
+            claim = self.state.claim(self.task.job_id, self.name, self.task.provider, reserve=reserve)
+        if claim is None:
             raise RetryLater("another delivery of this task claimed it first", self.p.options.claim_stale_s)
-        self.answers_lost = lost
+        self.hold(claim)
         return None
 
     def poll(self, pending: Pending, *, at_once: bool) -> Generation | Pending:
@@ -243,6 +430,8 @@ class _Run:
             except ProviderError as exc:
                 if exc.action is not Action.RETRY:
                     raise
+                if exc.kind == "rate_limited":
+                    self.batch.count(self.task.provider, "RateLimited")
                 logger.warning("poll failed; will poll again", extra={**self.log, "error": exc.as_record()})
                 continue
             if isinstance(outcome, Generation):
@@ -264,20 +453,21 @@ class _Run:
                 "prediction_id": pending.request_id,
                 "handbacks": self.task.handbacks + 1,
                 "submitted_at": submitted_at,
+                "reserved": self.reserved or 0.0,
             }
         )
-        self.p.sqs.send_message(
-            QueueUrl=self.p.options.queue_url,
-            MessageBody=later.model_dump_json(),
-            DelaySeconds=self.p.options.poll_delay_s,
-        )
-        metrics.add_metric(name="PredictionsHandedBack", unit=MetricUnit.Count, value=1)
+        self.p.send_again(later, self.p.options.poll_delay_s)
+        self.batch.count(self.task.provider, "PredictionsHandedBack")
         logger.info(
             "prediction still running: handed back to the queue",
             extra={**self.log, "prediction_id": pending.request_id, "handbacks": later.handbacks},
         )
 
     def succeeded(self, generation: Generation) -> None:
+        cost = generation.cost
+        if cost is None:
+            cost = self.p.options.prices.get(self.task.provider, 0.0) * len(generation.images)
+        self.paid = cost  # counted even if the images cannot be stored
         keys = []
         for index, image in enumerate(generation.images):
             key = self.layout.image_key(self.name, index, image.extension)
@@ -285,19 +475,22 @@ class _Run:
                 Bucket=self.p.options.bucket, Key=key, Body=image.data, ContentType=image.content_type
             )
             keys.append(key)
-        cost = generation.cost
-        if cost is None:
-            cost = self.p.options.prices.get(self.task.provider, 0.0) * len(keys)
-        self.record(SUCCEEDED, images=keys, request_id=generation.request_id, cost=cost)
-        metrics.add_metric(name="ImagesGenerated", unit=MetricUnit.Count, value=len(keys))
+        if self.record(SUCCEEDED, images=keys, request_id=generation.request_id, cost=cost):
+            self.batch.count(self.task.provider, "ImagesGenerated", len(keys))
 
     def failed(self, exc: ProviderError) -> None:
         task = self.task
         if exc.action is Action.STOP_JOB:
             # The provider will refuse every row of this job (balance, quota, keys, region): stop calling it.
-            self.p.state.stop_provider(task.job_id, task.provider, exc.as_record())
+            self.state.stop_provider(task.job_id, task.provider, exc.as_record())
             self.batch.stopped(task.job_id, task.provider, exc.as_record())
-        if self.claimed and exc.retryable:
+            self.batch.count(task.provider, "ProviderStopped")
+            logger.error(
+                f"{task.provider} stopped the job's calls", extra={**self.log, "error": exc.as_record()}
+            )
+        if exc.kind == "rate_limited":
+            self.batch.count(task.provider, "RateLimited")
+        if self.claim is not None and exc.retryable:
             lost = exc.maybe_accepted
             if lost and self.provider.asynchronous:
                 self.answers_lost += 1
@@ -309,15 +502,94 @@ class _Run:
                 )
             else:
                 # Answered without being accepted (or a synchronous answer lost, counted): may be sent again.
-                self.p.state.release(task.job_id, self.name, answer_lost=lost)
+                self.state.release(
+                    task.job_id,
+                    self.name,
+                    answer_lost=lost,
+                    claimed_at=self.claim.claimed_at,
+                    reserved=self.claim.reserved,
+                )
+                self.claim, self.reserved = None, 0.0
                 self.answers_lost += int(lost)
-        if exc.retryable and self.attempt < self.p.options.max_attempts:
-            logger.warning("image request failed, will retry", extra={**self.log, "error": exc.as_record()})
-            self.p.state.note_error(task.job_id, self.name, exc.as_record())
-            raise exc
-        self.record(FAILED, error=exc.as_record(), request_id=exc.request_id)
         if exc.retryable:
-            raise exc  # out of attempts: SQS moves the message to the dead-letter queue
+            self.retry(exc)
+            return
+        self.record(FAILED, error=exc.as_record(), request_id=exc.request_id, cost=exc_cost(exc))
+
+    def retry(self, exc: ProviderError) -> None:
+        """Send the task again after its backoff - or, out of attempts or past the retry window since its
+        first failure, end the row failed with this error. Rate-limit answers are not attempts: they have
+        their own backoff (on `throttles`) and only the window ends them."""
+        task, options, now = self.task, self.p.options, self.p.clock()
+        first_failed_at = task.first_failed_at or now
+        throttled = exc.kind == "rate_limited"
+        attempts = task.attempts + (0 if throttled else 1)
+        throttles = task.throttles + (1 if throttled else 0)
+        elapsed = now - first_failed_at
+        if attempts >= options.max_attempts or elapsed >= options.retry_window_s:
+            why = (
+                f"{attempts} attempt(s)"
+                + (f" and {throttles} rate-limit answer(s)" if throttles else "")
+                + f" over {elapsed:.0f} s"
+            )
+            logger.warning(
+                f"image request failed: giving up after {why}", extra={**self.log, "error": exc.as_record()}
+            )
+            error = {"type": exc.kind, "message": f"{exc.message} (gave up after {why})"}
+            self.record(FAILED, error=error, request_id=exc.request_id, cost=exc_cost(exc))
+            return
+        delay = backoff(
+            throttles if throttled else attempts, options.retry_base_s, options.retry_max_s, self.p.rand
+        )
+        later = task.model_copy(
+            update={"attempts": attempts, "throttles": throttles, "first_failed_at": first_failed_at}
+        )
+        self.state.note_error(task.job_id, self.name, exc.as_record())
+        self.p.send_again(later, delay)
+        if not throttled:
+            self.batch.count(task.provider, "Retries")
+        logger.warning(
+            f"image request failed: trying again in {delay:.0f} s",
+            extra={**self.log, "error": exc.as_record(), "attempts": attempts, "throttles": throttles},
+        )
+
+    def abandon(self) -> None:
+        """This delivery failed on something other than the API while it held the claim. A synchronous
+        call may have been made (and charged): the claim is released with that possible answer counted
+        lost, so the next delivery asks again at once instead of waiting for the claim to go stale. An
+        asynchronous submit whose answer was not kept is left claimed: it is never resent blindly."""
+        if self.claim is None or self.provider.asynchronous:
+            return
+        try:
+            self.state.release(
+                self.task.job_id,
+                self.name,
+                answer_lost=True,
+                claimed_at=self.claim.claimed_at,
+                reserved=self.claim.reserved,
+            )
+            self.claim = None
+        except (ClientError, BotoCoreError) as exc:
+            logger.warning(f"could not release the task's claim: {exc}", extra=self.log)
+
+    def last_delivery_failed(self, exc: Exception) -> None:
+        """The message's last delivery failed on something other than the API (no retry is left to it):
+        the row ends failed with the error (and what its generation cost, if it got that far) - unless
+        another delivery holds a live claim on it, which will record it."""
+        if self.claim is None:
+            state = self.state.task(self.task.job_id, self.name)
+            if state is not None and (
+                state.status in FINISHED
+                or (
+                    state.status == "submitting"
+                    and self.p.clock() - state.claimed_at < self.p.options.claim_stale_s
+                )
+            ):
+                raise exc
+        message = f"this row failed on its last delivery ({self.receives}): {type(exc).__name__}: {exc}"
+        logger.exception("task failed on its last delivery", extra=self.log)
+        if not self.record(FAILED, error={"type": "internal", "message": message[:1000]}, cost=self.paid):
+            raise exc
 
     def record(
         self,
@@ -327,7 +599,7 @@ class _Run:
         error: dict[str, str] | None = None,
         request_id: str | None = None,
         cost: float = 0.0,
-    ) -> None:
+    ) -> bool:
         task = self.task
         outcome = {
             "name": self.name,
@@ -339,20 +611,31 @@ class _Run:
             "model": self.model,
             "request_id": request_id or task.prediction_id,
             "cost": round(cost, 6),
-            "attempt": self.attempt,
+            "attempt": task.attempts + 1,
+            "throttles": task.throttles,
             "handbacks": task.handbacks,
             "answers_lost": self.answers_lost,
             "seconds": round(self.p.clock() - (task.submitted_at or self.started), 3),
         }
-        if not self.p.state.finish(task.job_id, self.name, status, outcome):
+        # An outcome decided without a paid call (cancelled, stopped) lands only under this delivery's
+        # own claim; a paid one (or a failure) lands unless the row already has an outcome.
+        claimed_at = self.claim.claimed_at if self.claim is not None and not images and not cost else None
+        if not self.state.finish(
+            task.job_id, self.name, status, outcome, reserved=self.reserved, claimed_at=claimed_at
+        ):
             logger.info("task finished by another delivery", extra=self.log)
-            return
+            return False
+        self.claim = None
         if status == SUCCEEDED:
             logger.info("task succeeded", extra={**self.log, "images": images, "request_id": request_id})
         else:
-            metrics.add_metric(
-                name="TasksFailed" if status == FAILED else "TasksCancelled", unit=MetricUnit.Count, value=1
-            )
+            self.batch.count(task.provider, "TasksFailed" if status == FAILED else "TasksCancelled")
             logger.warning(f"task {status}", extra={**self.log, "error": error})
-        if self.answers_lost:
-            metrics.add_metric(name="AnswersLost", unit=MetricUnit.Count, value=self.answers_lost)
+        self.batch.count(task.provider, "Cost", round(cost, 6))
+        self.batch.count(task.provider, "AnswersLost", self.answers_lost)
+        return True
+
+
+def exc_cost(exc: ProviderError) -> float:
+    """What a failed request was charged (a paid answer whose images could not be fetched), else 0."""
+    return float(getattr(exc, "cost", None) or 0.0)

@@ -14,6 +14,7 @@ Layout (pk / sk), spread so that no key is hot at 1,000 images/s on one job:
 from __future__ import annotations
 
 import json
+import random
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -67,14 +68,57 @@ def _count_key(job_id: str, shard: int) -> dict[str, str]:
 
 
 def _conditional_failed(exc: ClientError) -> bool:
+    """The write's condition did not hold (for a transaction: some item's condition) - a final answer."""
     error = exc.response.get("Error", {})
     if error.get("Code") == "ConditionalCheckFailedException":
         return True
     # A transaction reports the failed condition per item.
     reasons = exc.response.get("CancellationReasons") or []
     return error.get("Code") == "TransactionCanceledException" and any(
-        r.get("Code") == "ConditionalCheckFailed" for r in reasons
+        (r or {}).get("Code") == "ConditionalCheckFailed" for r in reasons
     )
+
+
+# Why DynamoDB cancels a transaction that is worth sending again: another transaction touched one of its
+# items at the same moment, or throttling. botocore retries neither (a TransactionCanceledException is
+# not a throttling error to it), and a cancelled transaction changed nothing, so it is safe to resend.
+_RETRIED_REASONS = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"})
+CONFLICT_TRIES = 10
+CONFLICT_BASE_S, CONFLICT_MAX_S = 0.025, 1.0
+_sleep: Callable[[float], None] = time.sleep  # replaced in tests
+
+
+def _conflicted(exc: ClientError) -> bool:
+    """A write that lost a race with a transaction (or was throttled inside one) and changed nothing."""
+    error = exc.response.get("Error", {})
+    if error.get("Code") == "TransactionConflictException":  # a single-item write meeting a transaction
+        return True
+    reasons = exc.response.get("CancellationReasons") or []
+    codes = {(r or {}).get("Code") for r in reasons}
+    return (
+        error.get("Code") == "TransactionCanceledException"
+        and "ConditionalCheckFailed" not in codes
+        and bool(codes & _RETRIED_REASONS)
+    )
+
+
+def _write(write: Callable[..., Any], **request: Any) -> dict[str, Any] | None:
+    """A conditional write (or transaction): its answer if it was made, None if its condition did not
+    hold. A transaction conflict is sent again after a jittered, growing pause (CONFLICT_TRIES in all);
+    any other error is raised."""
+    for attempt in range(1, CONFLICT_TRIES + 1):
+        try:
+            answer = write(**request)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            if not _conflicted(exc) or attempt == CONFLICT_TRIES:
+                raise
+            pause = min(CONFLICT_MAX_S, CONFLICT_BASE_S * 2**attempt)
+            _sleep(random.uniform(pause / 2, pause))
+            continue
+        return answer if answer is not None else {}
+    raise AssertionError("unreachable")
 
 
 def _assignments(fields: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
@@ -86,15 +130,9 @@ def _assignments(fields: dict[str, Any]) -> tuple[str, dict[str, str], dict[str,
 
 
 def _conditionally(write: Callable[..., Any], **request: Any) -> bool:
-    """A conditional write: True if it was made, False if its condition did not hold (any other error
-    is raised)."""
-    try:
-        write(**request)
-    except ClientError as exc:
-        if _conditional_failed(exc):
-            return False
-        raise
-    return True
+    """A conditional write: True if it was made, False if its condition did not hold (transaction
+    conflicts are retried; any other error is raised)."""
+    return _write(write, **request) is not None
 
 
 def _num(value: float) -> Decimal:
@@ -119,6 +157,7 @@ class TaskState:
     prediction_id: str | None = None
     submitted_at: float | None = None
     answers_lost: int = 0
+    reserved: float = 0.0  # the job's budget its claim holds (USD), released when the task finishes
 
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> TaskState:
@@ -128,7 +167,18 @@ class TaskState:
             prediction_id=item.get("prediction_id"),
             submitted_at=float(item["submitted_at"]) if item.get("submitted_at") is not None else None,
             answers_lost=int(item.get("answers_lost", 0)),
+            reserved=float(item.get("reserved", 0)),
         )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The right to send a task's paid request, held by one delivery: its lost answers so far, and the
+    claim's time, which the delivery's later writes name so a duplicate can never make them."""
+
+    answers_lost: int
+    claimed_at: float
+    reserved: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +188,7 @@ class Counts:
     cancelled: int = 0
     cost: float = 0.0
     answers_lost: int = 0
+    reserved: float = 0.0  # the expected cost of the paid calls in flight (budget reservations)
 
     @property
     def finished(self) -> int:
@@ -238,11 +289,12 @@ class JobState:
             answer = self._client.batch_get_item(RequestItems=request)
             items.extend(answer.get("Responses", {}).get(self._table.name, []))
             request = answer.get("UnprocessedKeys") or {}
-        total = {"succeeded": 0, "failed": 0, "cancelled": 0, "cost": 0.0, "answers_lost": 0}
+        total = {"succeeded": 0, "failed": 0, "cancelled": 0, "cost": 0.0, "answers_lost": 0, "reserved": 0.0}
         for item in items:  # the resource's client speaks plain Python values
             for name in total:
                 value = item.get(name, 0)
-                total[name] += float(value) if name == "cost" else int(value)
+                total[name] += float(value) if name in ("cost", "reserved") else int(value)
+        total["reserved"] = max(0.0, round(total["reserved"], 6))
         return Counts(**total)
 
     def request_cancel(self, job_id: str) -> bool:
@@ -330,105 +382,216 @@ class JobState:
         item = self._table.get_item(Key=_task_key(job_id, name), ConsistentRead=True).get("Item")
         return TaskState.from_item(item) if item else None
 
-    def claim(self, job_id: str, name: str, provider: str, *, stale: TaskState | None = None) -> int | None:
+    def claim(
+        self,
+        job_id: str,
+        name: str,
+        provider: str,
+        *,
+        stale: TaskState | None = None,
+        reserve: float = 0.0,
+    ) -> Claim | None:
         """Take the right to send this task's paid request; only one caller gets it. Free to take: no
         record yet, or one whose last request was answered without being accepted (released). `stale`
         retakes a claim whose holder is gone (it sent a request and never recorded the answer): that
-        possible second charge is counted on the record. Returns the task's lost answers so far
-        (0 for a new task), or None when the claim was refused."""
+        possible second charge is counted on the record. `reserve` (USD, the call's expected cost) is
+        added to the job's budget reservations before the claim and taken back if it is refused; the task
+        keeps it until it finishes (a crash between the two leaves a reservation: the budget errs on the
+        safe side). Returns the claim, or None when it was refused."""
+        now = self._now()
         values: dict[str, Any] = {
             ":submitting": SUBMITTING,
             ":released": RELEASED,
             ":redriven": REDRIVEN,
-            ":now": self._now(),
+            ":now": now,
             ":provider": provider,
             ":ttl": self._ttl(),
+            ":reserved": _num(reserve),
         }
-        update = "SET #s = :submitting, claimed_at = :now, provider = :provider, expires_at = :ttl"
+        update = (
+            "SET #s = :submitting, claimed_at = :now, provider = :provider, expires_at = :ttl, "
+            "reserved = :reserved"
+        )
         condition = "attribute_not_exists(pk) OR #s IN (:released, :redriven)"
         if stale is not None:
             condition += " OR (#s = :submitting AND claimed_at = :claimed)"
             values[":claimed"] = Decimal(str(round(stale.claimed_at, 3)))
             update += " ADD answers_lost :one"
             values[":one"] = 1
-        try:
-            answer = self._table.update_item(
-                Key=_task_key(job_id, name),
-                UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None
-            raise
-        return int(answer.get("Attributes", {}).get("answers_lost", 0))
-
-    def release(self, job_id: str, name: str, *, answer_lost: bool = False) -> None:
-        """The request was answered without being accepted - or, for a synchronous API whose answer was
-        lost, will be sent again (counted): the next attempt may claim the task again."""
-        update = "SET #s = :released" + (" ADD answers_lost :one" if answer_lost else "")
-        values: dict[str, Any] = {":released": RELEASED, ":submitting": SUBMITTING}
-        if answer_lost:
-            values[":one"] = 1
-        _conditionally(
+        # A released or redriven task holds no reservation; a stale claim's is taken over.
+        change = reserve - (stale.reserved if stale is not None else 0.0)
+        if change:
+            self._reserve(job_id, name, change)
+        answer = _write(
             self._table.update_item,
             Key=_task_key(job_id, name),
             UpdateExpression=update,
-            ConditionExpression="#s = :submitting",
+            ConditionExpression=condition,
             ExpressionAttributeNames={"#s": "status"},
             ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW",
+        )
+        if answer is None:
+            if change:
+                self._reserve(job_id, name, -change)
+            return None
+        return Claim(int(answer.get("Attributes", {}).get("answers_lost", 0)), float(now), reserve)
+
+    def _reserve(self, job_id: str, name: str, amount: float) -> None:
+        """Add `amount` (USD, negative to give back) to the budget reserved on the task's shard counter."""
+        _write(
+            self._table.update_item,
+            Key=_count_key(job_id, shard_of(name)),
+            UpdateExpression="ADD reserved :amount SET expires_at = :ttl",
+            ExpressionAttributeValues={":amount": _num(amount), ":ttl": self._ttl()},
         )
 
-    def record_prediction(self, job_id: str, name: str, prediction_id: str, submitted_at: float) -> None:
-        """Kept before anyone waits on the prediction: a redelivered task resumes it instead of submitting."""
-        self._table.update_item(
+    def release(
+        self,
+        job_id: str,
+        name: str,
+        *,
+        answer_lost: bool = False,
+        claimed_at: float | None = None,
+        reserved: float = 0.0,
+    ) -> bool:
+        """The request was answered without being accepted - or, for a synchronous API whose answer was
+        lost, will be sent again (counted): the next attempt may claim the task again. Only the claim's
+        holder (`claimed_at`) may release it; its reservation goes back to the job's budget in the same
+        transaction. False when the claim was no longer this holder's."""
+        update = "SET #s = :released REMOVE reserved" + (" ADD answers_lost :one" if answer_lost else "")
+        values: dict[str, Any] = {":released": RELEASED, ":submitting": SUBMITTING}
+        condition = "#s = :submitting"
+        if answer_lost:
+            values[":one"] = 1
+        if claimed_at is not None:
+            condition += " AND claimed_at = :claimed"
+            values[":claimed"] = Decimal(str(round(claimed_at, 3)))
+        task_update = {
+            "Key": _task_key(job_id, name),
+            "UpdateExpression": update,
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": {"#s": "status"},
+            "ExpressionAttributeValues": values,
+        }
+        if not reserved:
+            return _conditionally(self._table.update_item, **task_update)
+        return _conditionally(
+            self._client.transact_write_items,
+            TransactItems=[
+                {"Update": {"TableName": self._table.name, **task_update}},
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": _count_key(job_id, shard_of(name)),
+                        "UpdateExpression": "ADD reserved :minus",
+                        "ExpressionAttributeValues": {":minus": _num(-reserved)},
+                    }
+                },
+            ],
+        )
+
+    def record_prediction(
+        self, job_id: str, name: str, prediction_id: str, submitted_at: float, *, claimed_at: float
+    ) -> bool:
+        """Kept before anyone waits on the prediction: a redelivered task resumes it instead of
+        submitting. Only by the claim's holder, and only while the task is still being submitted (never
+        over a finished task, which would count it twice). False when it could not be kept."""
+        return _conditionally(
+            self._table.update_item,
             Key=_task_key(job_id, name),
             UpdateExpression="SET #s = :running, prediction_id = :id, submitted_at = :at",
+            ConditionExpression="#s = :submitting AND claimed_at = :claimed",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":running": RUNNING, ":id": prediction_id, ":at": _num(submitted_at)},
+            ExpressionAttributeValues={
+                ":running": RUNNING,
+                ":submitting": SUBMITTING,
+                ":id": prediction_id,
+                ":at": _num(submitted_at),
+                ":claimed": Decimal(str(round(claimed_at, 3))),
+            },
         )
 
-    def finish(self, job_id: str, name: str, status: str, outcome: dict[str, Any]) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        name: str,
+        status: str,
+        outcome: dict[str, Any],
+        *,
+        reserved: float | None = None,
+        claimed_at: float | None = None,
+    ) -> bool:
         """Record the task's outcome and count it in its shard, in one transaction: True for the one
-        caller that did it; a duplicate delivery gets False and changes nothing."""
+        caller that did it; a duplicate delivery gets False and changes nothing. The task's budget
+        reservation goes back in the same transaction: `reserved` is what the caller knows it to be
+        (None: read from the task). With `claimed_at`, only the holder of that claim may finish it (an
+        outcome decided without a paid call - cancelled, stopped - never lands over another delivery's
+        call)."""
         task_key, shard = _task_key(job_id, name), shard_of(name)
         sets, names, values = _assignments({**outcome, "status": status, "finished_at": self._clock()})
         values.update({":done1": SUCCEEDED, ":done2": FAILED, ":done3": CANCELLED, ":ttl": self._ttl()})
         names["#s"] = "status"
-        update = "SET " + sets + ", expires_at = :ttl"
+        update = "SET " + sets + ", expires_at = :ttl REMOVE reserved"
+        condition = "(attribute_not_exists(#s) OR NOT #s IN (:done1, :done2, :done3))"
+        if claimed_at is not None:
+            condition = "#s = :submitting AND claimed_at = :claimed"
+            values.update({":submitting": SUBMITTING, ":claimed": Decimal(str(round(claimed_at, 3)))})
+        counter_update = "ADD #n :one, cost :cost, answers_lost :lost"
         counter = {
             ":one": 1,
             ":cost": _num(float(outcome.get("cost") or 0.0)),
             ":lost": int(outcome.get("answers_lost") or 0),
             ":ttl": self._ttl(),
         }
-        return _conditionally(
-            self._client.transact_write_items,
-            TransactItems=[
-                {
-                    "Update": {
-                        "TableName": self._table.name,
-                        "Key": task_key,
-                        "UpdateExpression": update,
-                        "ConditionExpression": "attribute_not_exists(#s) OR NOT #s IN (:done1, :done2, :done3)",
-                        "ExpressionAttributeNames": names,
-                        "ExpressionAttributeValues": values,
-                    }
-                },
-                {
-                    "Update": {
-                        "TableName": self._table.name,
-                        "Key": _count_key(job_id, shard),
-                        "UpdateExpression": "ADD #n :one, cost :cost, answers_lost :lost SET expires_at = :ttl",
-                        "ExpressionAttributeNames": {"#n": status},
-                        "ExpressionAttributeValues": counter,
-                    }
-                },
-            ],
-        )
+        for _ in range(3):
+            if reserved is None:
+                state = self.task(job_id, name)
+                if state is not None and (
+                    state.status in FINISHED
+                    or (claimed_at is not None and abs(state.claimed_at - claimed_at) > 0.0005)
+                ):
+                    return False
+                reserved = state.reserved if state is not None else 0.0
+            if reserved:
+                matches = " AND reserved = :reserved"
+                values[":reserved"] = _num(reserved)
+                values.pop(":zero", None)
+                counter[":minus"] = _num(-reserved)
+            else:
+                matches = " AND (attribute_not_exists(reserved) OR reserved = :zero)"
+                values.pop(":reserved", None)
+                values[":zero"] = 0
+                counter.pop(":minus", None)
+            if _conditionally(
+                self._client.transact_write_items,
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": task_key,
+                            "UpdateExpression": update,
+                            "ConditionExpression": condition + matches,
+                            "ExpressionAttributeNames": names,
+                            "ExpressionAttributeValues": values,
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _count_key(job_id, shard),
+                            "UpdateExpression": counter_update
+                            + (", reserved :minus" if reserved else "")
+                            + " SET expires_at = :ttl",
+                            "ExpressionAttributeNames": {"#n": status},
+                            "ExpressionAttributeValues": counter,
+                        }
+                    },
+                ],
+            ):
+                return True
+            reserved = None  # finished by another, or its reservation is not what the caller knew: look
+        return False
 
     def note_error(self, job_id: str, name: str, error: dict[str, str]) -> None:
         """The last retryable failure, kept so a task that then dies in the dead-letter queue says why."""

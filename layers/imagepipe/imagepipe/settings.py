@@ -10,6 +10,7 @@ from typing import Any, Self
 from aws_lambda_powertools.utilities import parameters
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagepipe import aws
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
 from imagepipe.providers import Action, Keys, ProviderError
 
@@ -52,14 +53,32 @@ class GeneratorSettings(_Common):
     baidu_base_url: str = "https://aip.baidubce.com"
     baidu_text2image_path: str = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/{model}"
     price_per_image: str = ""
-    http_timeout_seconds: float = Field(120.0, gt=0)
+    # One HTTP call's limit (each call is also cut to the time the invocation has left).
+    http_timeout_seconds: float = Field(60.0, gt=0)
     poll_budget_seconds: float = Field(2.0, ge=0)
     poll_interval_seconds: float = Field(2.0, gt=0)
     poll_delay_seconds: int = Field(8, ge=0, le=900)
     max_generation_seconds: float = Field(1800.0, gt=0)
-    # A claim older than this belongs to an invocation that is surely gone (the function's Timeout).
-    claim_stale_seconds: float = Field(300.0, gt=0)
-    task_max_receive_count: int = Field(3, ge=1)
+    # The function's Timeout (GeneratorTimeoutSeconds).
+    generator_timeout_seconds: float = Field(300.0, gt=0)
+    # The retry policy (template parameters TaskMaxAttempts, TaskRetryWindowSeconds, RetryBaseDelaySeconds,
+    # RetryMaxDelaySeconds): transient failures are retried on the generator's own backoff schedule.
+    task_max_attempts: int = Field(8, ge=1)
+    task_retry_window_seconds: float = Field(3600.0, ge=0)
+    retry_base_delay_seconds: float = Field(2.0, ge=0)
+    retry_max_delay_seconds: float = Field(900.0, ge=0, le=900)
+    # Only the guard against crashes and poison messages (the queue's maxReceiveCount).
+    task_max_receive_count: int = Field(5, ge=1)
+    # Lab only (not set by the template): a shorter claim lifetime for runs that crash on purpose.
+    claim_stale_override_seconds: float | None = Field(None, gt=0, alias="claim_stale_seconds")
+
+    @property
+    def claim_stale_seconds(self) -> float:
+        """A claim older than this belongs to an invocation that is surely gone: Lambda has killed it
+        (its Timeout) and a minute more for clocks and the last write."""
+        if self.claim_stale_override_seconds is not None:
+            return self.claim_stale_override_seconds
+        return self.generator_timeout_seconds + 60.0
 
     def base_url(self, provider: str) -> str:
         return getattr(self, f"{provider.replace('-oauth', '')}_base_url")
@@ -88,11 +107,22 @@ class FinisherSettings(_EnvSettings):
     event_source: str = "imagepipe"
 
 
+def _secrets() -> parameters.SecretsProvider:
+    """Powertools' default Secrets Manager provider (the one parameters.get_secret uses and
+    clear_caches clears), made with the stack's botocore retry policy."""
+    from aws_lambda_powertools.utilities.parameters.base import DEFAULT_PROVIDERS
+
+    provider = DEFAULT_PROVIDERS.get("secrets")
+    if provider is None:
+        provider = DEFAULT_PROVIDERS["secrets"] = parameters.SecretsProvider(boto_config=aws.config())
+    return provider
+
+
 def read_keys(secret_name: str, *, force: bool = False) -> dict[str, str]:
     """The keys secret as {KEY_NAME: value}. Powertools caches it for SECRET_MAX_AGE_S across warm
     invocations; `force` re-reads it (after the provider refused a key, which may have been rotated)."""
     try:
-        secret: Any = parameters.get_secret(
+        secret: Any = _secrets().get(
             secret_name, transform="json", max_age=SECRET_MAX_AGE_S, force_fetch=force
         )
     except parameters.exceptions.TransformParameterError as exc:
