@@ -7,6 +7,7 @@ import copy
 import json
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -188,20 +189,47 @@ class Pipeline:
 
     def drain(self, max_polls: int = 200) -> int:
         """Lambda's pollers, one batch at a time, until the queues are empty; failed tasks come back at once."""
-        pollers = [self.poller(name, retry_delay_s=0) for name in DRAINED]
+        pollers = [self.poller(name) for name in DRAINED]
         polls = 0
-        while polls < max_polls and sum(p.poll_once() for p in pollers):
-            polls += 1
+        with self.failed_messages_back_at_once():
+            while polls < max_polls and sum(p.poll_once() for p in pollers):
+                polls += 1
         return polls
+
+    @contextmanager
+    def failed_messages_back_at_once(self) -> Iterator[None]:
+        """The drained queues' VisibilityTimeout at 0 for a while (what `imagepipe run --visibility-timeout`
+        does, shortened all the way): a message a poller left (failed) is received again at once."""
+        sqs = self.client("sqs")
+        urls = [self.mapping(name).queue_url for name in DRAINED]
+        saved = {
+            url: sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])["Attributes"][
+                "VisibilityTimeout"
+            ]
+            for url in urls
+        }
+        for url in urls:
+            sqs.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "0"})
+        try:
+            yield
+        finally:
+            for url, seconds in saved.items():
+                sqs.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": seconds})
 
     def drain_all(self, max_seconds: float = 120.0) -> None:
         """Lambda's pollers until nothing is waiting, in flight or delayed (handed-back predictions come
         back after their delay, so this waits for them); the finisher included."""
         import time
 
-        pollers = [self.poller(name, retry_delay_s=0) for name in DRAINED]
+        pollers = [self.poller(name) for name in DRAINED]
         sqs = self.client("sqs")
         deadline = time.monotonic() + max_seconds
+        with self.failed_messages_back_at_once():
+            self._drain_all(pollers, sqs, deadline, max_seconds)
+
+    def _drain_all(self, pollers: list[SqsPoller], sqs: Any, deadline: float, max_seconds: float) -> None:
+        import time
+
         while time.monotonic() < deadline:
             if sum(p.poll_once() for p in pollers):
                 continue

@@ -12,6 +12,7 @@ from imagepipe_cli import jobs
 from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
+from imagepipe_cli.local.event_sources import CHAOS_HELP
 from imagepipe_cli.local.runner import (
     EXIT_USAGE,
     RunError,
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole pipeline on this machine (moto server + the built-in API emulator)",
         description="Upload INPUT to a local stack made from template.yaml and run it to the end: "
         "images in DIR/images, one line per input row in DIR/results.jsonl. "
-        "Exit 0 if every row succeeded, 1 if any failed or was rejected, 2 if the input or a flag is unusable.",
+        "Exit 0 if every row succeeded, 1 if any failed or was rejected (or the job failed: a file with no rows), "
+        "2 if the input or a flag is unusable.",
+        epilog=CHAOS_EPILOG,
+        formatter_class=_Formatter,
     )
     run_cmd.add_argument(
         "input", type=Path, help="a .csv (id,prompt,negative_prompt,width,height) or .jsonl file"
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the stack that template.yaml declares on moto server at a fixed port, with the "
         "functions and the API emulators, and keep it up: upload with `aws --endpoint-url ... s3 cp`, follow "
         "jobs with AWS_ENDPOINT_URL=... imagepipe status. Ctrl-C stops it.",
+        epilog=CHAOS_EPILOG,
+        formatter_class=_Formatter,
     )
     up_cmd.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     up_cmd.add_argument(
@@ -101,8 +107,9 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--provider",
         choices=PROVIDER_NAMES,
-        default=DEFAULT_PROVIDER,
-        help=f"the image API for rows without a provider column (default: {DEFAULT_PROVIDER})",
+        default=None,
+        help="the image API for rows without a provider column (default: DefaultProvider, "
+        f"from --parameter-overrides, samconfig.toml or template.yaml: {DEFAULT_PROVIDER})",
     )
     parser.add_argument(
         "--api-url",
@@ -142,26 +149,58 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         "hang=WORD, malformed=WORD, error-rate=P, and each API's own (see `imagepipe emulator --help`)",
     )
     parser.add_argument(
-        "--retry-delay",
-        type=positive_int,
-        default=1,
-        metavar="S",
-        help="seconds before a failed task is retried (AWS: the queue's visibility timeout)",
-    )
-    parser.add_argument(
         "--max-attempts",
         type=positive_int,
         metavar="N",
-        help="deliveries of a task before the dead-letter queue (default: TaskMaxReceiveCount in template.yaml)",
+        help="attempts of a task on transient errors (default: TaskMaxAttempts in template.yaml)",
+    )
+    parser.add_argument(
+        "--parameter-overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="K=V",
+        help="template parameters, as `sam deploy --parameter-overrides` takes them (e.g. "
+        "GeneratorTimeoutSeconds=60 ProviderHttpTimeoutSeconds=10); over samconfig.toml's, under the flags "
+        "above. Put INPUT before this flag",
+    )
+    parser.add_argument(
+        "--config-env",
+        default="default",
+        metavar="NAME",
+        help="samconfig.toml (beside the template) environment whose deploy parameter_overrides apply "
+        "(default: default; a missing file or environment is fine)",
+    )
+    parser.add_argument(
+        "--visibility-timeout",
+        type=positive_int,
+        metavar="S",
+        help="shorten every queue's VisibilityTimeout to S seconds (AWS: the template's, e.g. 1800): a crashed "
+        "or timed-out invocation's messages come back after S s. The one timing shortcut; the header says so",
     )
     parser.add_argument(
         "--chaos",
         metavar="SPEC",
-        help="make the local runtime fail on purpose, each a probability: redeliver=P (a message delivered "
-        "twice), crash-after-call=P (an invocation dies after the API answered), crash-before-ack=P (the "
-        "work is done but the messages come back), throttle=P (an invocation refused); e.g. "
-        "redeliver=0.2,crash-after-call=0.05",
+        help="fail on purpose: KIND=P,... each a probability (e.g. redeliver=0.2,ddb-conflict=0.05); "
+        "the kinds are listed below",
     )
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps paragraphs as usual, but keeps a text with its own line breaks (the chaos list) as it is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line + "\n" for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+CHAOS_EPILOG = (
+    "--chaos kinds (each KIND=P, P a probability from 0 to 1):\n"
+    + "".join(f"  {kind + '=P':<20} {meaning}\n" for kind, meaning in CHAOS_HELP.items())
+    + "The AWS kinds (ddb-conflict .. sqs-error) are answered by the moto server to every caller, once the "
+    "stack is set up."
+)
 
 
 def _faults_help() -> str:
@@ -183,9 +222,11 @@ def _stack_fields(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "emulator_latency_ms": args.emulator_latency_ms,
         "emulator_faults": args.emulator_fault,
-        "retry_delay_s": args.retry_delay,
+        "visibility_timeout_s": args.visibility_timeout,
         "chaos": args.chaos or "",
         "max_attempts": args.max_attempts,
+        "parameter_overrides": args.parameter_overrides,
+        "config_env": args.config_env,
     }
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from imagepipe_cli.local.lambda_runtime import FunctionError
@@ -65,19 +68,37 @@ def failed_message_ids(response: Any, message_ids: list[str], report_batch_item_
     return failed
 
 
-CHAOS_KINDS = ("redeliver", "crash-after-call", "crash-before-ack", "throttle")
+CHAOS_HELP = {
+    # the local runtime's own (Lambda's event source mapping and invocations)
+    "redeliver": "a message delivered twice (SQS is at-least-once)",
+    "crash-after-call": "an invocation dies after the image API answered, before anything is recorded",
+    "crash-before-ack": "an invocation's work is done but its messages come back (its end was lost)",
+    "throttle": "an invocation refused by Lambda; its messages come back after the visibility timeout",
+    # AWS's, injected by the moto server for every caller (see moto_server.AwsChaos)
+    "ddb-conflict": "a DynamoDB transaction cancelled with TransactionConflict, nothing written",
+    "ddb-throttle": "a DynamoDB call answered ThrottlingException / ProvisionedThroughputExceededException",
+    "stale-read": "a read without ConsistentRead answers the state of up to 5 s ago",
+    "s3-error": "an S3 call answered 500 InternalError / 503 SlowDown, nothing done",
+    "sqs-error": "an SQS send, delete or visibility change answered 500 InternalError, nothing done",
+}
+CHAOS_KINDS = tuple(CHAOS_HELP)
+AWS_CHAOS = ("ddb-conflict", "ddb-throttle", "stale-read", "s3-error", "sqs-error")
 
 
 @dataclass(frozen=True)
 class Chaos:
-    """What the local runtime does wrong on purpose, each a probability: deliver a message twice, kill an
-    invocation after the API answered (like a Lambda timeout), lose an invocation's acknowledgement after
-    its work was done, or throttle an invocation (its messages come back, their receive counted)."""
+    """What the local lab does wrong on purpose, each a probability (CHAOS_HELP). The first four are played by
+    the local runtime; the AWS ones are injected by the moto server once the stack is set up (`aws_spec`)."""
 
     redeliver: float = 0.0
     crash_after_call: float = 0.0
     crash_before_ack: float = 0.0
     throttle: float = 0.0
+    ddb_conflict: float = 0.0
+    ddb_throttle: float = 0.0
+    stale_read: float = 0.0
+    s3_error: float = 0.0
+    sqs_error: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -96,6 +117,12 @@ class Chaos:
                 raise ValueError(f"chaos {part!r}: P must be a number from 0 to 1")
             values[name.replace("-", "_")] = probability
         return cls(**values)
+
+    def aws_spec(self) -> dict[str, float]:
+        """The AWS faults, as the moto server takes them (POST /_imagepipe/chaos)."""
+        return {
+            k: getattr(self, k.replace("-", "_")) for k in AWS_CHAOS if getattr(self, k.replace("-", "_"))
+        }
 
     def __str__(self) -> str:
         return ",".join(
@@ -119,11 +146,9 @@ class PollerStats:
 class SqsPoller:
     """Drives a function from a queue as an SQS event source mapping does: up to `concurrency`
     invocations in flight, each with up to `batch_size` messages; the messages a batch reports as
-    failed (or all of them, on a function error) return to the queue, the rest are deleted.
-
-    One local liberty: a failed message becomes visible again after `retry_delay_s` instead of the
-    queue's full VisibilityTimeout, so retries and redrive to the DLQ take seconds, not half an hour.
-    maxReceiveCount and the redrive itself are SQS's own (moto's)."""
+    failed (or all of them, on a function error, a timeout or a throttle) are left alone, so they come back
+    when the queue's own VisibilityTimeout ends, as on AWS; the rest are deleted. Delays, maxReceiveCount and
+    the redrive to the dead-letter queue are SQS's own (moto's)."""
 
     def __init__(
         self,
@@ -134,14 +159,13 @@ class SqsPoller:
         region: str,
         batch_size: int | None = None,
         concurrency: int | None = None,
-        retry_delay_s: int = 1,
         idle_sleep_s: float = 0.2,
         chaos: Chaos | None = None,
     ) -> None:
         self._sqs, self._mapping, self._function, self._region = sqs, mapping, function, region
         self.batch_size = batch_size or mapping.batch_size
         self.concurrency = concurrency or mapping.max_concurrency
-        self._retry_delay_s, self._idle_sleep_s = retry_delay_s, idle_sleep_s
+        self._idle_sleep_s = idle_sleep_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = PollerStats()
@@ -222,18 +246,8 @@ class SqsPoller:
                 QueueUrl=self._mapping.queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
             )
-        if back:
-            self._sqs.change_message_visibility_batch(
-                QueueUrl=self._mapping.queue_url,
-                Entries=[
-                    {
-                        "Id": str(i),
-                        "ReceiptHandle": m["ReceiptHandle"],
-                        "VisibilityTimeout": self._retry_delay_s,
-                    }
-                    for i, m in enumerate(back)
-                ],
-            )
+        # The failed ones (`back`) stay in flight until the queue's VisibilityTimeout ends: then SQS hands
+        # them out again, their receive count one higher (or moves them to the dead-letter queue).
         with self.stats.lock:
             self.stats.deleted += len(done)
             self.stats.returned += len(back)
@@ -330,23 +344,86 @@ class EventBridgeRules:
     (asynchronously: a failed invocation is tried twice more). `taps` are extra queues that receive the
     stack's own events (e.g. "ImageJob Completed"), for whoever wants to watch them."""
 
-    def __init__(self, events: Any, sqs: Any, functions: dict[str, Invocable], names: dict[str, str]) -> None:
+    def __init__(
+        self,
+        events: Any,
+        sqs: Any,
+        functions: dict[str, Invocable],
+        names: dict[str, str],
+        region: str = "us-east-1",
+    ) -> None:
         # names: function name (as the stack named it) -> logical id
         self._events, self._sqs, self._functions, self._names = events, sqs, functions, names
+        self._region = region
         self._queues: dict[str, str] = {}  # queue url -> logical id
+        self.schedules: list[Schedule] = []  # rules with a rate(...): moto keeps them but never fires them
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def setup(self) -> None:
         for rule in self._events.list_rules().get("Rules", []):
+            period_s = schedule_period_s(rule.get("ScheduleExpression") or "")
             for target in self._events.list_targets_by_rule(Rule=rule["Name"]).get("Targets", []):
                 logical_id = self._names.get(target["Arn"].rsplit(":", 1)[-1])
                 if logical_id is None:
                     continue
                 url, arn = _queue(self._sqs, f"imagepipe-local-events-{logical_id}")
                 self._queues[url] = logical_id
+                if period_s and rule.get("State", "ENABLED") == "ENABLED":
+                    self.schedules.append(
+                        Schedule(rule["Name"], rule["Arn"], period_s, url, target.get("Input"))
+                    )
                 # The queue takes the Lambda target's place: moto fails a PutEvents that matches a rule
                 # with a Lambda target (it cannot run one), as it would try to run the function in Docker.
                 self._events.remove_targets(Rule=rule["Name"], Ids=[target["Id"]])
                 self._events.put_targets(Rule=rule["Name"], Targets=[{"Id": "local-delivery", "Arn": arn}])
+
+    def start_schedules(self, first_after_s: float | None = None) -> None:
+        """Fire each scheduled rule at its rate, as EventBridge does, on a background thread: the "Scheduled
+        Event" goes to the rule's delivery queue, and `poll_once` invokes the function with it asynchronously
+        (two retries), like every other EventBridge delivery. The first firing is one period after the start
+        (or after `first_after_s`)."""
+        if not self.schedules or self._thread is not None:
+            return
+        now = time.monotonic()
+        due = {s.rule: now + (s.period_s if first_after_s is None else first_after_s) for s in self.schedules}
+
+        def run() -> None:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                for schedule in self.schedules:
+                    if now >= due[schedule.rule]:
+                        due[schedule.rule] = now + schedule.period_s
+                        self._fire(schedule)
+                self._stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+
+        self._thread = threading.Thread(target=run, name="eventbridge-schedules", daemon=True)
+        self._thread.start()
+
+    def stop_schedules(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _fire(self, schedule: Schedule) -> None:
+        event = schedule.input or json.dumps(
+            {
+                "version": "0",
+                "id": str(uuid.uuid4()),
+                "detail-type": "Scheduled Event",
+                "source": "aws.events",
+                "account": schedule.arn.split(":")[4],
+                "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "region": self._region,
+                "resources": [schedule.arn],
+                "detail": {},
+            }
+        )
+        try:
+            self._sqs.send_message(QueueUrl=schedule.queue_url, MessageBody=event)
+            schedule.fired += 1
+        except Exception:  # noqa: BLE001 - a missed firing; EventBridge's schedule runs on regardless
+            schedule.missed += 1
 
     def tap(self, name: str, pattern: dict) -> str:
         """A queue that receives every event matching `pattern` (returns its URL)."""
@@ -375,6 +452,29 @@ class EventBridgeRules:
                 deliveries.append(delivery)
                 self._sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
         return deliveries
+
+
+@dataclass
+class Schedule:
+    rule: str
+    arn: str
+    period_s: float
+    queue_url: str
+    input: str | None = None  # the target's constant Input, if the rule sets one
+    fired: int = 0
+    missed: int = 0
+
+
+_RATE = re.compile(r"^rate\(\s*(\d+)\s+(minute|minutes|hour|hours|day|days)\s*\)$")
+_UNIT_S = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def schedule_period_s(expression: str) -> float | None:
+    """rate(5 minutes) -> 300.0; None for no schedule or one the local runtime does not fire (cron)."""
+    match = _RATE.match(expression.strip())
+    if not match:
+        return None
+    return int(match.group(1)) * _UNIT_S[match.group(2).rstrip("s")]
 
 
 def _queue(sqs: Any, name: str) -> tuple[str, str]:

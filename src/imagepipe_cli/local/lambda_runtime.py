@@ -13,9 +13,9 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -124,7 +124,9 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 class ProcessFunction:
     """Up to `concurrency` execution environments, each a separate process with the function's own
-    environment variables and module state, handling one event at a time - like Lambda."""
+    environment variables and module state, handling one event at a time - like Lambda. An invocation that
+    runs past the function's Timeout is killed with its environment ("Task timed out after N.NN seconds", a
+    function error); the next invocation gets a new environment (a cold start)."""
 
     def __init__(
         self,
@@ -134,33 +136,147 @@ class ProcessFunction:
         env_overrides: dict[str, str],
         log_path: Path,
         region: str,
+        init_timeout_s: float = 120.0,
     ) -> None:
         self.function, self.region = function, region
         self.invocations, self.billed_s = 0, 0.0  # what Lambda would bill: handler time per invocation
-        self.failures = 0  # invocations that raised (or were killed by --chaos)
+        self.failures = 0  # invocations that raised, timed out or were killed by --chaos
+        self.timeouts = 0  # invocations killed at the function's Timeout
+        self.cold_starts = 0
         self._lock = threading.Lock()
-        env = {**function.env, **env_overrides}
-        self._pool = ProcessPoolExecutor(
-            max_workers=concurrency,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_environment,
-            initargs=(str(function.code_dir), function.handler, env, str(log_path)),
-        )
+        self._env = {**function.env, **env_overrides}
+        self._log_path, self._init_timeout_s = log_path, init_timeout_s
+        self._idle: list[_Environment] = []
+        self._all: set[_Environment] = set()
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._closed = False
 
     def invoke(self, event: dict) -> Any:
-        outcome = self._pool.submit(
-            _invoke, self.function.logical_id, event, make_context(self.function, self.region)
-        ).result()
-        with self._lock:
-            self.invocations += 1
-            self.billed_s += outcome.seconds
-            self.failures += outcome.error is not None
+        with self._slots:
+            environment = self._take()
+            context = make_context(self.function, self.region)
+            outcome = environment.invoke(self.function, event, context)
+            with self._lock:
+                self.invocations += 1
+                self.billed_s += outcome.seconds
+                self.failures += outcome.error is not None
+                self.timeouts += outcome.timed_out
+                if environment.alive and not self._closed:
+                    self._idle.append(environment)
+                else:
+                    self._all.discard(environment)
+            if not environment.alive:
+                environment.stop()
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
 
+    def _take(self) -> _Environment:
+        with self._lock:
+            if self._closed:
+                raise FunctionError(
+                    self.function.logical_id, "Runtime.Closed", "the local runtime is stopping"
+                )
+            if self._idle:
+                return self._idle.pop()
+            self.cold_starts += 1
+        environment = _Environment(
+            str(self.function.code_dir), self.function.handler, self._env, str(self._log_path)
+        )
+        with self._lock:
+            self._all.add(environment)
+        try:
+            environment.wait_ready(self.function.logical_id, self._init_timeout_s)
+        except FunctionError:
+            with self._lock:
+                self._all.discard(environment)
+            environment.stop()
+            raise
+        return environment
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            environments = list(self._all)
+            self._idle.clear()
+        for environment in environments:
+            environment.stop()
+
+
+class _Environment:
+    """One execution environment: a worker process that runs the init phase, then one event at a time."""
+
+    def __init__(self, code_dir: str, handler: str, env: dict[str, str], log_path: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._log_path = log_path
+        self._process = context.Process(
+            target=_environment_main,
+            args=(child, code_dir, handler, env, log_path),
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self.alive = True
+
+    def wait_ready(self, logical_id: str, timeout_s: float) -> None:
+        try:
+            ready = self._conn.poll(timeout_s) and self._conn.recv()
+        except (EOFError, OSError):
+            ready = False
+        if ready != "ready":
+            self.alive = False
+            raise FunctionError(
+                logical_id,
+                "Runtime.InitError",
+                f"the execution environment did not start (see {self._log_path})",
+            )
+
+    def invoke(self, function: DeployedFunction, event: dict, context: LambdaContext) -> _Outcome:
+        started = time.monotonic()
+        try:
+            self._conn.send((function.logical_id, event, context))
+            if self._conn.poll(max(0.0, context.deadline - time.time())):
+                return self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self.alive = False
+            return _Outcome(
+                None,
+                time.monotonic() - started,
+                FunctionError(function.logical_id, "Runtime.ExitError", "the execution environment exited"),
+            )
+        # Past the function's Timeout: Lambda stops the invocation and discards the environment.
+        self.alive = False
+        self._process.kill()
+        seconds = time.monotonic() - started
+        message = f"Task timed out after {function.timeout:.2f} seconds"
+        with open(self._log_path, "a", encoding="utf-8") as log:
+            log.write(f"{datetime.now(UTC).isoformat()} {context.aws_request_id} {message}\n")
+        return _Outcome(None, seconds, FunctionError(function.logical_id, "Sandbox.Timedout", message), True)
+
+    def stop(self) -> None:
+        self.alive = False
+        if self._process.is_alive():
+            with suppress(OSError, BrokenPipeError):
+                self._conn.send(None)
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+        self._process.join(timeout=5)
+        self._conn.close()
+
+
+def _environment_main(conn: Any, code_dir: str, handler: str, env: dict[str, str], log_path: str) -> None:
+    _start_environment(code_dir, handler, env, log_path)
+    conn.send("ready")
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        conn.send(_invoke(*request))
 
 
 @dataclass
@@ -168,6 +284,7 @@ class _Outcome:
     result: Any
     seconds: float
     error: FunctionError | None = None
+    timed_out: bool = False
 
 
 _HANDLER: Callable[[dict, Any], Any] | None = None

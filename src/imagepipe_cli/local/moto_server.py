@@ -12,7 +12,11 @@ an API call answers:
   period directly, and keeps the queue's Approximate* counts for up to 0.1 s (AWS documents them as
   approximate and eventually consistent).
 - moto 5.2.5's TransactWriteItems deep-copies whole tables for its rollback (O(rows) per finished row);
-  `speed_up_moto_dynamodb` snapshots and restores only the items a transaction names."""
+  `speed_up_moto_dynamodb` snapshots and restores only the items a transaction names.
+
+And one addition, off until the stack is set up: `--chaos` faults as AWS answers them (`AwsChaos`), turned on
+with `POST /_imagepipe/chaos` (a JSON object of probabilities) and counted by `GET /_imagepipe/chaos`, so
+every caller - the functions and the CLI - sees the same AWS."""
 
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ import argparse
 import io
 import json
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +84,14 @@ class MotoServer:
         self.stop()
         raise RuntimeError(f"moto server did not start within {timeout_s:.0f} s; see {self.log_path}")
 
+    def set_chaos(self, spec: dict[str, float]) -> None:
+        """Turn AWS's faults on (probabilities by kind, see AwsChaos); an empty spec turns them off."""
+        httpx.post(f"{self.url}{CHAOS_PATH}", json=spec, timeout=10).raise_for_status()
+
+    def chaos_injected(self) -> dict[str, int]:
+        """The faults the server injected so far, by kind."""
+        return httpx.get(f"{self.url}{CHAOS_PATH}", timeout=10).json()["injected"]
+
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             self._process.terminate()
@@ -100,27 +116,275 @@ def _free_port(host: str) -> int:
 
 class _OneAtATime:
     """WSGI middleware: one request inside moto at a time. With a `write_log`, every DynamoDB write is
-    also logged as one line `operation<TAB>pk<TAB>sk` (what `make bench` counts per item and per key)."""
+    also logged as one line `operation<TAB>pk<TAB>sk` (what `make bench` counts per item and per key).
+    `chaos` may answer a request instead of moto (see AwsChaos); it is off until turned on over HTTP."""
 
     def __init__(self, app: Any, write_log: str | None = None) -> None:
         self._app, self._lock = app, threading.Lock()
         self._write_log = open(write_log, "a", buffering=1) if write_log else None  # noqa: SIM115 - lives as long as the server
+        self.chaos = AwsChaos()
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == CHAOS_PATH:
+            return self._control(environ, start_response)
         with self._lock:
+            request = _Request.of(environ)
+            fault = self.chaos.fault(request)
+            if fault is not None:
+                status, headers, payload = fault
+                start_response(status, headers)
+                return [payload]
             if self._write_log is not None:
-                self._log_writes(environ)
-            # Read the whole body inside the lock, so a slow client cannot hold moto mid-request.
-            return list(self._app(environ, start_response))
+                self._log_writes(request)
+            if not self.chaos.spec:
+                # Read the whole answer inside the lock, so a slow client cannot hold moto mid-request.
+                return list(self._app(environ, start_response))
+            captured: list[Any] = []
 
-    def _log_writes(self, environ: dict) -> None:
-        operation = environ.get("HTTP_X_AMZ_TARGET", "").rpartition(".")[2]
-        if operation not in DYNAMODB_WRITES:
+            def capture(status: str, headers: list, exc_info: Any = None) -> Any:
+                captured[:] = [status, headers]
+                return lambda data: None  # moto answers by returning its body, never by write()
+
+            body = b"".join(self._app(environ, capture))
+            status, headers, body = self.chaos.answered(request, (captured[0], captured[1], body))
+            start_response(status, headers)
+            return [body]
+
+    def _control(self, environ: dict, start_response: Any) -> Any:
+        """POST a JSON object {"ddb-conflict": P, ...} to set the chaos (an empty one turns it off); GET the
+        faults injected so far by kind."""
+        try:
+            if environ.get("REQUEST_METHOD") == "POST":
+                spec = json.loads(
+                    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)) or b"{}"
+                )
+                with self._lock:
+                    self.chaos.configure(spec)
+            with self._lock:
+                payload = json.dumps({"spec": self.chaos.spec, "injected": self.chaos.injected}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+        except (ValueError, TypeError) as exc:
+            payload = json.dumps({"error": str(exc)}).encode()
+            start_response("400 Bad Request", [("Content-Type", "application/json")])
+        return [payload]
+
+    def _log_writes(self, request: _Request) -> None:
+        if request.service != "dynamodb" or request.operation not in DYNAMODB_WRITES:
             return
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        environ["wsgi.input"] = io.BytesIO(body)
-        for pk, sk in _written_keys(operation, json.loads(body or b"{}")):
-            self._write_log.write(f"{operation}\t{pk}\t{sk}\n")
+        for pk, sk in _written_keys(request.operation, json.loads(request.body or b"{}")):
+            self._write_log.write(f"{request.operation}\t{pk}\t{sk}\n")
+
+
+CHAOS_PATH = "/_imagepipe/chaos"
+AWS_CHAOS_KINDS = ("ddb-conflict", "ddb-throttle", "stale-read", "s3-error", "sqs-error")
+STALE_READ_WINDOW_S = 5.0  # how old a stale answer may be (DynamoDB: "usually within a second")
+DYNAMODB_READS = {"GetItem", "Query", "Scan", "BatchGetItem"}
+SQS_WRITES = {
+    "SendMessage",
+    "SendMessageBatch",
+    "DeleteMessage",
+    "DeleteMessageBatch",
+    "ChangeMessageVisibility",
+    "ChangeMessageVisibilityBatch",
+}
+_SERVICE_IN_AUTH = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request")
+
+Answer = tuple[str, list[tuple[str, str]], bytes]
+
+
+class _Request:
+    """What the chaos needs to know of a request: its service (from the SigV4 credential scope), its
+    operation (X-Amz-Target for the JSON services) and its body."""
+
+    def __init__(self, service: str, operation: str, body: bytes) -> None:
+        self.service, self.operation, self.body = service, operation, body
+
+    @classmethod
+    def of(cls, environ: dict) -> _Request:
+        match = _SERVICE_IN_AUTH.search(environ.get("HTTP_AUTHORIZATION", "")) or _SERVICE_IN_AUTH.search(
+            (environ.get("QUERY_STRING") or "").replace("%2F", "/")
+        )
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        service = match.group(1) if match else ""
+        if target.startswith("DynamoDB_"):
+            service = "dynamodb"
+        body = b""
+        if service == "dynamodb":  # small JSON bodies, read here and handed on to moto
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+        return cls(service, target.rpartition(".")[2], body)
+
+    def json(self) -> dict:
+        try:
+            value = json.loads(self.body or b"{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+class AwsChaos:
+    """AWS's own failures, each a probability, answered in AWS's own shapes so botocore and the code see
+    exactly what AWS would send; nothing of the request is done when a fault is answered.
+
+    - ddb-conflict: TransactWriteItems cancelled, one item's reason `TransactionConflict` (botocore does
+      not retry it).
+    - ddb-throttle: any DynamoDB call answered ThrottlingException or ProvisionedThroughputExceededException
+      (botocore's standard mode retries both).
+    - stale-read: a GetItem/Query/Scan/BatchGetItem without ConsistentRead answers what the same request
+      answered up to STALE_READ_WINDOW_S ago (an eventually consistent read); a consistent read never does.
+    - s3-error: any S3 call answered 500 InternalError or 503 SlowDown.
+    - sqs-error: a send, delete or visibility change answered 500 InternalError (SQS's JSON protocol)."""
+
+    def __init__(self) -> None:
+        self.spec: dict[str, float] = {}
+        self.injected: dict[str, int] = dict.fromkeys(AWS_CHAOS_KINDS, 0)
+        self._rng = random.Random()
+        self._answers: dict[tuple[str, bytes], deque[tuple[float, Answer]]] = {}
+        self._pruned = time.monotonic()
+
+    def configure(self, spec: dict[str, Any]) -> None:
+        probabilities: dict[str, float] = {}
+        for name, value in spec.items():
+            if name == "seed":
+                self._rng.seed(value)
+                continue
+            if name not in AWS_CHAOS_KINDS:
+                raise ValueError(f"unknown chaos {name!r}")
+            probability = float(value)
+            if not 0 <= probability <= 1:
+                raise ValueError(f"chaos {name}: {value} is not a probability")
+            if probability:
+                probabilities[name] = probability
+        self.spec = probabilities
+
+    def _chance(self, kind: str) -> bool:
+        probability = self.spec.get(kind, 0.0)
+        return bool(probability) and self._rng.random() < probability
+
+    def _count(self, kind: str, answer: Answer) -> Answer:
+        self.injected[kind] += 1
+        return answer
+
+    def fault(self, request: _Request) -> Answer | None:
+        if not self.spec:
+            return None
+        if request.service == "dynamodb":
+            if self._chance("ddb-throttle"):
+                return self._count("ddb-throttle", _dynamodb_throttle(self._rng))
+            if request.operation == "TransactWriteItems" and self._chance("ddb-conflict"):
+                items = len(request.json().get("TransactItems") or []) or 1
+                return self._count("ddb-conflict", _transaction_conflict(items, self._rng.randrange(items)))
+        elif request.service == "s3" and self._chance("s3-error"):
+            return self._count("s3-error", _s3_error(self._rng))
+        elif request.service == "sqs" and request.operation in SQS_WRITES and self._chance("sqs-error"):
+            return self._count("sqs-error", _sqs_internal_error())
+        return None
+
+    def answered(self, request: _Request, answer: Answer) -> Answer:
+        """moto's answer, or (stale-read) an older answer the same eventually consistent read gave up to
+        STALE_READ_WINDOW_S ago, when it differs from the current one: what a read may see after a write."""
+        if "stale-read" not in self.spec or request.service != "dynamodb":
+            return answer
+        if request.operation not in DYNAMODB_READS or not answer[0].startswith("200") or _consistent(request):
+            return answer
+        now = time.monotonic()
+        history = self._answers.setdefault((request.operation, request.body), deque())
+        while history and now - history[0][0] > STALE_READ_WINDOW_S:
+            history.popleft()
+        older = [old for _, old in history if old[2] != answer[2]]
+        history.append((now, answer))
+        if now - self._pruned > STALE_READ_WINDOW_S:
+            self._pruned = now
+            for key in [k for k, h in self._answers.items() if not h or now - h[-1][0] > STALE_READ_WINDOW_S]:
+                del self._answers[key]
+        if older and self._chance("stale-read"):
+            return self._count("stale-read", older[self._rng.randrange(len(older))])
+        return answer
+
+
+def _consistent(request: _Request) -> bool:
+    """ConsistentRead=true (for BatchGetItem: on every table it reads)."""
+    body = request.json()
+    if request.operation == "BatchGetItem":
+        tables = (body.get("RequestItems") or {}).values()
+        return bool(tables) and all(bool(t.get("ConsistentRead")) for t in tables)
+    return bool(body.get("ConsistentRead"))
+
+
+def _json_error(status: str, error_type: str, message: str, **extra: Any) -> Answer:
+    body = json.dumps({"__type": error_type, "message": message, **extra}).encode()
+    return (
+        status,
+        [("Content-Type", "application/x-amz-json-1.0"), ("x-amzn-RequestId", str(uuid.uuid4()))],
+        body,
+    )
+
+
+def _dynamodb_throttle(rng: random.Random) -> Answer:
+    if rng.random() < 0.5:
+        return _json_error(
+            "400 Bad Request",
+            "com.amazon.coral.availability#ThrottlingException",
+            "Rate of requests exceeds the allowed throughput.",
+        )
+    return _json_error(
+        "400 Bad Request",
+        "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+        "The level of configured provisioned throughput for the table was exceeded. "
+        "Consider increasing your provisioning level with the UpdateTable API.",
+    )
+
+
+def _transaction_conflict(items: int, conflicting: int) -> Answer:
+    reasons = [
+        {"Code": "TransactionConflict", "Message": "Transaction is ongoing for the item"}
+        if index == conflicting
+        else {"Code": "None"}
+        for index in range(items)
+    ]
+    codes = ", ".join(r["Code"] for r in reasons)
+    return _json_error(
+        "400 Bad Request",
+        "com.amazonaws.dynamodb.v20120810#TransactionCanceledException",
+        f"Transaction cancelled, please refer cancellation reasons for specific reasons [{codes}]",
+        CancellationReasons=reasons,
+    )
+
+
+def _s3_error(rng: random.Random) -> Answer:
+    request_id = uuid.uuid4().hex[:16].upper()
+    if rng.random() < 0.5:
+        status, code, message = (
+            "500 Internal Server Error",
+            "InternalError",
+            ("We encountered an internal error. Please try again."),
+        )
+    else:
+        status, code, message = "503 Slow Down", "SlowDown", "Please reduce your request rate."
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        f"<RequestId>{request_id}</RequestId><HostId>{uuid.uuid4().hex}</HostId></Error>"
+    ).encode()
+    return (
+        status,
+        [
+            ("Content-Type", "application/xml"),
+            ("x-amz-request-id", request_id),
+            ("x-amz-id-2", uuid.uuid4().hex),
+        ],
+        body,
+    )
+
+
+def _sqs_internal_error() -> Answer:
+    status, headers, body = _json_error(
+        "500 Internal Server Error",
+        "com.amazonaws.sqs#InternalError",
+        "We encountered an internal error. Please try again.",
+    )
+    # SQS's JSON protocol also names the error the query way; botocore takes the code from this header.
+    return status, [*headers, ("x-amzn-query-error", "InternalError;Receiver")], body
 
 
 DYNAMODB_WRITES = {"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"}

@@ -18,15 +18,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from imagepipe.contract import PROVIDER_NAMES, job_stem
-from imagepipe.jobstate import JOB_FINAL
+from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES, job_stem
+from imagepipe.jobstate import COMPLETED, JOB_FINAL
 from imagepipe.layout import STATUS_REJECTED, STATUS_SUCCEEDED
 from imagepipe.records import get_json
 from imagepipe.rows import FORMATS
 from imagepipe_cli.emulators import emulator_class
 from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import Chaos
-from imagepipe_cli.local.runtime import LocalRuntime, RuntimeFailure, RuntimeSetupError, StackOptions
+from imagepipe_cli.local.runtime import (
+    LocalRuntime,
+    RuntimeFailure,
+    RuntimeSetupError,
+    StackOptions,
+    stack_parameters,
+)
 from imagepipe_cli.local.template import load_template
 from imagepipe_cli.progress import Progress as _Progress
 
@@ -93,9 +99,17 @@ def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr)
         runtime.write_stats(logs / "run-stats.json", len(rows), runtime.completions())
         manifest = get_json(s3, stack.outputs["OutputBucketName"], f"jobs/{job_id}/manifest.json") or {}
     seconds = time.monotonic() - started
-    code = EXIT_OK if all(r["status"] == STATUS_SUCCEEDED for r in rows) else EXIT_ROWS_FAILED
+    code = exit_code(job, rows)
     _print_summary(out, job, rows, options.out, seconds, manifest)
     return RunSummary(job_id, job, rows, seconds, code)
+
+
+def exit_code(job: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+    """0 when the job completed with every row succeeded; 1 otherwise (a row failed, was rejected or cancelled,
+    or the job failed - a file with no rows at all fails its job)."""
+    if job.get("status") == COMPLETED and rows and all(r["status"] == STATUS_SUCCEEDED for r in rows):
+        return EXIT_OK
+    return EXIT_ROWS_FAILED
 
 
 @contextmanager
@@ -122,8 +136,13 @@ def check_stack_options(options: StackOptions) -> None:
     """The options `run` and `up` share (template, provider, faults, API URL)."""
     if not options.template.is_file():
         raise RunError(f"{options.template}: template not found (use --template)")
-    if options.provider not in PROVIDER_NAMES:
+    if options.provider is not None and options.provider not in PROVIDER_NAMES:
         raise RunError(f"--provider {options.provider!r}: use one of {', '.join(PROVIDER_NAMES)}")
+    try:
+        parameters = stack_parameters(load_template(options.template), options)
+    except RuntimeSetupError as exc:
+        raise RunError(str(exc)) from None
+    provider = parameters.get("DefaultProvider", DEFAULT_PROVIDER)
     if options.chaos:
         try:
             Chaos.parse(options.chaos)
@@ -131,7 +150,7 @@ def check_stack_options(options: StackOptions) -> None:
             raise RunError(f"--chaos: {exc}") from None
     for fault in options.emulator_faults:
         try:
-            parse_fault(fault, emulator_class(options.provider).FAULTS)
+            parse_fault(fault, emulator_class(provider).FAULTS)
         except ValueError as exc:
             raise RunError(f"--emulator-fault: {exc}") from None
     if options.api_url and not re.match(r"^https?://[^\s/]+", options.api_url):
@@ -239,6 +258,8 @@ def _print_summary(
     )
     for warning in manifest.get("warnings") or []:
         print(f"  note: {warning}", file=out)
+    if not rows:
+        print("  the file has no rows (a header only, or blank lines): nothing was generated", file=out)
     problems = [r for r in rows if r["status"] != STATUS_SUCCEEDED]
     for row in problems[:10]:
         print(f"  row {row['row']} (id {row['id']!r}): {row['status']}: {row['error']['message']}", file=out)

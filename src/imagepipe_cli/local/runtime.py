@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,7 +24,13 @@ from imagepipe_cli.local.event_sources import Chaos, Delivery, EventBridgeRules,
 from imagepipe_cli.local.lambda_runtime import ProcessFunction
 from imagepipe_cli.local.moto_server import MotoServer
 from imagepipe_cli.local.stack import LocalStack, deploy_stack
-from imagepipe_cli.local.template import Template
+from imagepipe_cli.local.template import (
+    ParameterError,
+    Template,
+    check_parameter,
+    parse_overrides,
+    samconfig_overrides,
+)
 
 REGION = "us-east-1"
 STACK_NAME = "imagepipe-local"
@@ -37,22 +43,20 @@ class StackOptions:
     """How the local stack is set up: the same for `imagepipe run` and `imagepipe up`."""
 
     template: Path = Path("template.yaml")
-    provider: str = DEFAULT_PROVIDER
+    provider: str | None = None  # None: DefaultProvider from the overrides, samconfig.toml or the template
     api_url: str | None = None
     model: str | None = None
     concurrency: int | None = None
     batch_size: int | None = None
     emulator_latency_ms: float = 50.0
     emulator_faults: list[str] = field(default_factory=list)
-    retry_delay_s: int = 1
-    chaos: str = ""  # e.g. "redeliver=0.2,crash-after-call=0.05" (see Chaos)
-    max_attempts: int | None = None  # the stack's TaskMaxReceiveCount
-
-
-# With chaos, a crashed invocation's task comes back after --retry-delay, not after the queue's 30-minute
-# visibility timeout; its claim on the API call must then count as abandoned after seconds, not after the
-# function's 300 s Timeout - and an HTTP call must not outlive that.
-CHAOS_TIMING = {"CLAIM_STALE_SECONDS": "6", "HTTP_TIMEOUT_SECONDS": "2"}
+    visibility_timeout_s: int | None = (
+        None  # every queue's VisibilityTimeout, shortened (None: the template's)
+    )
+    chaos: str = ""  # e.g. "redeliver=0.2,crash-after-call=0.05,ddb-conflict=0.05" (see Chaos)
+    max_attempts: int | None = None  # the stack's TaskMaxAttempts
+    parameter_overrides: list[str] = field(default_factory=list)  # K=V, as `sam deploy --parameter-overrides`
+    config_env: str = "default"  # samconfig.toml's [<env>.deploy.parameters] parameter_overrides
 
 
 class RuntimeSetupError(Exception):
@@ -82,7 +86,12 @@ class LocalRuntime:
         self._cleanup.close()
 
     def _start(self) -> None:
-        cleanup, options = self._cleanup, self.options
+        cleanup = self._cleanup
+        parameters = stack_parameters(self.template, self.options)
+        # The provider the stack defaults to, wherever it was set (flag, overrides, samconfig.toml, template).
+        self.options = options = replace(
+            self.options, provider=parameters.get("DefaultProvider", DEFAULT_PROVIDER)
+        )
         self.moto = cleanup.enter_context(MotoServer(log_path=self.logs / "moto.log", port=self.port))
         self.apis = _api_endpoints(options, cleanup, self.out)
         self.client = _client_factory(self.moto.url)
@@ -90,7 +99,7 @@ class LocalRuntime:
             self.client,
             self.template,
             stack_name=STACK_NAME,
-            parameters=_stack_parameters(self.template, options, self.apis),
+            parameters={**parameters, **_api_parameters(self.apis)},
             region=REGION,
         )
         # The keys go where a deployed stack keeps them: the functions read them from the secret.
@@ -106,7 +115,7 @@ class LocalRuntime:
             "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon here
         }
         self.chaos = Chaos.parse(options.chaos) if options.chaos else Chaos()
-        chaos_env = {**CHAOS_TIMING, "IMAGEPIPE_CHAOS_CRASH_AFTER_CALL": str(self.chaos.crash_after_call)}
+        chaos_env = {"IMAGEPIPE_CHAOS_CRASH_AFTER_CALL": str(self.chaos.crash_after_call)}
         self.functions = {
             logical_id: cleanup.enter_context(
                 closing(
@@ -115,7 +124,7 @@ class LocalRuntime:
                         concurrency=_concurrency_for(self.stack, logical_id, options),
                         env_overrides={
                             **env,
-                            **(chaos_env if options.chaos and logical_id == GENERATOR else {}),
+                            **(chaos_env if self.chaos.crash_after_call and logical_id == GENERATOR else {}),
                         },
                         log_path=self.logs / f"{logical_id}.log",
                         region=REGION,
@@ -125,6 +134,8 @@ class LocalRuntime:
             for logical_id, fn in self.stack.functions.items()
         }
         self.sqs = self.client("sqs")
+        if options.visibility_timeout_s is not None:
+            self._shorten_visibility(options.visibility_timeout_s)
         self.notifications = S3Notifications(
             self.client("s3"), self.sqs, self.stack.s3_triggers, self.functions
         )
@@ -134,8 +145,16 @@ class LocalRuntime:
             self.sqs,
             self.functions,
             {fn.name: logical_id for logical_id, fn in self.stack.functions.items()},
+            REGION,
         )
         self.rules.setup()
+        for schedule in self.rules.schedules:
+            print(
+                f"schedule: rule {schedule.rule} fires every {schedule.period_s:g} s (EventBridge, played locally)",
+                file=self.out,
+            )
+        self.rules.start_schedules()
+        cleanup.callback(self.rules.stop_schedules)
         # The stack's own events ("ImageJob Completed"), for `imagepipe up` to show and tests to count.
         self.completions_queue = self.rules.tap("imagepipe-local-completions", {"source": ["imagepipe"]})
         self.pollers = [
@@ -146,7 +165,6 @@ class LocalRuntime:
                 region=REGION,
                 batch_size=options.batch_size if mapping.function == GENERATOR else None,
                 concurrency=_concurrency_for(self.stack, mapping.function, options),
-                retry_delay_s=options.retry_delay_s,
                 chaos=self.chaos if mapping.function == GENERATOR else None,
             )
             for mapping in self.stack.queue_mappings
@@ -155,6 +173,39 @@ class LocalRuntime:
             poller.start()
             cleanup.callback(poller.stop)
         self.state = JobState(_resource("dynamodb", self.moto.url).Table(self.stack.outputs["JobsTableName"]))
+        # AWS's faults only now that the stack is deployed and set up: they are the run's, not the set-up's.
+        if self.chaos.aws_spec():
+            self.moto.set_chaos({**self.chaos.aws_spec(), "seed": self.chaos.seed})
+        if str(self.chaos):
+            print(f"chaos: {self.chaos} (see `imagepipe run --help`)", file=self.out)
+
+    def _shorten_visibility(self, seconds: int) -> None:
+        """--visibility-timeout: every queue of the stack alike (the one allowed shortcut), said in the header."""
+        queues = set(self.template.resources_of_type("AWS::SQS::Queue"))
+        resources = self.client("cloudformation").describe_stack_resources(StackName=STACK_NAME)[
+            "StackResources"
+        ]
+        names = [
+            r["PhysicalResourceId"].rstrip("/").rsplit("/", 1)[-1]
+            for r in resources
+            if r.get("LogicalResourceId") in queues
+        ]
+        original: dict[str, int] = {}
+        for name in names:
+            url = self.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+            attributes = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])
+            original[url] = int(attributes["Attributes"]["VisibilityTimeout"])
+            self.sqs.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": str(seconds)})
+        tasks = next((m.queue_url for m in self.stack.queue_mappings if m.function == GENERATOR), "")
+        waits = f"{original[tasks]} s on the tasks queue" if tasks in original else ""
+        if original:
+            waits += (
+                f" ({min(original.values())}-{max(original.values())} s across its {len(original)} queues)"
+            )
+        print(
+            f"queues: visibility timeout shortened to {seconds} s (--visibility-timeout); AWS waits {waits.strip()}",
+            file=self.out,
+        )
 
     def pump(self) -> list[Delivery]:
         """Deliver pending S3 events to their function (Lambda's asynchronous invocation, with its
@@ -219,9 +270,17 @@ class LocalRuntime:
                 "throttled": sum(p.stats.throttled for p in self.pollers),
                 "acks_lost": sum(p.stats.acks_lost for p in self.pollers),
                 "invocations_failed": sum(fn.failures for fn in self.functions.values()),
+                "invocations_timed_out": sum(fn.timeouts for fn in self.functions.values()),
+                # injected by the moto server, by kind (ddb-conflict, ddb-throttle, stale-read, s3-error, sqs-error)
+                **self.moto.chaos_injected(),
             },
             "functions": {
-                name: {"invocations": fn.invocations, "billed_seconds": round(fn.billed_s, 3)}
+                name: {
+                    "invocations": fn.invocations,
+                    "billed_seconds": round(fn.billed_s, 3),
+                    "timed_out": fn.timeouts,
+                    "cold_starts": fn.cold_starts,
+                }
                 for name, fn in self.functions.items()
             },
             "emulators": {
@@ -235,34 +294,56 @@ class LocalRuntime:
         path.write_text(json.dumps(stats, indent=2), encoding="utf-8")
 
 
-def _check_range(template: Template, parameter: str, flag: str, value: int) -> None:
-    spec = template.parameter(parameter)
-    low, high = int(spec.get("MinValue", 1)), int(spec.get("MaxValue", 10**6))
-    if not low <= value <= high:
-        raise RuntimeSetupError(
-            f"{flag} must be between {low} and {high} ({parameter} in template.yaml), got {value}"
-        )
+def stack_parameters(template: Template, options: StackOptions) -> dict[str, str]:
+    """The stack's parameters as `sam deploy` would pass them: explicit flags (--provider, --model,
+    --concurrency, --batch-size, --max-attempts) over --parameter-overrides over samconfig.toml's
+    parameter_overrides (--config-env) over the template's defaults; each checked as CloudFormation checks it.
+    The API base URLs are set last, by the runtime (`_api_parameters`)."""
+    try:
+        values = {
+            name: str(spec["Default"])
+            for name, spec in template.body.get("Parameters", {}).items()
+            if "Default" in spec
+        }
+        samconfig = template.base_dir / "samconfig.toml"
+        given = [
+            (
+                f"{samconfig.name} [{options.config_env}.deploy.parameters]",
+                samconfig_overrides(samconfig, options.config_env),
+            ),
+            ("--parameter-overrides", parse_overrides(options.parameter_overrides, "--parameter-overrides")),
+        ]
+        flags = {
+            "--provider": ("DefaultProvider", options.provider),
+            "--model": ("DefaultModel", options.model),
+            "--batch-size": ("GeneratorBatchSize", options.batch_size),
+            "--concurrency": ("GeneratorMaxConcurrency", options.concurrency),
+            "--max-attempts": (_max_attempts_parameter(template), options.max_attempts),
+        }
+        given.extend((flag, {name: str(value)}) for flag, (name, value) in flags.items() if value is not None)
+        for source, overrides in given:
+            for name, value in overrides.items():
+                check_parameter(template, name, value, source)
+                values[name] = value
+    except ParameterError as exc:
+        raise RuntimeSetupError(str(exc)) from None
+    return values
 
 
-def _stack_parameters(template: Template, options: StackOptions, apis: dict[str, _Api]) -> dict[str, str]:
-    params = {
-        "DefaultProvider": options.provider,
-        "DefaultModel": options.model or "",
+def _max_attempts_parameter(template: Template) -> str:
+    """--max-attempts sets TaskMaxAttempts (attempts for transient errors); a template without it: the
+    older TaskMaxReceiveCount."""
+    return "TaskMaxAttempts" if template.parameter("TaskMaxAttempts") else "TaskMaxReceiveCount"
+
+
+def _api_parameters(apis: dict[str, _Api]) -> dict[str, str]:
+    """Each provider's base URL: the emulator's, --api-url's or the public one - always the runtime's."""
+    return {
         "AtlasCloudBaseUrl": apis["atlascloud"].base_url,
         "QianfanBaseUrl": apis["qianfan"].base_url,
         "OpenAIBaseUrl": apis["openai"].base_url,
         "BaiduBaseUrl": apis["baidu-oauth"].base_url,
     }
-    if options.batch_size is not None:
-        _check_range(template, "GeneratorBatchSize", "--batch-size", options.batch_size)
-        params["GeneratorBatchSize"] = str(options.batch_size)
-    if options.concurrency is not None:
-        _check_range(template, "GeneratorMaxConcurrency", "--concurrency", options.concurrency)
-        params["GeneratorMaxConcurrency"] = str(options.concurrency)
-    if options.max_attempts is not None:
-        _check_range(template, "TaskMaxReceiveCount", "--max-attempts", options.max_attempts)
-        params["TaskMaxReceiveCount"] = str(options.max_attempts)
-    return params
 
 
 @dataclass

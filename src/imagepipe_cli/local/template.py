@@ -99,3 +99,76 @@ class _NoManagedPolicies:
 
     def load(self) -> dict[str, str]:
         return {}
+
+
+class ParameterError(ValueError):
+    """A parameter override the template does not allow: one line for the user."""
+
+
+def parse_overrides(tokens: list[str], source: str) -> dict[str, str]:
+    """`sam deploy --parameter-overrides` syntax: K=V tokens, or ParameterKey=K,ParameterValue=V."""
+    values: dict[str, str] = {}
+    for token in tokens:
+        if token.startswith("ParameterKey="):
+            key_part, _, value_part = token.partition(",")
+            name, value = key_part[len("ParameterKey=") :], value_part.partition("ParameterValue=")[2]
+            if not value_part.startswith("ParameterValue="):
+                raise ParameterError(f"{source}: {token!r} is not ParameterKey=K,ParameterValue=V")
+        else:
+            name, sep, value = token.partition("=")
+            if not sep or not name:
+                raise ParameterError(f"{source}: {token!r} is not NAME=VALUE")
+        values[name] = value
+    return values
+
+
+def samconfig_overrides(path: Path, env: str = "default") -> dict[str, str]:
+    """`parameter_overrides` of samconfig.toml's [<env>.deploy.parameters], as `sam deploy --config-env` reads
+    them; nothing if the file, the environment or the key is missing. The rest of the section (capabilities,
+    region, confirm_changeset, resolve_s3 ...) is about deploying to AWS and means nothing locally."""
+    import shlex
+    import tomllib
+
+    if not path.is_file():
+        return {}
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ParameterError(f"{path}: cannot read it: {exc}") from None
+    raw = ((config.get(env) or {}).get("deploy") or {}).get("parameters", {}).get("parameter_overrides")
+    if raw is None:
+        return {}
+    tokens = shlex.split(raw) if isinstance(raw, str) else [str(t) for t in raw]
+    return parse_overrides(tokens, f"{path} [{env}.deploy.parameters] parameter_overrides")
+
+
+def check_parameter(template: Template, name: str, value: str, source: str) -> None:
+    """As CloudFormation checks a parameter value: the template declares it, and the value fits its Type,
+    AllowedValues, AllowedPattern, MinValue/MaxValue and MinLength/MaxLength."""
+    import re
+
+    declared = template.body.get("Parameters", {})
+    if name not in declared:
+        raise ParameterError(
+            f"{source}: {name} is not a parameter of {template.path.name} (it has {', '.join(declared)})"
+        )
+    spec = declared[name]
+    where = f"{source}: {name}={value!r}"
+    if spec.get("Type") == "Number":
+        try:
+            number = float(value)
+        except ValueError:
+            raise ParameterError(f"{where} is not a number") from None
+        low, high = spec.get("MinValue"), spec.get("MaxValue")
+        if (low is not None and number < float(low)) or (high is not None and number > float(high)):
+            raise ParameterError(f"{where} must be between {low} and {high}")
+    allowed = spec.get("AllowedValues")
+    if allowed is not None and value not in [str(v) for v in allowed]:
+        raise ParameterError(f"{where} must be one of {', '.join(str(v) for v in allowed)}")
+    pattern = spec.get("AllowedPattern")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        raise ParameterError(f"{where} does not match {pattern}")
+    if "MinLength" in spec and len(value) < int(spec["MinLength"]):
+        raise ParameterError(f"{where} is shorter than {spec['MinLength']} characters")
+    if "MaxLength" in spec and len(value) > int(spec["MaxLength"]):
+        raise ParameterError(f"{where} is longer than {spec['MaxLength']} characters")
