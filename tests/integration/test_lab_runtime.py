@@ -143,7 +143,7 @@ def test_a_file_with_only_a_header_fails_its_job_and_imagepipe_run_exits_1(tmp_p
     )
 
     printed = capsys.readouterr()
-    assert code == 1
+    assert code == 1, printed.err
     assert "failed - 0 rows" in printed.out and "the file has no rows" in printed.out
     assert "Traceback" not in printed.err
     # The one timing shortcut is said in the header, and the chaos is counted in run-stats.json

@@ -122,3 +122,26 @@ def test_overrides_reach_the_deployed_functions_environment(template):
         )
     envs = [fn.env for fn in stack.functions.values()]
     assert envs and all(env["POWERTOOLS_LOG_LEVEL"] == "DEBUG" for env in envs)
+
+
+def test_max_attempts_sets_task_max_attempts_and_is_checked_against_its_range(template):
+    assert stack_parameters(template, StackOptions(max_attempts=12))["TaskMaxAttempts"] == "12"
+    with pytest.raises(RuntimeSetupError, match="--max-attempts: TaskMaxAttempts='1000' must be between"):
+        stack_parameters(template, StackOptions(max_attempts=1000))
+
+
+def test_the_generators_timeout_comes_from_its_parameter_and_the_runtime_enforces_that(template):
+    parameters = stack_parameters(
+        load_template(ROOT / "template.yaml"),
+        StackOptions(parameter_overrides=["GeneratorTimeoutSeconds=45"]),
+    )
+    with mock_aws():
+        session = boto3.session.Session(region_name="us-east-1")
+        stack = deploy_stack(
+            lambda name: session.client(name, region_name="us-east-1"),
+            load_template(ROOT / "template.yaml"),
+            stack_name="timeouts",
+            parameters=parameters,
+            region="us-east-1",
+        )
+    assert stack.functions["ImageGeneratorFunction"].timeout == 45  # what ProcessFunction kills at

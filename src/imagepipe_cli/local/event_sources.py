@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from botocore.exceptions import ClientError
+
 from imagepipe_cli.local.lambda_runtime import FunctionError
 from imagepipe_cli.local.stack import QueueMapping, S3Trigger
 
@@ -139,6 +141,7 @@ class PollerStats:
     redelivered: int = 0
     throttled: int = 0
     acks_lost: int = 0
+    deletes_failed: int = 0
     fatal: str | None = None  # the poller stopped on this error
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -242,10 +245,16 @@ class SqsPoller:
         done = [m for m in messages if m["MessageId"] not in failed]
         back = [m for m in messages if m["MessageId"] in failed]
         if done:
-            self._sqs.delete_message_batch(
-                QueueUrl=self._mapping.queue_url,
-                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
-            )
+            try:
+                self._sqs.delete_message_batch(
+                    QueueUrl=self._mapping.queue_url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
+                )
+            except ClientError:
+                # SQS kept failing the delete (--chaos sqs-error, after botocore's retries): as with Lambda, the
+                # messages come back after the visibility timeout and are delivered again (at-least-once).
+                with self.stats.lock:
+                    self.stats.deletes_failed += len(done)
         # The failed ones (`back`) stay in flight until the queue's VisibilityTimeout ends: then SQS hands
         # them out again, their receive count one higher (or moves them to the dead-letter queue).
         with self.stats.lock:

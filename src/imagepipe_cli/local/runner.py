@@ -69,7 +69,11 @@ def default_template() -> Path:
     return Path(__file__).resolve().parents[3] / "template.yaml"
 
 
-def run(options: RunOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> RunSummary:
+def run(options: RunOptions, out: TextIO | None = None, err: TextIO | None = None) -> RunSummary:
+    out, err = (
+        out or sys.stdout,
+        err or sys.stderr,
+    )  # the streams of the moment (a test may have swapped them)
     _check_options(options)
     template = load_template(options.template)
     started = time.monotonic()

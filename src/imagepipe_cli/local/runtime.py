@@ -269,6 +269,7 @@ class LocalRuntime:
                 "redelivered": sum(p.stats.redelivered for p in self.pollers),
                 "throttled": sum(p.stats.throttled for p in self.pollers),
                 "acks_lost": sum(p.stats.acks_lost for p in self.pollers),
+                "deletes_failed": sum(p.stats.deletes_failed for p in self.pollers),
                 "invocations_failed": sum(fn.failures for fn in self.functions.values()),
                 "invocations_timed_out": sum(fn.timeouts for fn in self.functions.values()),
                 # injected by the moto server, by kind (ddb-conflict, ddb-throttle, stale-read, s3-error, sqs-error)
@@ -396,7 +397,7 @@ def _client_factory(endpoint: str) -> Callable[[str], Any]:
     session = boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
     )
-    config = Config(max_pool_connections=64, retries={"mode": "standard", "max_attempts": 5})
+    config = Config(max_pool_connections=64, retries={"mode": "standard", "max_attempts": 8})
     return lambda name: session.client(name, endpoint_url=endpoint, config=config)
 
 
@@ -404,7 +405,8 @@ def _resource(name: str, endpoint: str) -> Any:
     session = boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
     )
-    return session.resource(name, endpoint_url=endpoint)
+    config = Config(retries={"mode": "standard", "max_attempts": 8})  # the CLI sees --chaos too
+    return session.resource(name, endpoint_url=endpoint, config=config)
 
 
 def _concurrency_for(stack: LocalStack, logical_id: str, options: StackOptions) -> int:

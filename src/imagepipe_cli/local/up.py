@@ -23,7 +23,8 @@ class UpOptions(StackOptions):
     state_dir: Path = Path(".imagepipe")
 
 
-def up(options: UpOptions, out: TextIO = sys.stdout, ready: list[str] | None = None) -> int:
+def up(options: UpOptions, out: TextIO | None = None, ready: list[str] | None = None) -> int:
+    out = out or sys.stdout
     logs = options.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stopping: list[bool] = []
