@@ -72,7 +72,7 @@ build: $(SAM_VENV)/.installed
 	else \
 		$(AWS_OFFLINE) PATH="$(PY312_DIR):$$PATH" $(SAM) build --build-dir $(BUILD_DIR) && \
 		$(PY312) -m pip install -q --disable-pip-version-check --root-user-action=ignore --target .aws-sam/lambda-runtime boto3 && \
-		for fn in CsvSplitterFunction ImageGeneratorFunction JobFinisherFunction DeadLetterRecorderFunction; do \
+		for fn in CsvSplitterFunction ImageGeneratorFunction JobFinisherFunction DeadLetterRecorderFunction JobSweeperFunction; do \
 			(cd $(BUILD_DIR)/$$fn && PYTHONPATH=../SharedLayer/python:../../lambda-runtime POWERTOOLS_TRACE_DISABLED=true \
 				$(PY312) -c "import app; print('built $$fn imports on', __import__('sys').version.split()[0])") || exit 1; \
 		done; \

@@ -4,10 +4,10 @@ report and final manifest, and its "ImageJob Completed" event - once."""
 from functools import cache
 from typing import Any
 
-import boto3
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from imagepipe import aws
 from imagepipe.contract import FinishRecord
 from imagepipe.finisher import finish_job
 from imagepipe.jobstate import JobState
@@ -19,7 +19,7 @@ processor = BatchProcessor(event_type=EventType.SQS, model=FinishRecord)
 
 @cache
 def _clients(table: str) -> tuple[Any, Any, JobState]:
-    return boto3.client("s3"), boto3.client("events"), JobState(boto3.resource("dynamodb").Table(table))
+    return aws.client("s3"), aws.client("events"), JobState(aws.table(table))
 
 
 @logger.inject_lambda_context

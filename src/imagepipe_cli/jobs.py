@@ -17,7 +17,7 @@ from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imagepipe.contract import JOB_ID_PATTERN
-from imagepipe.jobstate import CANCELLED, COMPLETED, FAILED, JOB_FINAL, SPLITTING
+from imagepipe.jobstate import CANCELLED, COMPLETED, FAILED, JOB_FINAL, SPLITTING, JobFinishing, TaskState
 from imagepipe.layout import JobLayout
 from imagepipe.providers import provider_class
 from imagepipe.rows import (
@@ -675,30 +675,60 @@ def _free_retry_id(stack: Stack, old_id: str) -> str:
 
 def redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """The rows whose tasks ended in the dead-letter queue (recorded failed, their message kept) go back to
-    work: uncounted as failed, queued again as fresh tasks, their job running again - it finishes, writes
-    its results and announces itself anew with the new outcomes."""
+    work. Each row is first taken back on record - uncounted as failed and its job reopened (running), in
+    one transaction - and only then sent, so the job is always running while it has work and finishes,
+    writes its results and announces itself anew with the new outcomes. A row whose prediction is on
+    record (asynchronous API: already paid) is sent with it and resumed, never submitted again. A redrive
+    that stopped between the two is completed by the next one (its messages are kept until sent)."""
     stack = find_stack(args.stack)
     state, sqs, tasks = stack.state, stack.client("sqs"), stack.output("TasksQueueUrl")
     job_ids = args.jobs or stack.call(lambda: state.recent_jobs(100))
-    total = 0
+    total, code = 0, EXIT_OK
     for job_id in job_ids:
-        sent = 0
-        for name, body in stack.call(lambda j=job_id: state.dead_letters(j)):
-            if not stack.call(lambda n=name, j=job_id: state.redrive(j, n)):
-                continue  # another redrive took it, or it has an outcome again
-            fresh = {
-                k: v
-                for k, v in json.loads(body).items()
-                if k not in ("prediction_id", "handbacks", "submitted_at")
-            }
-            stack.call(lambda f=fresh: sqs.send_message(QueueUrl=tasks, MessageBody=json.dumps(f)))
+        sent = resumed = 0
+
+        def send(name: str, body: str, job_id: str = job_id) -> None:
+            stack.call(lambda: sqs.send_message(QueueUrl=tasks, MessageBody=body))
+            stack.call(lambda: state.redrive_sent(job_id, name))
+
+        for name, body in stack.call(lambda j=job_id: state.unsent_redrives(j)):
+            send(name, body)  # taken back by an earlier redrive that stopped before sending it
             sent += 1
+        for name, body in stack.call(lambda j=job_id: state.dead_letters(j)):
+            task = stack.call(lambda n=name, j=job_id: state.task(j, n))
+            message = _redrive_message(body, task)
+            try:
+                taken = stack.call(lambda n=name, j=job_id, m=message: state.redrive(j, n, m))
+            except JobFinishing as exc:
+                print(f"imagepipe: {exc}", file=err)
+                code = EXIT_NOT_OK
+                break
+            if not taken:
+                continue  # another redrive took it, or it has an outcome again
+            send(name, message)
+            sent += 1
+            resumed += bool(task and task.prediction_id)
         if sent:
-            stack.call(lambda j=job_id: state.reopen(j))
-            print(f"job {job_id}: {sent} dead-lettered row(s) queued again; the job runs again", file=out)
+            note = f" ({resumed} resuming the prediction already paid for)" if resumed else ""
+            print(
+                f"job {job_id}: {sent} dead-lettered row(s) queued again{note}; the job runs again", file=out
+            )
         total += sent
     print(f"redrove {total} row(s) from the dead-letter queue", file=out)
-    return EXIT_OK
+    return code
+
+
+def _redrive_message(body: str, task: TaskState | None) -> str:
+    """The task message to send again: a fresh start of its tries, and its prediction if one is on
+    record (resumed, never submitted again - even when the kept message predates it)."""
+    fields = {
+        k: v
+        for k, v in json.loads(body).items()
+        if k not in ("prediction_id", "handbacks", "submitted_at", "attempts", "throttles", "first_failed_at")
+    }
+    if task is not None and task.prediction_id:
+        fields.update(prediction_id=task.prediction_id, submitted_at=task.submitted_at)
+    return json.dumps(fields)
 
 
 def _job_of(body: str) -> str:

@@ -347,8 +347,8 @@ def test_cancel_stops_a_job_whose_rows_are_not_made_yet(pipeline, cli, tmp_path)
 
 
 def test_retry_starts_a_job_of_only_the_failed_rows_linked_to_the_old_one(pipeline_factory, cli, tmp_path):
-    # Given a finished job (rows numbered, no id column) whose second row failed
-    pipeline = pipeline_factory("fail=doomed")
+    # Given a finished job (rows numbered, no id column) whose second row failed (on its one attempt)
+    pipeline = pipeline_factory("fail=doomed", parameters={"TaskMaxAttempts": "1"})
     path = write(
         tmp_path, "ships.csv", "prompt,width\na calm lake,1024\na doomed ship,1024\na quiet forest,1024\n"
     )
@@ -465,3 +465,104 @@ def test_a_task_that_dies_in_the_dead_letter_queue_ends_failed_and_redrive_makes
     # A second redrive finds nothing left to do
     code, out, _ = cli("redrive", "dl")
     assert code == 0 and "redrove 0 row(s)" in out
+
+
+def dead_lettered_job(pipeline, job_id: str) -> None:
+    """A finished job whose row "crash" ended failed in the dead-letter queue (and row "ok" succeeded)."""
+    pipeline.split(
+        f"inbox/{job_id}.csv", b"id,prompt\nok,a calm lake\ncrash,a crashing wave\n", job_id=job_id
+    )
+    messages = {json.loads(m["Body"])["row_id"]: m for m in pipeline.queued_messages()}
+    sqs = pipeline.client("sqs")
+    sqs.send_message(QueueUrl=pipeline.dead_letter_queue, MessageBody=messages["crash"]["Body"])
+    pipeline.generator.invoke(lambda_sqs_event([messages["ok"]], pipeline.mapping().queue_arn, "us-east-1"))
+    assert pipeline.results(job_id).status == "completed_with_failures"
+
+
+class SendSpy:
+    """The CLI's SQS client: what the job's status was at each send to TasksQueue; `fail` sends fail."""
+
+    def __init__(self, client, pipeline, job_id: str, fail: int = 0) -> None:
+        self._client, self._pipeline, self._job_id, self.fail = client, pipeline, job_id, fail
+        self.statuses: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def send_message(self, **request):
+        if request["QueueUrl"] == self._pipeline.tasks_queue:
+            self.statuses.append(self._pipeline.job(self._job_id)["status"])
+            if self.fail:
+                self.fail -= 1
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "InternalError", "Message": "internal error"}}, "SendMessage"
+                )
+        return self._client.send_message(**request)
+
+
+def spy_on_sends(monkeypatch, pipeline, job_id: str, fail: int = 0) -> SendSpy:
+    from imagepipe_cli.stackref import Stack
+
+    spy = SendSpy(pipeline.client("sqs"), pipeline, job_id, fail)
+    client = Stack.client
+    monkeypatch.setattr(Stack, "client", lambda self, name: spy if name == "sqs" else client(self, name))
+    return spy
+
+
+def test_redrive_reopens_the_job_before_it_sends_a_row(pipeline_factory, cli, monkeypatch):
+    # Given a finished job with a dead-lettered row
+    pipeline = pipeline_factory(provider="qianfan")
+    dead_lettered_job(pipeline, "reopen")
+    spy = spy_on_sends(monkeypatch, pipeline, "reopen")
+
+    # When it is redriven, the job is already running when the row is sent (a row made at once would
+    # otherwise find its job finished, and the job would stay running for ever)
+    code, _, _ = cli("redrive", "reopen")
+    assert code == 0 and spy.statuses == ["running"]
+    assert pipeline.results("reopen").status == "completed"
+
+
+def test_a_redrive_that_stopped_before_sending_is_completed_by_the_next_one(
+    pipeline_factory, cli, monkeypatch
+):
+    # Given a redrive whose send fails (after it took the row back)
+    pipeline = pipeline_factory(provider="qianfan")
+    dead_lettered_job(pipeline, "halfway")
+    spy_on_sends(monkeypatch, pipeline, "halfway", fail=1)
+    code, _, err = cli("redrive", "halfway")
+    assert code == 2 and "internal error" in err
+
+    # When the user runs it again, the row is sent, made, and the job finishes with it
+    code, out, _ = cli("redrive", "halfway")
+    assert code == 0 and "job halfway: 1 dead-lettered row(s) queued again" in out
+    results = pipeline.results("halfway")
+    assert results.status == "completed"
+    assert [r.status for r in results.rows] == ["succeeded", "succeeded"]
+    assert pipeline.emulator.paid_for("a crashing wave") == 1
+
+
+def test_a_redriven_row_whose_prediction_is_on_record_is_resumed_never_paid_again(pipeline_factory, cli):
+    # Given an Atlas row whose prediction was submitted (paid), then recorded failed from the dead-letter queue
+    pipeline = pipeline_factory(
+        latency_ms=1500, parameters={"PollBudgetSeconds": "0", "PollDelaySeconds": "1"}
+    )
+    pipeline.split("inbox/paid.csv", b"id,prompt\np,a lighthouse at dusk\n", job_id="paid")
+    (message,) = pipeline.queued_messages()
+    pipeline.generator.invoke(lambda_sqs_event([message], pipeline.mapping().queue_arn, "us-east-1"))
+    pipeline.client("sqs").purge_queue(QueueUrl=pipeline.tasks_queue)  # its handed-back message is lost
+    state = pipeline.state
+    failed = {"name": "p", "id": "p", "row": 1, "images": [], "error": {"type": "timeout", "message": "lost"}}
+    assert state.finish("paid", "p", "failed", failed)
+    state.keep_dead_letter("paid", "p", message["Body"])
+    state.hand_to_finisher(pipeline.client("sqs"), pipeline.stack.outputs["FinisherQueueUrl"], ["paid"])
+    assert pipeline.results("paid").status == "failed"
+    assert pipeline.emulator.stats()["submits"] == 1
+
+    # When the user redrives it
+    code, out, _ = cli("redrive", "paid")
+
+    # Then its prediction is resumed: the row has its image and nothing was submitted (paid) again
+    assert code == 0 and "1 resuming the prediction already paid for" in out
+    results = pipeline.results("paid")
+    assert results.status == "completed" and [r.status for r in results.rows] == ["succeeded"]
+    assert pipeline.emulator.stats()["submits"] == 1

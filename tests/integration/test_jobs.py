@@ -182,3 +182,57 @@ def capture_events(pipeline):
         return found
 
     return received
+
+
+class StaleReads:
+    """JobsTable as DynamoDB may answer it: a read that does not ask for consistency gets the state from
+    before the job's rows finished (an eventually consistent read); a consistent one, the state as it is."""
+
+    def __init__(self, table) -> None:
+        self._table = table
+        self.meta = type("Meta", (), {"client": StaleClient(table.meta.client)})()
+
+    def __getattr__(self, name):
+        return getattr(self._table, name)
+
+    def query(self, **request):
+        return self._table.query(**request) if request.get("ConsistentRead") else {"Items": [], "Count": 0}
+
+
+class StaleClient:
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def query(self, **request):
+        return self._client.query(**request) if request.get("ConsistentRead") else {"Items": [], "Count": 0}
+
+
+def test_the_finisher_sees_every_outcome_even_when_an_eventually_consistent_read_would_not(pipeline_factory):
+    from imagepipe.finisher import finish_job
+    from imagepipe.jobstate import JobState
+
+    # Given a job whose rows were all just made (and handed to the finisher)
+    pipeline = pipeline_factory(provider="qianfan")
+    pipeline.split("inbox/fresh.csv", CSV, job_id="fresh")
+    event = lambda_sqs_event(pipeline.queued_messages(), pipeline.mapping().queue_arn, REGION)
+    assert pipeline.generator.invoke(event) == {"batchItemFailures": []}
+    assert pipeline.job("fresh")["status"] == "finishing"
+
+    # When the finisher reads the outcomes from a table whose non-consistent reads are stale
+    state = JobState(StaleReads(pipeline.state._table))
+    summary = finish_job(
+        s3=pipeline.client("s3"),
+        events=pipeline.client("events"),
+        state=state,
+        bucket=pipeline.output_bucket,
+        job_id="fresh",
+        bus="default",
+        source="imagepipe",
+    )
+
+    # Then no row made is reported lost: the final result has them all
+    assert summary["status"] == "completed"
+    assert summary["counts"]["succeeded"] == 2 and summary["counts"]["failed"] == 0

@@ -365,3 +365,92 @@ def test_every_skipped_checkov_check_says_why(template):
             assert len(skip["comment"].split()) >= 8, f"{name} skips {skip['id']} without a reason"
             skipped += 1
     assert skipped
+
+
+# ---------------------------------------------------------------------------------------- operations
+
+
+ALARM = "AWS::CloudWatch::Alarm"
+
+
+def alarms(template):
+    return template.resources_of_type(ALARM)
+
+
+def test_every_dead_letter_queue_has_an_alarm_on_messages_waiting_in_it(template):
+    watched = {
+        a["Properties"]["Dimensions"][0]["Value"]["Fn::GetAtt"][0]
+        for a in alarms(template).values()
+        if a["Properties"]["Namespace"] == "AWS/SQS"
+    }
+    assert watched == {"TasksDeadLetterQueue", "SplitterDeadLetterQueue", "FinisherDeadLetterQueue"}
+    for alarm in alarms(template).values():
+        p = alarm["Properties"]
+        if p["Namespace"] == "AWS/SQS":
+            assert p["MetricName"] == "ApproximateNumberOfMessagesVisible"
+            assert (p["ComparisonOperator"], p["Threshold"]) == ("GreaterThanThreshold", 0)
+
+
+def test_the_metric_alarms_watch_the_names_and_dimensions_powertools_sends(template):
+    # Powertools sends each metric to POWERTOOLS_METRICS_NAMESPACE with the dimension service =
+    # POWERTOOLS_SERVICE_NAME; an alarm matches a metric only with all of its dimensions.
+    env = template.body["Globals"]["Function"]["Environment"]["Variables"]
+    namespace, service = env["POWERTOOLS_METRICS_NAMESPACE"], env["POWERTOOLS_SERVICE_NAME"]
+    own = [a["Properties"] for a in alarms(template).values() if a["Properties"]["Namespace"] == namespace]
+    names = {p["MetricName"] for p in own}
+    assert {"JobsStuck", "ProviderStopped", "TasksDeadLettered", "DeadLettersUnreadable"} <= names
+    for p in own:
+        assert {"Name": "service", "Value": service} in p["Dimensions"]
+    # ProviderStopped has the dimension provider too: one alarm for each provider the stack can call
+    providers = template.parameter("DefaultProvider")["AllowedValues"]
+    stopped = [p for p in own if p["MetricName"] == "ProviderStopped"]
+    assert sorted(d["Value"] for p in stopped for d in p["Dimensions"] if d["Name"] == "provider") == sorted(
+        providers
+    )
+
+
+def test_the_alarms_notify_the_alarm_topic_only_when_one_is_given(template):
+    assert template.parameter("AlarmTopicArn")["Default"] == ""
+    expected = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    for name, alarm in alarms(template).items():
+        assert alarm["Properties"]["AlarmActions"] == expected, name
+        assert alarm["Properties"]["TreatMissingData"] == "notBreaching", name
+
+
+def test_the_sweeper_runs_on_a_schedule_and_may_only_read_jobs_and_hand_them_to_the_finisher(template):
+    (event,) = template.function_property("JobSweeperFunction", "Events").values()
+    assert event["Type"] == "Schedule"
+    assert event["Properties"]["Schedule"] == {"Fn::Sub": "rate(${SweepIntervalMinutes} minutes)"}
+    assert sorted(grants(template, "JobSweeperFunction")) == sorted(
+        [
+            ("dynamodb:GetItem", {"Fn::GetAtt": ["JobsTable", "Arn"]}),
+            ("dynamodb:BatchGetItem", {"Fn::GetAtt": ["JobsTable", "Arn"]}),
+            ("dynamodb:Query", {"Fn::GetAtt": ["JobsTable", "Arn"]}),
+            ("dynamodb:UpdateItem", {"Fn::GetAtt": ["JobsTable", "Arn"]}),
+            ("dynamodb:PutItem", {"Fn::GetAtt": ["JobsTable", "Arn"]}),
+            ("sqs:SendMessage", {"Fn::GetAtt": ["FinisherQueue", "Arn"]}),
+        ],
+        key=str,
+    )
+    # Its one PutItem is its cursor; its updates touch only job records
+    policy = template.resources["JobSweeperFunction"]["Properties"]["Policies"][0]["Statement"]
+    keys = {s["Sid"]: s.get("Condition") for s in policy}
+    assert keys["KeepCursor"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["SWEEP"]}}
+    assert keys["NoteJobs"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JOB#*"]}}
+
+
+def test_the_sweeper_waits_out_the_functions_that_may_still_hold_a_job(template):
+    env = template.function_property("JobSweeperFunction", "Environment")["Variables"]
+    assert env["GENERATOR_TIMEOUT_SECONDS"] == {"Ref": "GeneratorTimeoutSeconds"}
+    assert int(env["FINISHER_TIMEOUT_SECONDS"]) == template.function_property(
+        "JobFinisherFunction", "Timeout"
+    )
+
+
+def test_the_dead_letter_recorder_may_send_a_paid_prediction_back_to_be_resumed(template):
+    assert ("sqs:SendMessage", {"Fn::GetAtt": ["TasksQueue", "Arn"]}) in grants(
+        template, "DeadLetterRecorderFunction"
+    )
+    env = template.function_property("DeadLetterRecorderFunction", "Environment")["Variables"]
+    assert env["TASKS_QUEUE_URL"] == {"Ref": "TasksQueue"}
+    assert env["MAX_GENERATION_SECONDS"] == {"Ref": "MaxGenerationSeconds"}

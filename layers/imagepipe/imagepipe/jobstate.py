@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from boto3.dynamodb.conditions import Key
-from botocore.exceptions import ClientError
+from boto3.dynamodb.conditions import Attr, Key
+from botocore.exceptions import BotoCoreError, ClientError
 
 SHARDS = 16
 SUBMITTING, RELEASED, RUNNING, REDRIVEN = "submitting", "released", "running", "redriven"
@@ -319,16 +319,20 @@ class JobState:
         return [item["job_id"] for item in answer.get("Items", [])]
 
     def hand_to_finisher(self, sqs: Any, finisher_queue_url: str, job_ids: Iterable[str]) -> list[str]:
-        """Each job whose last row is done goes to the finisher, exactly once; returns those job ids."""
+        """Each job whose last row is done goes to the finisher; returns the jobs handed over. Callable from
+        anyone who may have finished a job's last row (generator, dead-letter recorder, splitter, sweeper):
+        one caller wins `start_finishing`, then sends. The hand-off is recoverable: a send that fails, or
+        an invocation that dies between the two, leaves the job `finishing` without `finish_sent_at`, and
+        the sweeper sends it again (a second message is harmless: the finisher's writes are conditional)."""
         handed = []
         for job_id in sorted(set(job_ids)):
-            if self.start_finishing(job_id):
-                sqs.send_message(QueueUrl=finisher_queue_url, MessageBody=json.dumps({"job_id": job_id}))
+            if self.start_finishing(job_id) and self.send_finish(sqs, finisher_queue_url, job_id):
                 handed.append(job_id)
         return handed
 
     def start_finishing(self, job_id: str) -> bool:
-        """True for the one caller that sees the job's last row finish (running -> finishing)."""
+        """True for the one caller that sees the job's last row finish (running -> finishing). A redrive
+        that reopened rows after the counts were read makes the write fail (the job's `redrives` moved)."""
         job = self.job(job_id)
         if not job or job.get("status") != RUNNING:
             return False
@@ -337,15 +341,49 @@ class JobState:
         return _conditionally(
             self._table.update_item,
             Key=_job_key(job_id),
-            UpdateExpression="SET #s = :finishing, finishing_at = :now",
-            ConditionExpression="#s = :running",
+            UpdateExpression="SET #s = :finishing, finishing_at = :now "
+            "REMOVE finish_sent_at, finish_sends, stuck_seen_at",
+            ConditionExpression="#s = :running AND (attribute_not_exists(redrives) OR redrives = :redrives)",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":finishing": FINISHING, ":running": RUNNING, ":now": self._now()},
+            ExpressionAttributeValues={
+                ":finishing": FINISHING,
+                ":running": RUNNING,
+                ":now": self._now(),
+                ":redrives": int(job.get("redrives") or 0),
+            },
         )
+
+    def send_finish(self, sqs: Any, finisher_queue_url: str, job_id: str) -> bool:
+        """The finisher's message for a job that is finishing (or owes its completion event), then the
+        send on record (`finish_sent_at`, `finish_sends`). False when the send failed: the job stays as it
+        is and the sweeper sends it again; never raised, so a batch that finished a job is not retried."""
+        try:
+            sqs.send_message(QueueUrl=finisher_queue_url, MessageBody=json.dumps({"job_id": job_id}))
+        except (ClientError, BotoCoreError) as exc:
+            from imagepipe.observability import logger  # not at import: Powertools reads its settings then
+
+            logger.warning(
+                "could not hand the job to the finisher: the sweeper will",
+                extra={"job_id": job_id, "error": str(exc)},
+            )
+            return False
+        try:
+            _conditionally(
+                self._table.update_item,
+                Key=_job_key(job_id),
+                UpdateExpression="SET finish_sent_at = :now ADD finish_sends :one",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":now": self._now(), ":one": 1},
+            )
+        except (ClientError, BotoCoreError) as exc:  # sent all the same: at worst the sweeper sends it twice
+            from imagepipe.observability import logger
+
+            logger.warning("finisher message sent but not noted", extra={"job_id": job_id, "error": str(exc)})
+        return True
 
     def complete(self, job_id: str, status: str, fields: dict[str, Any]) -> bool:
         """finishing -> the final status, once; the completion event is then owed (event_pending)."""
-        sets, names, values = _assignments({**fields, "event_pending": True})
+        sets, names, values = _assignments({**fields, "event_pending": True, "completed_at": self._clock()})
         return _conditionally(
             self._table.update_item,
             Key=_job_key(job_id),
@@ -620,73 +658,209 @@ class JobState:
     def dead_letters(self, job_id: str) -> list[tuple[str, str]]:
         """(name, message) of the job's failed tasks whose message ended in the dead-letter queue."""
         return [
-            (str(o["name"]), str(o["dead_letter"]))
-            for o in self.outcomes(job_id)
-            if o.get("dead_letter") and o.get("status") == FAILED
+            (str(t["sk"]).removeprefix("TASK#"), str(t["dead_letter"]))
+            for t in self._tasks(job_id, Attr("dead_letter").exists())
+            if t.get("status") == FAILED
         ]
 
-    def redrive(self, job_id: str, name: str) -> bool:
-        """A failed task goes back to work: uncounted as failed (in the same transaction), claimable
-        again; its next outcome is counted as usual. True for the one caller that did it."""
-        shard = shard_of(name)
-        return _conditionally(
-            self._client.transact_write_items,
-            TransactItems=[
-                {
-                    "Update": {
-                        "TableName": self._table.name,
-                        "Key": _task_key(job_id, name),
-                        "UpdateExpression": "SET #s = :redriven REMOVE dead_letter",
-                        "ConditionExpression": "#s = :failed",
-                        "ExpressionAttributeNames": {"#s": "status"},
-                        "ExpressionAttributeValues": {":redriven": REDRIVEN, ":failed": FAILED},
-                    }
-                },
-                {
-                    "Update": {
-                        "TableName": self._table.name,
-                        "Key": _count_key(job_id, shard),
-                        "UpdateExpression": "ADD failed :minus",
-                        "ExpressionAttributeValues": {":minus": -1},
-                    }
-                },
-            ],
+    def redrive(self, job_id: str, name: str, body: str) -> bool:
+        """A failed task goes back to work, in one transaction: uncounted as failed, its job reopened (a
+        final job is running again, so it finishes - and is announced - anew), and the task claimable
+        again - or, when it has a prediction on record, `running` with it, so it is resumed and never
+        submitted twice. `body` is the message that will be sent (kept as `redrive_body` until
+        `redrive_sent`): the reopen is on record before any row is sent. True for the one caller that did
+        it; False when the task is not failed any more. JobFinishing while the finisher is writing the
+        job's results (try again once it is finished)."""
+        task = self.task(job_id, name)
+        if task is None or task.status != FAILED:
+            return False
+        for _ in range(5):
+            job = self.job(job_id)
+            if job is None:
+                return False
+            if job["status"] == FINISHING:
+                raise JobFinishing(f"job {job_id} is finishing: redrive it once it is finished")
+            if job["status"] in JOB_FINAL:
+                # reopened with its first redriven row: what the last finish left is cleared
+                job_update = (
+                    "SET #s = :running, reopened_at = :now ADD redrives :one "
+                    "REMOVE event_pending, stuck_seen_at, finish_sent_at, finish_sends"
+                )
+                job_condition = "#s IN (:c1, :c2, :c3, :c4)"
+                job_values: dict[str, Any] = {
+                    ":running": RUNNING,
+                    ":now": self._now(),
+                    ":one": 1,
+                    **_FINAL_VALUES,
+                }
+            else:  # splitting or running: it will finish when this row does
+                job_update, job_condition = "ADD redrives :one", "#s = :seen"
+                job_values = {":one": 1, ":seen": job["status"]}
+            made = _conditionally(
+                self._client.transact_write_items,
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _task_key(job_id, name),
+                            "UpdateExpression": "SET #s = :again, redrive_body = :body "
+                            "REMOVE dead_letter, #e, finished_at",
+                            "ConditionExpression": "#s = :failed",
+                            "ExpressionAttributeNames": {"#s": "status", "#e": "error"},
+                            "ExpressionAttributeValues": {
+                                ":again": RUNNING if task.prediction_id else REDRIVEN,
+                                ":failed": FAILED,
+                                ":body": body,
+                            },
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _count_key(job_id, shard_of(name)),
+                            "UpdateExpression": "ADD failed :minus",
+                            "ExpressionAttributeValues": {":minus": -1},
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table.name,
+                            "Key": _job_key(job_id),
+                            "UpdateExpression": job_update,
+                            "ConditionExpression": job_condition,
+                            "ExpressionAttributeNames": {"#s": "status"},
+                            "ExpressionAttributeValues": job_values,
+                        }
+                    },
+                ],
+            )
+            if made:
+                return True
+            if (self.task(job_id, name) or task).status != FAILED:
+                return False  # another redrive took it
+            # the job moved on between the read and the write: read it again
+        raise JobFinishing(f"job {job_id} keeps changing state: redrive it again in a moment")
+
+    def redrive_sent(self, job_id: str, name: str) -> None:
+        """The redriven task's message is on the queue."""
+        _conditionally(
+            self._table.update_item,
+            Key=_task_key(job_id, name),
+            UpdateExpression="REMOVE redrive_body",
+            ConditionExpression="attribute_exists(pk)",
         )
 
+    def unsent_redrives(self, job_id: str) -> list[tuple[str, str]]:
+        """(name, message) of redriven tasks whose message may never have been sent (a redrive that
+        stopped between its transaction and its send): sending it again is harmless, the claim or the
+        prediction on record keeps a row from being paid twice."""
+        return [
+            (str(t["sk"]).removeprefix("TASK#"), str(t["redrive_body"]))
+            for t in self._tasks(job_id, Attr("redrive_body").exists())
+            if t.get("status") not in FINISHED
+        ]
+
     def reopen(self, job_id: str) -> bool:
-        """A finished job gets work again (a redrive): running, so it finishes - and is announced - anew."""
+        """A finished job gets work again: running, so it finishes - and is announced - anew. (`redrive`
+        reopens the job in the transaction that takes its first row back.)"""
         return _conditionally(
             self._table.update_item,
             Key=_job_key(job_id),
-            UpdateExpression="SET #s = :running, reopened_at = :now REMOVE event_pending",
+            UpdateExpression="SET #s = :running, reopened_at = :now ADD redrives :one "
+            "REMOVE event_pending, stuck_seen_at, finish_sent_at, finish_sends",
             ConditionExpression="#s IN (:c1, :c2, :c3, :c4)",
             ExpressionAttributeNames={"#s": "status"},
             ExpressionAttributeValues={
                 ":running": RUNNING,
                 ":now": self._now(),
+                ":one": 1,
                 **_FINAL_VALUES,
             },
         )
 
     def outcomes(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Every finished task of the job (the shards read side by side), as plain dicts."""
+        """Every finished task of the job (the shards read side by side), as plain dicts. Strongly
+        consistent: an outcome written just before is always seen (an eventually consistent read could
+        miss the last rows and a final result would call them lost)."""
+        return iter(t for t in self._tasks(job_id) if t.get("status") in FINISHED)
+
+    def _tasks(self, job_id: str, where: Any = None) -> list[dict[str, Any]]:
+        """The job's task records (those matching `where`, a filter condition), consistent reads of its
+        shards side by side through the thread-safe client (a boto3 Table is not thread-safe)."""
 
         def shard_items(shard: int) -> list[dict[str, Any]]:
             items: list[dict[str, Any]] = []
-            query = {
+            query: dict[str, Any] = {
+                "TableName": self._table.name,
                 "KeyConditionExpression": Key("pk").eq(_shard_pk(job_id, shard))
-                & Key("sk").begins_with("TASK#")
+                & Key("sk").begins_with("TASK#"),
+                "ConsistentRead": True,
             }
+            if where is not None:
+                query["FilterExpression"] = where
             while True:
-                answer = self._table.query(**query)
-                items.extend(plain(i) for i in answer.get("Items", []) if i.get("status") in FINISHED)
+                answer = self._client.query(**query)
+                items.extend(plain(i) for i in answer.get("Items", []))
                 if "LastEvaluatedKey" not in answer:
                     return items
                 query["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for items in pool.map(shard_items, range(SHARDS)):
-                yield from items
+            return [item for items in pool.map(shard_items, range(SHARDS)) for item in items]
+
+    # ------------------------------------------------------------------ the sweeper
+
+    def sweep_cursor(self) -> str:
+        """The JOBS sort key up to which every job is known to be over (final, its event sent)."""
+        item = self._table.get_item(Key=_SWEEP_KEY, ConsistentRead=True).get("Item") or {}
+        return str(item.get("after") or "")
+
+    def set_sweep_cursor(self, after: str) -> None:
+        self._table.put_item(Item={**_SWEEP_KEY, "after": after, "swept_at": self._now()})
+
+    def jobs_after(self, after: str) -> Iterator[tuple[str, str]]:
+        """(JOBS sort key, job id) of every job listed after `after`, oldest first."""
+        condition = Key("pk").eq("JOBS") & Key("sk").gt(after) if after else Key("pk").eq("JOBS")
+        query: dict[str, Any] = {"KeyConditionExpression": condition, "ProjectionExpression": "sk, job_id"}
+        while True:
+            answer = self._table.query(**query)
+            for item in answer.get("Items", []):
+                yield str(item["sk"]), str(item["job_id"])
+            if "LastEvaluatedKey" not in answer:
+                return
+            query["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
+    def jobs(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Many job records at once (consistent; 100 a request), by job id; missing ones left out."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(job_ids), 100):
+            keys = [_job_key(j) for j in dict.fromkeys(job_ids[start : start + 100])]
+            request: dict[str, Any] = {self._table.name: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                answer = self._client.batch_get_item(RequestItems=request)
+                for item in answer.get("Responses", {}).get(self._table.name, []):
+                    found[str(item["job_id"])] = plain(item)
+                request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    def note_stuck_seen(self, job_id: str) -> bool:
+        """The sweeper saw this running job with every row done: noted, so that the next sweep knows how
+        long it has stayed so (a batch that finished its last row hands it off when the batch ends)."""
+        return _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET stuck_seen_at = :now",
+            ConditionExpression="#s = :running AND attribute_not_exists(stuck_seen_at)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":running": RUNNING, ":now": self._now()},
+        )
+
+
+_SWEEP_KEY = {"pk": "SWEEP", "sk": "CURSOR"}
+
+
+class JobFinishing(Exception):
+    """The job's results are being written right now: a redrive must wait until it is finished."""
 
 
 def _dynamo(fields: dict[str, Any]) -> dict[str, Any]:

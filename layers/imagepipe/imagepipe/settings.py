@@ -98,6 +98,13 @@ class GeneratorSettings(_Common):
 class DeadLetterSettings(_EnvSettings):
     jobs_table: str
     finisher_queue_url: str
+    # A dead-lettered task whose prediction is on record goes back to TasksQueue to be resumed (after
+    # POLL_DELAY_SECONDS), while it is younger than MAX_GENERATION_SECONDS.
+    tasks_queue_url: str
+    poll_delay_seconds: int = Field(8, ge=0, le=900)
+    max_generation_seconds: float = Field(1800.0, gt=0)
+    # A claim younger than the generator's Timeout and a minute may belong to a live invocation.
+    generator_timeout_seconds: float = Field(300.0, gt=0)
 
 
 class FinisherSettings(_EnvSettings):

@@ -88,6 +88,7 @@ def deploy_stack(
     }
     resolved = _parameter_values(template, parameters)
     _create_unsupported(client, cfn_template, physical, resolved)
+    _schedules_match_only_their_own_events(client("events"))
 
     local = LocalStack(
         name=stack_name,
@@ -170,6 +171,10 @@ def _create_unsupported(
             # Deliberately not made locally: the policies deny requests without TLS, and the local AWS is
             # plain HTTP on loopback. They are checked where they matter: cfn-lint, checkov, the template tests.
             continue
+        if kind == "AWS::CloudWatch::Alarm":
+            # Not made locally either: nothing locally sends CloudWatch metrics (Powertools' metrics go to the
+            # log as EMF). The alarms are checked by cfn-lint, checkov and tests/unit/test_template.py.
+            continue
         if kind == "AWS::SecretsManager::Secret":
             value = props.get("SecretString")
             client("secretsmanager").create_secret(
@@ -182,6 +187,26 @@ def _create_unsupported(
         else:
             raise StackError(
                 f"moto cannot create {logical_id} ({kind}) and imagepipe does not create it either"
+            )
+
+
+def _schedules_match_only_their_own_events(events: Any) -> None:
+    """A schedule rule (JobSweeperFunction's) has no event pattern, and moto matches a rule without one to
+    every PutEvents - on AWS it gets only its own "Scheduled Event"s. Give it the pattern of exactly those,
+    so the stack's own events ("ImageJob Completed") do not reach it locally."""
+    for rule in events.list_rules().get("Rules", []):
+        if rule.get("ScheduleExpression") and not rule.get("EventPattern"):
+            pattern = {
+                "source": ["aws.events"],
+                "detail-type": ["Scheduled Event"],
+                "resources": [rule["Arn"]],
+            }
+            events.put_rule(
+                Name=rule["Name"],
+                ScheduleExpression=rule["ScheduleExpression"],
+                EventPattern=json.dumps(pattern),
+                State=rule.get("State", "ENABLED"),
+                **({"Description": rule["Description"]} if rule.get("Description") else {}),
             )
 
 
