@@ -81,7 +81,7 @@ def test_a_file_that_is_not_a_csv_fails_its_job_with_what_it_is(pipeline, key, b
 
 
 def test_a_file_over_the_size_limit_fails_before_it_is_read(pipeline, monkeypatch):
-    # Given a limit of 100 bytes (2 GiB on a stack) and a 141-byte file
+    # Given a limit of 100 bytes (256 MiB on a stack) and a 141-byte file
     monkeypatch.setattr(imagepipe.splitter, "MAX_INPUT_BYTES", 100)
     body = CSV + b"1,a cat,1024,1024\n" * 6
 
@@ -95,8 +95,58 @@ def test_a_file_over_the_size_limit_fails_before_it_is_read(pipeline, monkeypatc
     assert pipeline.results(job["job_id"]).job["summary"]["error"]["message"] == reason
 
 
-def test_the_size_limit_is_two_gib():
-    assert imagepipe.splitter.MAX_INPUT_BYTES == 2 * 2**30
+def test_the_split_limits_fit_what_the_splitter_function_has():
+    # One set of limits (issue 10, defect 8: a 2 GiB input against a 512 MB /tmp and ~1 M rows that needed
+    # three 900 s attempts): 256 MiB and 100,000 rows, which one invocation splits with room to spare
+    from imagepipe_cli.local.template import load_template
+
+    from conftest import TEMPLATE
+
+    splitter = imagepipe.splitter
+    assert (splitter.MAX_INPUT_BYTES, splitter.MAX_ROWS) == (256 * 2**20, 100_000)
+    template = load_template(TEMPLATE)
+    storage_mb = template.function_property("CsvSplitterFunction", "EphemeralStorage")["Size"]
+    # rows.jsonl on /tmp (its in-memory spool aside) stays inside the function's disk
+    assert storage_mb * 2**20 > splitter.MAX_ROW_LOG_BYTES + 64 * 2**20
+    # ~10,000 SendMessageBatch calls and checkpoints for 100,000 rows: minutes, inside one invocation
+    assert template.function_property("CsvSplitterFunction", "Timeout") == 900
+    assert splitter.TIME_MARGIN_S < 900 and splitter.HEARTBEAT_S * 3 <= 60
+
+
+def test_a_file_over_the_row_limit_fails_its_job_before_any_row_is_queued(pipeline, monkeypatch):
+    # Given a limit of 5 rows (100,000 on a stack) and a file of 8 good rows
+    monkeypatch.setattr(imagepipe.splitter, "MAX_ROWS", 5)
+    body = CSV + b"".join(b"r%d,a cat number %d,1024,1024\n" % (i, i) for i in range(1, 9))
+
+    # When it is split
+    job = pipeline.split("inbox/many.csv", body)
+
+    # Then the job fails up front with the limit and what to do: nothing queued, nothing paid
+    reason = "the file has more than 5 rows; the limit is 5 rows a file: split it into smaller files"
+    assert (job["status"], job["error"]["message"], job["queued"]) == ("unreadable", reason, 0)
+    assert pipeline.queued_messages() == []
+    results = pipeline.results(job["job_id"])
+    assert results.status == "failed" and results.job["summary"]["error"]["message"] == reason
+    assert sum(e.stats().get("requests", 0) for e in pipeline.emulators.values()) == 0
+
+
+def test_thousands_of_unknown_columns_are_named_in_part_and_counted(pipeline):
+    # Given a JSONL file whose rows bring 3,000 distinct made-up columns with long names (issue 10,
+    # defect 8: every name went into the job record's warnings, past DynamoDB's 400 KB item limit)
+    lines = [
+        json.dumps({"id": f"r{i}", "prompt": "a cat", **{f"{'x' * 200}-{i}-{j}": 1 for j in range(30)}})
+        for i in range(100)
+    ]
+
+    # When it is split
+    job = pipeline.split("inbox/columns.jsonl", "\n".join(lines).encode())
+
+    # Then every row is queued and the job's warning names the first 20 (cut short) and counts the rest
+    record = pipeline.job(job["job_id"])
+    assert (record["status"], record["queued"]) == ("running", 100)
+    (warning,) = record["warnings"]
+    assert warning.startswith("extra column(s) echoed back in the results: ")
+    assert warning.endswith("and 2,980 more") and len(warning) < 3000
 
 
 def test_a_utf16_csv_from_excel_is_read_like_utf8(pipeline):
@@ -168,7 +218,7 @@ def test_bad_rows_are_rejected_and_the_rest_of_the_file_proceeds(pipeline):
         (2, "nul", "rejected", "the prompt holds a NUL byte (\\x00): remove it from the file"),
         (
             3,
-            None,
+            "huge",  # the id is readable, though the row is not (issue 10, defect 13)
             "rejected",
             "the CSV row cannot be read: a field is longer than 1,000,000 characters (a prompt may have at "
             'most 4000), or a quote (") is left open',
@@ -176,7 +226,7 @@ def test_bad_rows_are_rejected_and_the_rest_of_the_file_proceeds(pipeline):
         (4, "b", "queued", None),
         (5, "a", "rejected", "duplicate id 'a': row 1 already uses it"),
         (6, "x" * 300, "rejected", "the id is 300 characters; the limit is 256"),
-        (7, None, "rejected", 'the CSV row cannot be read: a quote (") is opened and never closed'),
+        (7, "open", "rejected", 'the CSV row cannot be read: a quote (") is opened and never closed'),
         (8, "c", "queued", None),
     ]
     assert sorted(json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()) == ["a", "b", "c"]

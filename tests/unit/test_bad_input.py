@@ -226,7 +226,7 @@ CATALOGUE = [
         b'{"id": "1", "prompt": "a\x00cat"}\n{"id": "2", "prompt": "a dog"}\n',
         "jsonl",
         [
-            rejected(None, "the line is not valid JSON: Invalid control character at column 25"),
+            rejected("1", "the line is not valid JSON: Invalid control character at column 25"),
             queued("2", "a dog"),
         ],
     ),
@@ -235,14 +235,14 @@ CATALOGUE = [
         "10mb-csv-field",
         CSV + b"1," + b"x" * 10 * MB + b"\n2,a dog\n",
         "csv",
-        [rejected(None, FIELD_LIMIT), queued("2", "a dog")],
+        [rejected("1", FIELD_LIMIT), queued("2", "a dog")],
     ),
     (
         "10mb-jsonl-prompt",
         _jsonl({"id": "1", "prompt": "x" * 10 * MB}, {"id": "2", "prompt": "a dog"}),
         "jsonl",
         [
-            rejected(None, "the line is longer than 1,000,000 characters (a prompt may have at most 4000)"),
+            rejected("1", "the line is longer than 1,000,000 characters (a prompt may have at most 4000)"),
             queued("2", "a dog"),
         ],
     ),
@@ -274,7 +274,7 @@ CATALOGUE = [
         "quote-left-open",
         CSV + b'1,"a cat\n2,a dog\n3,a bird\n',
         "csv",
-        [rejected(None, NEVER_CLOSED), queued("2", "a dog"), queued("3", "a bird")],
+        [rejected("1", NEVER_CLOSED), queued("2", "a dog"), queued("3", "a bird")],
     ),
     (
         "quote-left-open-in-the-header",
@@ -288,7 +288,7 @@ CATALOGUE = [
         "csv",
         [
             rejected(
-                None,
+                "1",
                 'the CSV row cannot be read: a quote (") ends in the middle of a field: '
                 "quote the whole field, "
                 'and write "" for a quote in it',
@@ -486,7 +486,7 @@ CATALOGUE = [
         "more-fields-than-the-header",
         CSV + b"1,a cat, black\n",
         "csv",
-        [rejected(None, "the row has 3 fields but the header has 2 (quote prompts that contain commas)")],
+        [rejected("1", "the row has 3 fields but the header has 2 (quote prompts that contain commas)")],
     ),
 ]
 

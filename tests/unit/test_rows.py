@@ -478,3 +478,52 @@ def test_a_bad_per_row_parameter_rejects_only_that_row_with_the_reason(columns, 
 
     assert isinstance(bad, Rejected) and reason in bad.message
     assert isinstance(good, ImageTask)
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "expected"),
+    [
+        pytest.param(
+            b"id,prompt\nhuge," + b"x" * 1_100_000 + b"\n", "csv", "huge", id="csv-field-over-limit"
+        ),
+        pytest.param(b'prompt,id\n"a, b",second,"open\n', "csv", "second", id="csv-id-not-first"),
+        pytest.param(b'id,prompt\n"quo""ted",a,b\n', "csv", 'quo"ted', id="csv-too-many-fields"),
+        pytest.param(
+            b"prompt,id\n" + b"x" * 1_100_000 + b",late\n", "csv", "late", id="csv-id-after-long-field"
+        ),
+        pytest.param(
+            b'{"id": 42, "prompt": "' + b"x" * 1_100_000 + b'"}\n', "jsonl", "42", id="jsonl-line-over-limit"
+        ),
+        pytest.param(
+            b'{"n": [1, {"id": 3}], "id": "kept", "prompt": tru}\n', "jsonl", "kept", id="jsonl-bad-later"
+        ),
+        pytest.param(b'{"prompt": tru, "id": "late"}\n', "jsonl", None, id="jsonl-id-after-bad-value"),
+        pytest.param(
+            b'{"id": "' + b"i" * 2000 + b'", "prompt": tru}\n', "jsonl", None, id="jsonl-id-too-long"
+        ),
+    ],
+)
+def test_a_row_that_cannot_be_read_keeps_its_id_when_the_id_can_be(data: bytes, fmt: str, expected):
+    # Given a row that cannot be read as a whole (issue 10, defect 13: rejected with id null)
+    (row,), _ = read(data, fmt)
+
+    # Then it is rejected, and reported under its id when that much of it is readable
+    assert row.values is None and row.problem
+    assert row_id_of(row) == expected
+
+
+def test_thousands_of_unknown_columns_are_reported_in_bounded_space():
+    # Given a JSONL file whose rows bring 5,000 distinct unknown keys, some very long
+    lines = [
+        '{"prompt": "a", ' + ", ".join(f'"{"k" * 500}{i}-{j}": 1' for j in range(50)) + "}"
+        for i in range(100)
+    ]
+
+    # When it is read
+    _, report = read("\n".join(lines).encode(), "jsonl")
+
+    # Then 20 names are kept, each cut short, and the rest counted
+    assert report.ignored_column_count == 5000 and len(report.ignored_columns) == 20
+    assert all(len(name) <= 63 for name in report.ignored_columns)
+    warning = report.columns_warning()
+    assert warning is not None and warning.endswith("and 4,980 more") and len(warning) < 2000

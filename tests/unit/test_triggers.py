@@ -366,10 +366,35 @@ def test_a_malformed_job_request_is_refused_with_its_reason(detail: Any, reason:
     assert reason in message and "\n" not in message
 
 
-def test_a_job_request_from_any_source_is_accepted():
+def test_a_job_request_from_the_stacks_request_source_and_account_is_accepted():
     event = load_event("job_requested_object.json")
-    event["source"] = "aws.s3"
-    assert job_requests(event)[0].source == "request"
+    assert event["source"] == triggers.DEFAULT_REQUEST_SOURCE == "imagepipe.requests"
+    assert job_requests(event, account="123456789012")[0].source == "request"
+    event["source"] = "com.example.campaigns"
+    assert job_requests(event, request_source="com.example.campaigns")[0].key == KEY
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"source": "aws.s3"}, "from source 'aws.s3' refused"),
+        ({"source": "com.example.campaigns"}, "from source 'com.example.campaigns' refused"),
+        ({"source": None}, "from source (a NoneType) refused"),
+        ({"account": "999999999999"}, "from account '999999999999' refused"),
+    ],
+)
+def test_a_job_request_from_another_source_or_account_starts_no_job(change: dict, named: str):
+    # Given an "ImageJob Requested" event put on the bus by someone else (issue 10, defect 11: anyone who
+    # could put events on the default bus started paid jobs)
+    event = {**load_event("job_requested_inline.json"), **change}
+
+    # When the splitter reads it, directly or wrapped in an SQS message
+    direct = error_of(event, account="123456789012")
+    wrapped = error_of(in_sqs(event), account="123456789012")
+
+    # Then it is refused with the reason, and no job is asked for
+    assert named in direct and named in wrapped
+    assert "imagepipe.requests" in direct or "its own account" in direct
 
 
 # --- Anything else -------------------------------------------------------------------------------------

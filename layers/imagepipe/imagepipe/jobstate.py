@@ -254,26 +254,45 @@ class JobState:
             raise SplitInProgress(f"job {job_id} was taken over by another invocation")
         return int(job.get("split_through", 0))
 
-    def split_progress(self, job_id: str, owner: str, through_row: int) -> None:
-        """Every row up to through_row is on the queue (and this splitter is alive)."""
+    def split_progress(self, job_id: str, owner: str, through_row: int, *, release: bool = False) -> None:
+        """Every row up to through_row is on the queue, and this splitter is alive (its heartbeat, renewed
+        on time by the splitter, not only when rows are queued). `release`: this splitter gives the split up
+        (its heartbeat set to 0) so Lambda's retry takes it over at once. SplitInProgress when the split is
+        no longer this splitter's (taken over, or already done)."""
         if not _conditionally(
             self._table.update_item,
             Key=_job_key(job_id),
             UpdateExpression="SET split_through = :row, split_heartbeat = :now",
-            ConditionExpression="split_owner = :me",
-            ExpressionAttributeValues={":row": through_row, ":now": self._now(), ":me": owner},
+            ConditionExpression="#s = :splitting AND split_owner = :me",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":row": through_row,
+                ":now": Decimal(0) if release else self._now(),
+                ":me": owner,
+                ":splitting": SPLITTING,
+            },
         ):
             raise SplitInProgress(f"job {job_id} was taken over by another invocation")
 
-    def split_done(self, job_id: str, fields: dict[str, Any]) -> None:
+    def split_done(self, job_id: str, fields: dict[str, Any], *, owner: str) -> bool:
         """The file is split: how many rows, how many queued and rejected (a file that could not be read
-        at all has an error and no rows: the finisher then ends the job failed)."""
+        at all has an error and no rows: the finisher then ends the job failed). Only by the splitter that
+        owns the split, while the job is splitting: False (nothing written) for a splitter whose split was
+        taken over, or a second finish of a job already split - which never sets it back to running."""
         sets, names, values = _assignments(fields)
-        self._table.update_item(
+        return _conditionally(
+            self._table.update_item,
             Key=_job_key(job_id),
             UpdateExpression="SET #s = :status, split_at = :now, " + sets,
+            ConditionExpression="#s = :splitting AND split_owner = :me",
             ExpressionAttributeNames={**names, "#s": "status"},
-            ExpressionAttributeValues={**values, ":status": RUNNING, ":now": self._now()},
+            ExpressionAttributeValues={
+                **values,
+                ":status": RUNNING,
+                ":now": self._now(),
+                ":splitting": SPLITTING,
+                ":me": owner,
+            },
         )
 
     def job(self, job_id: str) -> dict[str, Any] | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,14 @@ MAX_FIELD_CHARS = 1_000_000
 csv.field_size_limit(MAX_FIELD_CHARS)
 # A line longer than this is cut here (its row is rejected), so a file without line breaks cannot fill memory.
 MAX_LINE_BYTES = 8 * 2**20
+# Unknown column names: the first few are named (each cut short) in the job's warning, the rest counted, so
+# a file with thousands of made-up columns cannot grow the job record past DynamoDB's 400 KB item limit.
+MAX_NAMED_COLUMNS = 20
+MAX_COLUMN_NAME_CHARS = 60
+# Distinct unknown names counted at most (memory): past it the count says "more than".
+MAX_COUNTED_COLUMNS = 100_000
+# The id of a row that cannot be read is still reported when it can be made out and is at most this long.
+MAX_REPORTED_ID_CHARS = 1000
 # What is in the first bytes of a file decides how it is read: text (UTF-8, UTF-16/32) or refused as binary.
 SNIFF_BYTES = 1024
 # Files that are not text, known by their first bytes: what they are and what to upload instead.
@@ -90,6 +100,8 @@ class RawRow:
     number: int  # 1-based data row, header excluded
     values: dict[str, Any] | None  # None when the row could not be parsed at all
     problem: str | None = None
+    # A row that could not be parsed: its id as written, when that much of it could be read.
+    readable_id: str | None = None
 
 
 @dataclass
@@ -97,8 +109,45 @@ class ReadReport:
     """What the reader noticed about the file besides the rows."""
 
     format: str = "csv"
+    # The first MAX_NAMED_COLUMNS unknown column names (sorted, each cut to MAX_COLUMN_NAME_CHARS) ...
     ignored_columns: list[str] = field(default_factory=list)
+    # ... and how many distinct unknown names there are in all (capped at MAX_COUNTED_COLUMNS).
+    ignored_column_count: int = 0
     blank_rows: int = 0
+
+    def columns_warning(self) -> str | None:
+        """The job's warning about unknown columns, of bounded length, or None."""
+        if not self.ignored_column_count:
+            return None
+        text = f"extra column(s) echoed back in the results: {', '.join(self.ignored_columns)}"
+        more = self.ignored_column_count - len(self.ignored_columns)
+        if more > 0:
+            at_least = "at least " if self.ignored_column_count >= MAX_COUNTED_COLUMNS else ""
+            text += f" and {at_least}{more:,} more"
+        return text
+
+
+class _UnknownColumns:
+    """Unknown column names seen so far, in bounded memory: the first few kept, the rest counted by digest."""
+
+    def __init__(self) -> None:
+        self.named: list[str] = []
+        self._seen: set[bytes] = set()
+
+    def add(self, name: str) -> None:
+        if len(self._seen) >= MAX_COUNTED_COLUMNS:
+            return
+        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if digest in self._seen:
+            return
+        self._seen.add(digest)
+        if len(self.named) < MAX_NAMED_COLUMNS:
+            cut = name if len(name) <= MAX_COLUMN_NAME_CHARS else name[:MAX_COLUMN_NAME_CHARS] + "..."
+            self.named.append(cut)
+
+    def report(self, report: ReadReport) -> None:
+        report.ignored_columns = sorted(self.named)
+        report.ignored_column_count = len(self._seen)
 
 
 def format_for_key(key: str) -> str:
@@ -243,6 +292,7 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
     # strict: a stray quote is an error on that row, not a prompt that swallows the rows after it.
     reader = csv.reader(tape, skipinitialspace=True, strict=True)
     header: list[str] | None = None
+    id_column: int | None = None
     number = 0
     while True:
         tape.taken = []
@@ -255,7 +305,12 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 _check_not_jsonl(tape.taken)
                 raise InputUnreadable(f"the CSV header cannot be read: {_csv_problem(exc)}") from None
             number += 1
-            yield RawRow(number, None, f"the CSV row cannot be read: {_csv_problem(exc)}")
+            yield RawRow(
+                number,
+                None,
+                f"the CSV row cannot be read: {_csv_problem(exc)}",
+                _csv_id(tape.taken[0] if tape.taken else "", id_column),
+            )
             # Only the record's first line is lost to the error; the lines it swallowed are read again.
             tape.rewind_after_first()
             reader = csv.reader(tape, skipinitialspace=True, strict=True)
@@ -267,6 +322,7 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
             if "prompt" not in header:
                 _check_not_jsonl(tape.taken)
             _check_header(header, report)
+            id_column = header.index("id") if "id" in header else None
             continue
         if not any(value.strip() for value in fields):
             report.blank_rows += 1
@@ -278,6 +334,7 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 None,
                 f"the row has {len(fields)} fields but the header has {len(header)} "
                 "(quote prompts that contain commas)",
+                _readable_id(fields[id_column]) if id_column is not None else None,
             )
             continue
         # Columns without a name (the trailing commas a spreadsheet leaves) are not read.
@@ -313,10 +370,58 @@ def _check_header(header: list[str], report: ReadReport) -> None:
             f"the CSV header has no 'prompt' column (found: {found}); {_header_hint(header)}"
         )
     named = [name for name in header if name]
-    duplicates = sorted({name for name in named if named.count(name) > 1})
+    counts: dict[str, int] = {}
+    for name in named:
+        counts[name] = counts.get(name, 0) + 1
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
-        raise InputUnreadable(f"the CSV header repeats column(s): {', '.join(duplicates)}")
-    report.ignored_columns = [name for name in named if name not in KNOWN_COLUMNS]
+        shown = ", ".join(_cut_name(name) for name in duplicates[:MAX_NAMED_COLUMNS])
+        more = (
+            f" and {len(duplicates) - MAX_NAMED_COLUMNS:,} more"
+            if len(duplicates) > MAX_NAMED_COLUMNS
+            else ""
+        )
+        raise InputUnreadable(f"the CSV header repeats column(s): {shown}{more}")
+    unknown = _UnknownColumns()
+    for name in named:
+        if name not in KNOWN_COLUMNS:
+            unknown.add(name)
+    unknown.report(report)
+
+
+def _cut_name(name: str) -> str:
+    return name if len(name) <= MAX_COLUMN_NAME_CHARS else name[:MAX_COLUMN_NAME_CHARS] + "..."
+
+
+# One CSV field at the start of `line` (after skipinitialspace's blanks): quoted, or plain up to a comma.
+_CSV_FIELD = re.compile(r'[ ]*(?:"((?:[^"]|"")*)"|([^,"\r\n]*))(,|\r?\n|\Z)')
+
+
+def _csv_id(line: str, id_column: int | None) -> str | None:
+    """The id field of a CSV record that cannot be read as a whole (a field over the size limit, a quote
+    left open later in the row), read from the record's first line when the fields up to it are whole."""
+    if id_column is None:
+        return None
+    position = 0
+    for index in range(id_column + 1):
+        match = _CSV_FIELD.match(line, position)
+        if match is None:
+            return None
+        if index == id_column:
+            quoted, plain = match.group(1), match.group(2)
+            return _readable_id(quoted.replace('""', '"') if quoted is not None else plain)
+        if match.group(3) != ",":
+            return None  # the line ends before the id column
+        position = match.end()
+    return None
+
+
+def _readable_id(value: Any) -> str | None:
+    """An id as a rejected row reports it: text or a whole number, stripped, not empty, not huge."""
+    if value is None or isinstance(value, (dict, list, bool, float)):
+        return None
+    text = str(value).strip()
+    return text if text and len(text) <= MAX_REPORTED_ID_CHARS else None
 
 
 def _check_not_jsonl(lines: list[str]) -> None:
@@ -338,7 +443,7 @@ def _header_hint(header: list[str]) -> str:
 
 def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
     number = 0
-    ignored: set[str] = set()
+    unknown = _UnknownColumns()
     for line in lines:
         if not line.strip():
             report.blank_rows += 1
@@ -350,6 +455,7 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 None,
                 f"the line is longer than {MAX_FIELD_CHARS:,} characters (a prompt may have at most "
                 f"{MAX_PROMPT_CHARS})",
+                _jsonl_id(line),
             )
             continue
         try:
@@ -358,17 +464,56 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
             if number == 1:
                 _check_first_jsonl_line(line)
             message = exc.msg.removesuffix(" at")  # "Invalid control character at"
-            yield RawRow(number, None, f"the line is not valid JSON: {message} at column {exc.colno}")
+            yield RawRow(
+                number, None, f"the line is not valid JSON: {message} at column {exc.colno}", _jsonl_id(line)
+            )
             continue
         except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
-            yield RawRow(number, None, f"the line cannot be read as JSON: {type(exc).__name__}")
+            yield RawRow(
+                number, None, f"the line cannot be read as JSON: {type(exc).__name__}", _jsonl_id(line)
+            )
             continue
         if not isinstance(value, dict):
             yield RawRow(number, None, f"the line is JSON but not an object (got {type(value).__name__})")
             continue
-        ignored.update(k for k in value if k not in KNOWN_COLUMNS)
+        for name in value:
+            if name not in KNOWN_COLUMNS:
+                unknown.add(name)
         yield RawRow(number, value)
-    report.ignored_columns = sorted(ignored)
+    unknown.report(report)
+
+
+_JSON_DECODER = json.JSONDecoder()
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _jsonl_id(line: str) -> str | None:
+    """The "id" of a JSONL line that cannot be read as a whole (too long, cut, a bad value after the id):
+    the object's members are read one by one from the start until "id" is found; None when a member
+    before it cannot be read."""
+    try:
+        position = _JSON_SPACE.match(line, 0).end()  # type: ignore[union-attr]
+        if line[position : position + 1] != "{":
+            return None
+        position += 1
+        while True:
+            position = _JSON_SPACE.match(line, position).end()  # type: ignore[union-attr]
+            if line[position : position + 1] != '"':
+                return None
+            key, position = json.decoder.scanstring(line, position + 1)  # type: ignore[attr-defined]
+            position = _JSON_SPACE.match(line, position).end()  # type: ignore[union-attr]
+            if line[position : position + 1] != ":":
+                return None
+            position = _JSON_SPACE.match(line, position + 1).end()  # type: ignore[union-attr]
+            value, position = _JSON_DECODER.raw_decode(line, position)
+            if key == "id":
+                return _readable_id(value)
+            position = _JSON_SPACE.match(line, position).end()  # type: ignore[union-attr]
+            if line[position : position + 1] != ",":
+                return None
+            position += 1
+    except (ValueError, RecursionError):
+        return None
 
 
 def _check_first_jsonl_line(line: str) -> None:
@@ -493,7 +638,7 @@ def _number(value: Any, name: str, low: float, high: float) -> float | None:
 def row_id_of(row: RawRow) -> str | None:
     """The row's id as written, for reporting a rejected row (None when there is none)."""
     if row.values is None:
-        return None
+        return row.readable_id
     value = row.values.get("id")
     if value is None or isinstance(value, (dict, list, bool)):
         return None

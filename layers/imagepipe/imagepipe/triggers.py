@@ -5,7 +5,11 @@ TriggerError with a short reason instead of a KeyError deep in the handler:
 
 - S3 notifications, direct or wrapped by SQS, SNS or SNS-then-SQS (keys are URL-encoded: decoded here);
 - EventBridge "Object Created" from S3, direct or wrapped by SQS or SNS (keys are literal);
-- EventBridge "ImageJob Requested" from any source: an object to split, or up to MAX_INLINE_ROWS rows.
+- EventBridge "ImageJob Requested": an object to split, or up to MAX_INLINE_ROWS rows - only from the stack's
+  request source (JobRequestSource, default DEFAULT_REQUEST_SOURCE) and its own account: the stack's rule
+  matches only those, and an event from anyone else that reaches the function another way (a broader rule,
+  an SQS or SNS wrapper) is refused here too. Who may start paid jobs is decided by who may call
+  events:PutEvents on the bus with that source (an IAM condition on events:source).
 
 S3 events that call for no job - s3:TestEvent, events other than object creation, keys that are not
 .csv/.jsonl - are skipped and logged, not errors: bucket filters and EventBridge rules may be broader
@@ -39,6 +43,7 @@ from imagepipe.rows import FORMATS
 
 MAX_INLINE_ROWS = 500
 JOB_REQUESTED = "ImageJob Requested"
+DEFAULT_REQUEST_SOURCE = "imagepipe.requests"  # template parameter JobRequestSource
 JOB_SUFFIXES = tuple(FORMATS)  # .csv, .jsonl: what the splitter can read
 
 
@@ -125,14 +130,28 @@ class JobDetail(BaseModel):
 Request = ObjectRequest | InlineRequest
 
 
-def job_requests(event: Any, default_bucket: str | None = None) -> list[Request]:
+@dataclass(frozen=True)
+class _Accepts:
+    default_bucket: str | None
+    request_source: str
+    account: str | None
+
+
+def job_requests(
+    event: Any,
+    default_bucket: str | None = None,
+    *,
+    request_source: str = DEFAULT_REQUEST_SOURCE,
+    account: str | None = None,
+) -> list[Request]:
     """The jobs `event` asks for, in order ([] when it asks for none), or TriggerError.
 
-    `default_bucket` is where an ImageJob Requested detail's key lives when it names no bucket."""
-    return _requests(event, (), default_bucket)
+    `default_bucket` is where an ImageJob Requested detail's key lives when it names no bucket. An
+    ImageJob Requested event is taken only with `source` request_source and (when given) from `account`."""
+    return _requests(event, (), _Accepts(default_bucket, request_source, account))
 
 
-def _requests(event: Any, via: tuple[str, ...], default_bucket: str | None) -> list[Request]:
+def _requests(event: Any, via: tuple[str, ...], accepts: _Accepts) -> list[Request]:
     # `via` lists the wrappers already opened: () for the Lambda event itself, ("sqs",) for an SQS
     # body, ("sqs", "sns") for an SNS notification inside one. Only real AWS nestings are accepted.
     if not isinstance(event, dict):
@@ -142,7 +161,7 @@ def _requests(event: Any, via: tuple[str, ...], default_bucket: str | None) -> l
         logger.info("skipping s3:TestEvent", extra={"bucket": str(event.get("Bucket"))})
         return []
     if "detail-type" in event:
-        return _from_eventbridge(event, via, default_bucket)
+        return _from_eventbridge(event, via, accepts)
     records = event.get("Records")
     if isinstance(records, list) and records and all(isinstance(r, dict) for r in records):
         # One Lambda event holds records of one source; compare them all (a value may be unhashable).
@@ -153,23 +172,19 @@ def _requests(event: Any, via: tuple[str, ...], default_bucket: str | None) -> l
         if kind == "aws:sqs" and not via:
             sqs = _parse(event, SqsModel, "SQS event")
             messages = [(f"SQS message {_short(r.messageId)}", r.body) for r in sqs.Records]
-            return _unwrap(messages, ("sqs",), default_bucket)
+            return _unwrap(messages, ("sqs",), accepts)
         if kind == "aws:sns" and not via:
             sns = _parse(event, SnsModel, "SNS event")
             messages = [(f"SNS message {_short(r.Sns.MessageId)}", r.Sns.Message) for r in sns.Records]
-            return _unwrap(messages, ("sns",), default_bucket)
+            return _unwrap(messages, ("sns",), accepts)
     if via == ("sqs",) and event.get("Type") == "Notification":
         # S3 -> SNS -> SQS without raw message delivery: the body is SNS's notification envelope.
         note = _parse(event, SnsNotificationModel, "SNS notification")
-        return _unwrap(
-            [(f"SNS message {_short(note.MessageId)}", note.Message)], ("sqs", "sns"), default_bucket
-        )
+        return _unwrap([(f"SNS message {_short(note.MessageId)}", note.Message)], ("sqs", "sns"), accepts)
     raise TriggerError(f"unrecognised event: {_describe(event)}")
 
 
-def _unwrap(
-    messages: list[tuple[str, Any]], via: tuple[str, ...], default_bucket: str | None
-) -> list[Request]:
+def _unwrap(messages: list[tuple[str, Any]], via: tuple[str, ...], accepts: _Accepts) -> list[Request]:
     found: list[Request] = []
     for label, text in messages:
         try:
@@ -179,7 +194,7 @@ def _unwrap(
                 inner = json.loads(text)
             except (ValueError, RecursionError):
                 raise TriggerError("the message is not JSON") from None
-            found += _requests(inner, via, default_bucket)
+            found += _requests(inner, via, accepts)
         except TriggerError as exc:
             # One bad message fails the whole event: name it, so it can be found in the queue or topic.
             raise TriggerError(f"{label}: {exc}") from None
@@ -198,11 +213,21 @@ def _from_s3(event: dict, via: tuple[str, ...]) -> list[Request]:
     return _objects(found, via[0] if via else "s3")
 
 
-def _from_eventbridge(event: dict, via: tuple[str, ...], default_bucket: str | None) -> list[Request]:
+def _from_eventbridge(event: dict, via: tuple[str, ...], accepts: _Accepts) -> list[Request]:
     detail_type, source = event.get("detail-type"), event.get("source")
     if detail_type == JOB_REQUESTED:
+        if source != accepts.request_source:
+            raise TriggerError(
+                f'"{JOB_REQUESTED}" from source {_name(source)} refused: this stack takes job requests only '
+                f"from source {accepts.request_source!r} (JobRequestSource)"
+            )
+        if accepts.account is not None and event.get("account") != accepts.account:
+            raise TriggerError(
+                f'"{JOB_REQUESTED}" from account {_name(event.get("account"))} refused: this stack takes '
+                "job requests only from its own account"
+            )
         detail = _parse(event.get("detail"), JobDetail, f'"{JOB_REQUESTED}" detail')
-        return [_job(detail, default_bucket)]
+        return [_job(detail, accepts.default_bucket)]
     if source == "aws.s3" and detail_type == "Object Created":
         s3 = _parse(event, S3EventNotificationEventBridgeModel, "S3 Object Created event")
         obj = s3.detail.object  # EventBridge keys are literal: no decoding
