@@ -347,3 +347,47 @@ def test_a_request_naming_an_existing_job_never_overwrites_its_input(pipeline):
         s3.list_objects_v2(Bucket=pipeline.output_bucket, Prefix="jobs/upload-1/")
     )
     assert sorted(json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()) == ["a", "u"]
+
+
+def test_a_takeover_that_fails_before_the_checkpoint_leaves_the_split_to_the_next_retry(pipeline):
+    # Given a 45-row split whose first splitter died after queuing 20 rows, taken over by a retry that then
+    # fails on row 5 - before it has caught up with the 20 rows already on the queue
+    pipeline.upload("inbox/takeover.csv", ("id,prompt\n" + _rows(45)).encode(), job_id="late-failure")
+    s3, sqs = pipeline.client("s3"), pipeline.client("sqs")
+
+    class DiesAfterTwoBatches:
+        batches = 0
+
+        def send_message_batch(self, **kwargs):
+            if self.batches == 2:
+                raise Killed("the splitter's invocation timed out")
+            self.batches += 1
+            return sqs.send_message_batch(**kwargs)
+
+    def split(sqs_client: Any, **options: Any):
+        return split_object(
+            s3=s3,
+            sqs=sqs_client,
+            target=_target(pipeline, **options),
+            bucket=pipeline.input_bucket,
+            key="inbox/takeover.csv",
+        )
+
+    def fails_on_row_5(task) -> str | None:
+        if task.row_number == 5:
+            raise RuntimeError("S3 reset the connection")
+        return None
+
+    with pytest.raises(Killed):
+        split(DiesAfterTwoBatches())
+    with pytest.raises(RuntimeError):
+        split(sqs, lease_s=0, check=fails_on_row_5)
+
+    # Then the job was not ended with 5 rows counted while 20 are on the queue: it is still splitting, and
+    # the next retry takes it over at once and counts all 45, each queued once
+    assert pipeline.job("late-failure")["status"] == "splitting"
+    result = split(sqs)
+    assert (result.status, result.queued) == ("split", 45)
+    assert sorted(json.loads(m["Body"])["row_number"] for m in pipeline.queued_messages()) == list(
+        range(1, 46)
+    )

@@ -392,16 +392,18 @@ def split_object(
             "the split was taken over by another invocation: it splits the file", extra={"job_id": job_id}
         )
         return SplitResult(job_id=job_id, status=MANIFEST_TAKEN_OVER)
-    except SplitStopped as exc:
-        reason = f"the split stopped after row {last_row:,}: {exc}; the rows after it were not read"
-        sender.abandon(f"not queued: {reason}")
-        result.error = {"type": "split_stopped", "message": _clip(reason)}
     except Exception as exc:
-        if not resume_after and not sender.sent:
-            # Nothing of this job is on the queue: Lambda's retry splits the file anew, at once.
+        if last_row < resume_after or (not resume_after and not sender.sent):
+            # Nothing of this job is on the queue - or what is (a split taken over) is not all in this
+            # splitter's record yet: Lambda's retry splits the file anew, at once, from the checkpoint.
             log.file.close()
             lease.release()
             raise
+        if isinstance(exc, SplitStopped):
+            reason = f"the split stopped after row {last_row:,}: {exc}; the rows after it were not read"
+            sender.abandon(f"not queued: {reason}")
+            result.error = {"type": "split_stopped", "message": _clip(reason)}
+            return _end_split(s3, sqs, target, layout, lease, log, report, manifest, result, owner)
         # Rows are on the queue and being paid for: the split ends here rather than leave the job
         # `splitting` for ever - the rows queued so far go on, the job says where and why it stopped.
         logger.exception("the split failed after rows were queued: it ends here", extra={"job_id": job_id})
