@@ -391,3 +391,21 @@ def test_a_takeover_that_fails_before_the_checkpoint_leaves_the_split_to_the_nex
     assert sorted(json.loads(m["Body"])["row_number"] for m in pipeline.queued_messages()) == list(
         range(1, 46)
     )
+
+
+def test_a_split_that_reaches_a_limit_before_queuing_anything_still_ends(pipeline, monkeypatch):
+    # Given a file whose rows are all rejected and whose rows.jsonl outgrows the splitter's disk (a limit
+    # of 2 KB here) before anything was queued: a retry would stop at the same place
+    import imagepipe.splitter
+
+    monkeypatch.setattr(imagepipe.splitter, "MAX_ROW_LOG_BYTES", 2048)
+    body = "id,prompt,note\n" + "".join(f"r{i},,{'n' * 300}\n" for i in range(20))
+
+    # When it is split
+    job = pipeline.split("inbox/big-log.csv", body.encode())
+
+    # Then the split ends - never left splitting for Lambda's retries to hit the same limit - and says why
+    record = pipeline.job(job["job_id"])
+    assert record["status"] != "splitting" and record["error"]["type"] == "split_stopped"
+    assert "rows.jsonl" in record["error"]["message"] and record["queued"] == 0
+    assert pipeline.results(job["job_id"]).status not in ("splitting", "running", "finishing")

@@ -393,13 +393,14 @@ def split_object(
         )
         return SplitResult(job_id=job_id, status=MANIFEST_TAKEN_OVER)
     except Exception as exc:
-        if last_row < resume_after or (not resume_after and not sender.sent):
+        stopped = isinstance(exc, SplitStopped)  # a limit: a retry would stop there again
+        if last_row < resume_after or (not stopped and not resume_after and not sender.sent):
             # Nothing of this job is on the queue - or what is (a split taken over) is not all in this
             # splitter's record yet: Lambda's retry splits the file anew, at once, from the checkpoint.
             log.file.close()
             lease.release()
             raise
-        if isinstance(exc, SplitStopped):
+        if stopped:
             reason = f"the split stopped after row {last_row:,}: {exc}; the rows after it were not read"
             sender.abandon(f"not queued: {reason}")
             result.error = {"type": "split_stopped", "message": _clip(reason)}
