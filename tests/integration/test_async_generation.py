@@ -199,3 +199,24 @@ def test_a_task_another_delivery_is_working_on_is_not_called_twice(pipeline_fact
         QueueUrl=pipeline.tasks_queue, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
     )["Attributes"]
     assert attrs["ApproximateNumberOfMessagesDelayed"] == "1"
+
+
+def test_a_cancel_never_lands_over_another_deliverys_paid_call(pipeline_factory):
+    # Given a task whose API call another delivery has claimed a moment ago, and then the job is cancelled
+    pipeline = pipeline_factory(provider="qianfan")
+    pipeline.split("c.csv", b"id,prompt\nx,a busy bee\n", job_id="stopped")
+    table = boto3.resource("dynamodb", region_name="us-east-1").Table(pipeline.stack.outputs["JobsTableName"])
+    other = JobState(table)
+    assert other.claim("stopped", "x", "qianfan") is not None
+    assert other.request_cancel("stopped")
+
+    # When a duplicate delivery of the task sees the cancel
+    (message,) = pipeline.queued_messages()
+    pipeline.generator.invoke(lambda_sqs_event([message], pipeline.mapping().queue_arn, "us-east-1"))
+
+    # Then it does not record the row cancelled under the other delivery's call...
+    assert other.task("stopped", "x").status == "submitting"
+    # ...so the other delivery's paid image is the row's outcome, counted once at its cost
+    assert other.finish("stopped", "x", "succeeded", {"cost": 0.02, "images": ["x.png"]})
+    counts = other.counts("stopped")
+    assert (counts.succeeded, counts.cancelled, counts.cost) == (1, 0, 0.02)

@@ -162,3 +162,28 @@ def test_a_message_that_is_not_a_task_fails_alone(pipeline):
     response = pipeline.generator.invoke(event)
 
     assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+
+
+def emf_records(text: str) -> list[dict]:
+    """The CloudWatch embedded-metric records a function printed."""
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            records.append(json.loads(line))
+    return records
+
+
+def test_the_metrics_say_per_provider_how_many_images_and_what_they_cost(pipeline_factory, capsys):
+    # Given a batch where one prompt is rate-limited once
+    pipeline = pipeline_factory("rate-limit=busy:1")
+    capsys.readouterr()
+
+    pipeline.generator.invoke(sqs_event(pipeline, row2="a busy dog"))
+
+    # Then the batch's metrics carry the provider as a dimension: images made, their cost, the 429
+    (record,) = [r for r in emf_records(capsys.readouterr().out) if r.get("provider") == "atlascloud"]
+    (directive,) = record["_aws"]["CloudWatchMetrics"]
+    assert ["provider", "service"] in [sorted(d) for d in directive["Dimensions"]]
+    assert record["ImagesGenerated"] == [2.0]
+    assert record["RateLimited"] == [1.0]
+    assert record["Cost"][0] > 0

@@ -128,6 +128,7 @@ class TaskProcessor:
             if receives < self.options.max_receives:
                 # Not the API's failure (AWS after botocore's retries, a bug): the message comes back after
                 # a backoff rather than the queue's 30-minute visibility timeout.
+                logger.exception("task failed; its message comes back after a backoff", extra=run.log)
                 run.abandon()
                 options = self.options
                 self.come_back(
@@ -527,11 +528,9 @@ class _Run:
         throttles = task.throttles + (1 if throttled else 0)
         elapsed = now - first_failed_at
         if attempts >= options.max_attempts or elapsed >= options.retry_window_s:
-            why = (
-                f"{attempts} attempt(s)"
-                + (f" and {throttles} rate-limit answer(s)" if throttles else "")
-                + f" over {elapsed:.0f} s"
-            )
+            tries = [f"{attempts} attempt(s)"] if attempts else []
+            tries += [f"{throttles} rate-limit answer(s)"] if throttles else []
+            why = f"{' and '.join(tries)} over {elapsed:.0f} s"
             logger.warning(
                 f"image request failed: giving up after {why}", extra={**self.log, "error": exc.as_record()}
             )
