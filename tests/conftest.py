@@ -39,6 +39,22 @@ EXAMPLES = ROOT / "examples"
 REGION = "us-east-1"
 
 
+def create_jobs_table(resource: Any, name: str = "jobs") -> Any:
+    """A table with JobsTable's keys (pk, sk), on whatever DynamoDB `resource` reaches."""
+    return resource.create_table(
+        TableName=name,
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+
 def load_event(name: str) -> dict:
     return json.loads((EVENTS / name).read_text())
 
@@ -237,7 +253,12 @@ class Pipeline:
             for queue in (self.tasks_queue, self.dead_letter_queue, self.stack.outputs["FinisherQueueUrl"]):
                 attrs = sqs.get_queue_attributes(
                     QueueUrl=queue,
-                    AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+                    AttributeNames=[
+                        "ApproximateNumberOfMessages",
+                        "ApproximateNumberOfMessagesDelayed",
+                        # a message whose visibility a function changed (a retry's fallback) is not lost
+                        "ApproximateNumberOfMessagesNotVisible",
+                    ],
                 )["Attributes"]
                 waiting += sum(int(v) for v in attrs.values())
             if not waiting:

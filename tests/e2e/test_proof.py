@@ -23,7 +23,17 @@ FAULTS = (
     "malformed-rate=0.01",
     "refuse=forbidden",
 )
-CHAOS = "redeliver=0.2,crash-after-call=0.05"
+# The runtime's own faults, then AWS's (answered by the moto server to every caller): transaction
+# conflicts, throttling, stale reads, S3 and SQS errors.
+CHAOS = (
+    "redeliver=0.2,crash-after-call=0.05,"
+    "ddb-conflict=0.05,ddb-throttle=0.02,stale-read=0.05,s3-error=0.02,sqs-error=0.02"
+)
+# The template's retry timing and attempts (TaskMaxAttempts 8, backoff from 2 s), scaled only where a
+# crash makes the run wait: the function's Timeout (so a crashed call's claim goes stale after 90 s, not
+# 360 s), the HTTP timeout inside it, and - the one explicit shortcut - the queues' visibility timeout.
+TIMING = ["--visibility-timeout", "10", "--parameter-overrides",
+          "GeneratorTimeoutSeconds=30", "ProviderHttpTimeoutSeconds=5"]  # fmt: skip
 
 
 def prompt(i: int) -> str:
@@ -42,10 +52,9 @@ def test_every_row_ends_once_and_nothing_is_paid_twice_under_faults_and_chaos(tm
     source.write_text("id,prompt\n" + "".join(f"r{i},{prompt(i)}\n" for i in range(1, ROWS + 1)))
     out = tmp_path / "out"
     faults = [arg for fault in FAULTS for arg in ("--emulator-fault", fault)]
-    # Ten attempts: with ~20% of calls failing, three in a row would fail ~1% of good rows for good.
     run = subprocess.run(
         [sys.executable, "-m", "imagepipe_cli", "run", str(source), "--out", str(out), "--no-progress",
-         "--provider", provider, "--max-attempts", "10", "--chaos", CHAOS, *faults],
+         "--provider", provider, "--chaos", CHAOS, *faults, *TIMING],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert run.returncode in (0, 1), run.stdout + run.stderr

@@ -13,20 +13,11 @@ from moto import mock_aws
 from imagepipe import jobstate
 from imagepipe.jobstate import JobState
 
+from conftest import create_jobs_table
+
 
 def make_table():
-    return boto3.resource("dynamodb", region_name="us-east-1").create_table(
-        TableName="jobs",
-        KeySchema=[
-            {"AttributeName": "pk", "KeyType": "HASH"},
-            {"AttributeName": "sk", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    return create_jobs_table(boto3.resource("dynamodb", region_name="us-east-1"))
 
 
 @pytest.fixture
@@ -221,18 +212,7 @@ def test_many_tasks_finishing_at_once_on_one_shard_under_conflicts_are_counted_e
         resource = boto3.session.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         ).resource("dynamodb", endpoint_url=server.url, config=Config(retries={"mode": "standard"}))
-        table = resource.create_table(
-            TableName="jobs",
-            KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        table = create_jobs_table(resource)
         state = JobState(table)
         server.set_chaos({"ddb-conflict": 0.5, "seed": 3})
         names = [f"t{i}" for i in range(40)]

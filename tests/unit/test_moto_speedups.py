@@ -9,6 +9,8 @@ from moto import mock_aws
 from imagepipe.jobstate import JobState
 from imagepipe_cli.local.moto_server import speed_up_moto_dynamodb
 
+from conftest import create_jobs_table
+
 
 @pytest.fixture
 def state(monkeypatch):
@@ -20,18 +22,7 @@ def state(monkeypatch):
     )
     speed_up_moto_dynamodb()
     with mock_aws():
-        table = boto3.resource("dynamodb", region_name="us-east-1").create_table(
-            TableName="jobs",
-            KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        table = create_jobs_table(boto3.resource("dynamodb", region_name="us-east-1"))
         yield JobState(table)
 
 
