@@ -43,6 +43,8 @@ def test_a_synchronous_row_whose_image_cannot_be_fetched_is_paid_once_and_fails(
     assert emulator.stats()["paid"] == 1
     assert outcome["status"] == "failed"
     assert outcome["error"]["type"] == "download_failed" and outcome["request_id"]
+    # and its cost is counted: these APIs report no price, so the stack's PricePerImage for one image
+    assert outcome["cost"] == {"qianfan": 0.02, "openai": 0.04, "baidu-oauth": 0.02}[provider]
 
 
 def test_an_atlas_row_whose_output_url_expired_is_paid_once_and_fails_with_its_price(pipeline_factory):

@@ -515,7 +515,7 @@ class _Run:
         if exc.retryable:
             self.retry(exc)
             return
-        self.record(FAILED, error=exc.as_record(), request_id=exc.request_id, cost=exc_cost(exc))
+        self.record(FAILED, error=exc.as_record(), request_id=exc.request_id, cost=self.failed_cost(exc))
 
     def retry(self, exc: ProviderError) -> None:
         """Send the task again after its backoff - or, out of attempts or past the retry window since its
@@ -535,7 +535,7 @@ class _Run:
                 f"image request failed: giving up after {why}", extra={**self.log, "error": exc.as_record()}
             )
             error = {"type": exc.kind, "message": f"{exc.message} (gave up after {why})"}
-            self.record(FAILED, error=error, request_id=exc.request_id, cost=exc_cost(exc))
+            self.record(FAILED, error=error, request_id=exc.request_id, cost=self.failed_cost(exc))
             return
         delay = backoff(
             throttles if throttled else attempts, options.retry_base_s, options.retry_max_s, self.p.rand
@@ -590,6 +590,13 @@ class _Run:
         if not self.record(FAILED, error={"type": "internal", "message": message[:1000]}, cost=self.paid):
             raise exc
 
+    def failed_cost(self, exc: ProviderError) -> float:
+        """What a failed request was charged: the provider's price, or - for a paid answer whose images
+        could not be fetched from a provider that reports none - the stack's price for its images."""
+        if exc.cost is None and exc.kind == "download_failed":
+            return self.p.options.prices.get(self.task.provider, 0.0) * self.task.n
+        return exc_cost(exc)
+
     def record(
         self,
         status: str,
@@ -636,5 +643,5 @@ class _Run:
 
 
 def exc_cost(exc: ProviderError) -> float:
-    """What a failed request was charged (a paid answer whose images could not be fetched), else 0."""
+    """What a failed request was charged as the provider reported it, else 0."""
     return float(getattr(exc, "cost", None) or 0.0)
