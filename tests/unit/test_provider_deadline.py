@@ -150,3 +150,26 @@ def test_a_deadline_belongs_to_the_thread_that_set_it():
         worker.join()
 
     assert seen == [None]
+
+
+def test_a_paid_answer_that_arrives_at_the_deadline_still_has_its_images_fetched(emulator_factory):
+    # Given a synchronous API that answers (and charges) 1.2 s after the request, with links to its
+    # images, and 2.2 s left before the deadline: under a second is left once the answer is in
+    emulator = emulator_factory("qianfan", latency_ms=1200)
+    provider = provider_class("qianfan")(
+        ProviderConfig(
+            base_url=emulator.base_url,
+            keys=Keys.fixed(dict(emulator.keys)),
+            http=httpx.Client(timeout=CONFIGURED_TIMEOUT_S),
+        )
+    )
+    task = ImageTask(job_id="d", row_id="1", row_number=1, prompt=PROMPT, provider="qianfan")
+
+    # When the task is sent within that deadline
+    with deadline(time.time() + 2.2):
+        generation = provider.run(lambda: provider.start(task))
+
+    # Then the paid image is fetched all the same (downloads may use part of the time kept back after
+    # the deadline), once
+    assert len(generation.images) == 1 and generation.images[0].data
+    assert emulator.paid_for(PROMPT) == 1

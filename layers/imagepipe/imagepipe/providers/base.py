@@ -272,6 +272,23 @@ def deadline(epoch_s: float | None) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
+# The images of a paid answer may use this much of the time the generator keeps back after the deadline
+# (20 s, for writing images and outcomes): fetching what was paid for is worth more than the margin, and
+# a download cut short by the deadline fails the row (it is never asked for again).
+PAID_DOWNLOAD_GRACE_S = 12.0
+
+
+@contextlib.contextmanager
+def _paid_download_time() -> Iterator[None]:
+    """The current deadline moved PAID_DOWNLOAD_GRACE_S later, for fetching a paid answer's images."""
+    current = _DEADLINE.get()
+    token = _DEADLINE.set(None if current is None else current + PAID_DOWNLOAD_GRACE_S)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 def time_left() -> float | None:
     """Seconds an HTTP call started now may take (the deadline less the margin), None without a deadline."""
     end = _DEADLINE.get()
@@ -341,6 +358,11 @@ def download(http: httpx.Client, url: str, *, sleep: Callable[[float], None] = t
     when the file is gone for good (an expired URL, 403/404/410) or not an image; RETRY when it may
     come back later (only an API that can read the answer again - Atlas Cloud's prediction - may
     act on that; a synchronous provider turns it into FAIL_ROW, see `paid_images`)."""
+    with _paid_download_time():
+        return _download(http, url, sleep)
+
+
+def _download(http: httpx.Client, url: str, sleep: Callable[[float], None]) -> GeneratedImage:
     tries = 0
     while True:
         tries += 1
