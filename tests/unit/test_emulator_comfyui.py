@@ -237,7 +237,7 @@ def test_missing_inputs_bad_links_and_missing_models_give_node_errors() -> None:
     with make(*faults) as comfy, httpx.Client(base_url=comfy.base_url) as client:
         workflow = txt2img("a cat")
         del workflow["6"]["inputs"]["clip"]
-        workflow["8"]["inputs"]["vae"] = ["4", 7]
+        workflow["8"]["inputs"]["vae"] = ["4", 1]
         r = client.post("/prompt", json={"prompt": workflow})
         assert r.status_code == 400
         body = r.json()
@@ -385,3 +385,24 @@ def test_upload_renames_unless_overwrite(comfy: ComfyUIEmulator) -> None:
         assert client.post("/upload/image", data={"x": "1"}).status_code == 400
         assert client.get("/view", params={"filename": "none.png"}).status_code == 404
         assert client.get("/view", params={"filename": "../etc"}).status_code == 400
+
+
+def test_a_link_to_a_missing_node_fails_its_output_and_a_valid_output_still_runs(
+    comfy: ComfyUIEmulator,
+) -> None:
+    with httpx.Client(base_url=comfy.base_url) as client:
+        upload(client, "b.png", png((8, 8), (0, 0, 0)))
+        workflow = invert_workflow("b.png")
+        workflow["3"]["inputs"]["images"] = ["99", 0]
+        r = client.post("/prompt", json={"prompt": workflow})
+        assert r.status_code == 400
+        errors = r.json()["node_errors"]
+        assert errors["3"]["errors"][0]["type"] == "exception_during_validation"
+        assert errors["3"]["errors"][0]["details"] == "'99'"
+        # execution.py refuses a prompt only when no output is valid: one good output is queued, and the
+        # bad one comes back in node_errors of the 200 answer.
+        workflow["4"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "ok"}}
+        r = client.post("/prompt", json={"prompt": workflow})
+        assert r.status_code == 200 and set(r.json()["node_errors"]) == {"3"}
+        entry = wait_history(client, r.json()["prompt_id"])
+        assert set(entry["outputs"]) == {"4"}

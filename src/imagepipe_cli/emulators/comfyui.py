@@ -300,6 +300,12 @@ class _Interrupted(Exception):
     pass
 
 
+class _ValidationException(Exception):
+    def __init__(self, exception_type: str, message: str) -> None:
+        super().__init__(message)
+        self.exception_type, self.message = exception_type, message
+
+
 class _NodeFailure(Exception):
     def __init__(self, exception_type: str, message: str) -> None:
         super().__init__(message)
@@ -480,7 +486,7 @@ class ComfyUIEmulator(BaseEmulator):
             err = _error("no_prompt", "No prompt provided", "No prompt provided")
             return Reply(400, {"error": err, "node_errors": {}})
         prompt = data["prompt"]
-        prompt_id = str(data.get("prompt_id") or uuid.uuid4())
+        prompt_id = str(data.get("prompt_id", uuid.uuid4()))  # used as is, even when it ran before
         ok, error, outputs, node_errors = self.validate_prompt(prompt)
         if not ok:
             return Reply(400, {"error": error, "node_errors": node_errors})
@@ -528,13 +534,27 @@ class ComfyUIEmulator(BaseEmulator):
         good: list[str] = []
         checked: dict[str, list[dict[str, Any]]] = {}
         for out in outputs:
-            failed = self._validate_node(prompt, info, out, checked, set())
+            try:
+                failed = self._validate_node(prompt, info, out, checked, set())
+            except _ValidationException as ex:
+                checked[out] = [
+                    _error(
+                        "exception_during_validation",
+                        "Exception when validating node",
+                        ex.message,
+                        {"exception_type": ex.exception_type, "traceback": []},
+                    )
+                ]
+                failed = [out]
             if failed:
-                for node_id in failed:
+                # execution.py lists every validated node with reasons so far under each failed output.
+                for node_id, reasons in checked.items():
+                    if not reasons:
+                        continue
                     entry = node_errors.setdefault(
                         node_id,
                         {
-                            "errors": checked[node_id],
+                            "errors": reasons,
                             "dependent_outputs": [],
                             "class_type": prompt[node_id]["class_type"],
                         },
@@ -542,13 +562,13 @@ class ComfyUIEmulator(BaseEmulator):
                     entry["dependent_outputs"].append(out)
             else:
                 good.append(out)
-        if node_errors:
+        if not good:  # execution.py: refused only when no output is left; else queued with node_errors
             details = "\n".join(
                 f"{e['message']}: {e['details']}" for n in node_errors.values() for e in n["errors"]
             )
             err = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
             return False, err, good, node_errors
-        return True, None, good, {}
+        return True, None, good, node_errors
 
     def _validate_node(
         self,
@@ -590,29 +610,16 @@ class ComfyUIEmulator(BaseEmulator):
                         )
                     )
                     continue
-                src = str(value[0])
-                if src not in prompt:
-                    errors.append(
-                        _error(
-                            "exception_during_inner_validation",
-                            "Exception when validating inner node",
-                            f"'{src}'",
-                            {
-                                "input_name": name,
-                                "input_config": conf,
-                                "exception_message": f"'{src}'",
-                                "exception_type": "KeyError",
-                                "traceback": [],
-                                "linked_node": value,
-                            },
-                        )
-                    )
-                    continue
+                # execution.py validate_inputs reads prompt[o_id] and RETURN_TYPES[slot] outside its inner try: a
+                # link to a missing node or slot fails the whole output with exception_during_validation.
+                if value[0] not in prompt:
+                    raise _ValidationException("KeyError", repr(value[0]))
+                src = value[0]
                 src_outputs = info[prompt[src]["class_type"]]["output"]
                 slot = value[1]
-                received = (
-                    src_outputs[slot] if isinstance(slot, int) and 0 <= slot < len(src_outputs) else None
-                )
+                if not isinstance(slot, int) or not -len(src_outputs) <= slot < len(src_outputs):
+                    raise _ValidationException("IndexError", "list index out of range")
+                received = src_outputs[slot]
                 if received != kind:
                     errors.append(
                         _error(
@@ -648,15 +655,19 @@ class ComfyUIEmulator(BaseEmulator):
                         "custom_validation_failed",
                         "Custom validation failed for node",
                         f"{name} - Invalid image file: {value}",
-                        extra,
+                        {"input_name": name},
                     )
                 ]
             return []
         if isinstance(kind, list):
             if value not in kind:
+                # execution.py: long lists (scanned model files) are not sent back
+                listed = f"(list of length {len(kind)})" if len(kind) > 20 else str(kind)
+                config = None if len(kind) > 20 else conf
+                details = f"{name}: '{value}' not in {listed}"
                 return [
                     _error(
-                        "value_not_in_list", "Value not in list", f"{name}: '{value}' not in {kind}", extra
+                        "value_not_in_list", "Value not in list", details, {**extra, "input_config": config}
                     )
                 ]
             return []
@@ -975,7 +986,8 @@ class ComfyUIEmulator(BaseEmulator):
                 "status": {"status_str": status_str, "completed": completed, "messages": messages},
                 "meta": meta,
             }
-        self.send_sync("executing", {"node": None, "prompt_id": prompt_id}, sid)
+        if sid is not None:  # main.py prompt_worker: only to the prompt's own client
+            self.send_sync("executing", {"node": None, "prompt_id": prompt_id}, sid)
 
     def _check(self, stop: threading.Event, epoch: int) -> None:
         if stop.is_set() or self._epoch != epoch or self._interrupt.is_set():
