@@ -406,3 +406,52 @@ def test_a_link_to_a_missing_node_fails_its_output_and_a_valid_output_still_runs
         assert r.status_code == 200 and set(r.json()["node_errors"]) == {"3"}
         entry = wait_history(client, r.json()["prompt_id"])
         assert set(entry["outputs"]) == {"4"}
+
+
+def test_composite_through_a_mask_and_scale(comfy: ComfyUIEmulator) -> None:
+    mask = Image.new("RGBA", (20, 20), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 10, 20))  # left half transparent: LoadImageMask(alpha) = 1 there
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    workflow = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 20, "height": 20, "batch_size": 1, "color": 0xFF0000},
+        },
+        "2": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 20, "height": 20, "batch_size": 1, "color": 0x0000FF},
+        },
+        "3": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "alpha"}},
+        "4": {
+            "class_type": "ImageCompositeMasked",
+            "inputs": {
+                "destination": ["1", 0],
+                "source": ["2", 0],
+                "x": 0,
+                "y": 0,
+                "resize_source": False,
+                "mask": ["3", 0],
+            },
+        },
+        "5": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["4", 0],
+                "upscale_method": "nearest-exact",
+                "width": 40,
+                "height": 0,
+                "crop": "disabled",
+            },
+        },
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "sub/comp"}},
+    }
+    with httpx.Client(base_url=comfy.base_url) as client:
+        upload(client, "m.png", buf.getvalue())
+        r = client.post("/prompt", json={"prompt": workflow})
+        assert r.status_code == 200, r.text
+        image = wait_history(client, r.json()["prompt_id"])["outputs"]["6"]["images"][0]
+        assert image == {"filename": "comp_00001_.png", "subfolder": "sub", "type": "output"}
+        out = Image.open(io.BytesIO(client.get("/view", params=image).content)).convert("RGB")
+        assert out.size == (40, 40)
+        assert out.getpixel((2, 20)) == (0, 0, 255) and out.getpixel((38, 20)) == (255, 0, 0)

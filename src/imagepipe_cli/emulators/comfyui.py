@@ -1036,20 +1036,13 @@ class ComfyUIEmulator(BaseEmulator):
             else:
                 mask = Image.new("L", (64, 64), 0)
             return ([rgb], [mask]), None
-        if class_type == "LoadImageMask":
-            img = self._load_input(inp["image"])
-            band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}[inp["channel"]]
-            if img.mode not in ("RGBA", "RGB", "L", "LA"):
+        if class_type == "LoadImageMask":  # nodes.LoadImageMask: always RGBA, alpha inverted
+            img = ImageOps.exif_transpose(self._load_input(inp["image"]))
+            if img.getbands() != ("R", "G", "B", "A"):
                 img = img.convert("RGBA")
-            if img.mode in ("L", "LA"):
-                img = img.convert("RGBA" if img.mode == "LA" else "RGB")
-            if band in img.getbands():
-                mask = img.getchannel(band)
-                if band == "A":
-                    mask = ImageOps.invert(mask)
-            else:
-                mask = Image.new("L", (64, 64), 0)
-            return ([mask],), None
+            band = str(inp["channel"])[0].upper()
+            mask = img.getchannel(band)
+            return ([ImageOps.invert(mask) if band == "A" else mask],), None
         if class_type == "ImageInvert":
             return ([ImageOps.invert(i) for i in inp["image"]],), None
         if class_type == "ImageScale":
