@@ -370,6 +370,7 @@ class ComfyUIEmulator(BaseEmulator):
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
         self._restarting = threading.Lock()
+        self._closed = False
 
     # ---- API surface
 
@@ -1146,6 +1147,7 @@ class ComfyUIEmulator(BaseEmulator):
     def start(self) -> ComfyUIEmulator:
         if self._server is not None:
             return self
+        self._closed = False
         self._stopping.clear()
         server = _ComfyServer((self.config.host, self.config.port), self)
         host, port = server.server_address[:2]
@@ -1167,6 +1169,10 @@ class ComfyUIEmulator(BaseEmulator):
         return self
 
     def stop(self) -> None:
+        self._closed = True  # a restart under way does not come back
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         self._worker_stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -1180,7 +1186,9 @@ class ComfyUIEmulator(BaseEmulator):
         """A ComfyUI process restart: the running prompt is lost, the queue and history are dropped, WebSocket
         clients are cut off and connections are refused for down_s; files in input/output stay (they are on disk)."""
         with self._restarting:
-            self.stop()
+            if self._server is None:
+                return
+            self._shutdown()
             with self.lock:
                 self._queue.clear()
                 self._history.clear()
@@ -1190,7 +1198,8 @@ class ComfyUIEmulator(BaseEmulator):
                 self._number = 0
                 self.counters["restarts"] += 1
             time.sleep(self.restart_down_s if down_s is None else down_s)
-            self.start()
+            if not self._closed:
+                self.start()
 
 
 # --------------------------------------------------------------------------- helpers
