@@ -1,543 +1,453 @@
-"""`make bench`: how long `imagepipe run` takes for N rows (emulator latency fixed), what an asynchronous
-Atlas Cloud job costs in Lambda seconds and HTTP calls per image, how much memory the splitter needs for
-a large file, and the brief's naive script on the same kind of emulator for comparison.
+"""`make bench`: issue 11's table, measured in one go on this machine against the emulators, with the
+brief's script (10 threads, a new token per image, no retries) side by side where it applies.
 
-Figures are medians of --repeat runs on this machine, measured in one go; read the ratios, not the
-absolute seconds (the machine is shared)."""
+Each scenario runs the code as it is in the tree: `imagepipe run` as a process against a standalone
+emulator (a real HTTP server in this process, which counts paid calls and 429s second by second), the
+splitter through bench/splitter_bench.py, the generator's import in a fresh python3.12. One run each
+unless --repeat says otherwise (then the median). Prints one markdown table, ready for the README, and
+writes bench/out/results.json and bench/out/table.md.
+
+    python bench/run_bench.py [--only rate,nolimit,async,splitter,coldstart] [--quick]"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import glob
 import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from decimal import Decimal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import httpx
-
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
-from imagepipe_cli.local.moto_server import MotoServer
-from imagepipe_cli.local.stack import deploy_stack
 from imagepipe_cli.local.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
+SCENARIOS = ("rate", "nolimit", "async", "splitter", "coldstart")
+NOT_BUILT = "not built yet"
 
 
-def write_csv(path: Path, rows: int, side: int = 1024) -> Path:
+@dataclass
+class Row:
+    """One line of the table. `met` is judged on the imagepipe figure: True, False or None (no target)."""
+
+    scenario: str
+    measure: str
+    target: str
+    imagepipe: str
+    brief: str = "n/a"
+    met: bool | None = None
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[met]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def write_csv(path: Path, rows: int) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write("id,prompt,width,height\n")
+        handle.write("id,prompt\n")
         for i in range(1, rows + 1):
-            handle.write(
-                f'{i},"product shot {i}, a ceramic mug on a wooden table, soft light",{side},{side}\n'
-            )
+            handle.write(f"r{i},a product shot number {i}: a ceramic mug on a wooden table\n")
     return path
 
 
-def bench_run(
-    rows: int,
-    latency_ms: float,
-    concurrency: int | None,
-    extra: tuple[str, ...] = (),
-    env: dict | None = None,
+def imagepipe_run(
+    rows: int, provider: str, args: list[str], emulator: Any = None, timeout: float = 1500
 ) -> dict:
-    """Wall time of the whole `imagepipe run` command, start-up included, and its run-stats.json."""
+    """`imagepipe run` on `rows` rows as a process; against `emulator` (standalone) when given, else the
+    built-in one. Rows lost = rows that did not end succeeded (exit 1 is a figure here, not an error)."""
+    env = {**os.environ, **(emulator.keys if emulator else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        source = write_csv(Path(tmp) / f"bench-{rows}.csv", rows)
-        args = [
-            sys.executable,
-            "-m",
-            "imagepipe_cli",
-            "run",
-            str(source),
-            "--out",
-            str(Path(tmp) / "out"),
-            "--no-progress",
-            "--emulator-latency-ms",
-            str(latency_ms),
-        ]
-        if concurrency:
-            args += ["--concurrency", str(concurrency)]
-        args += list(extra)
-        started = time.monotonic()
-        done = subprocess.run(
-            args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}
-        )
-        seconds = time.monotonic() - started
-        if done.returncode != 0:
-            raise SystemExit(f"imagepipe run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        results = [
-            json.loads(line) for line in (Path(tmp) / "out" / "results.jsonl").read_text().splitlines()
-        ]
-        ok = sum(r["status"] == "succeeded" for r in results)
-        stats = json.loads((Path(tmp) / "out" / "logs" / "run-stats.json").read_text())
-    return {"rows": rows, "seconds": seconds, "succeeded": ok, "rows_per_s": rows / seconds, "stats": stats}
-
-
-def bench_counters(rows: int) -> dict:
-    """DynamoDB writes of one job, per item and per partition key (counted by the local moto server),
-    scaled to a job making 1,000 images/s. DynamoDB serves about 1,000 writes/s per partition key."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "writes.tsv"
-        run = bench_run(rows, 50.0, None, env={"IMAGEPIPE_DYNAMODB_WRITE_LOG": str(log)})
-        writes = [line.split("\t") for line in log.read_text().splitlines()]
-    images = run["succeeded"]
-    per_item = Counter((pk, sk) for _, pk, sk in writes)
-    per_key = Counter(pk for _, pk, _ in writes)
-    (hot_item, hot_item_writes), (hot_key, hot_key_writes) = (
-        per_item.most_common(1)[0],
-        per_key.most_common(1)[0],
-    )
-    job_record = sum(n for (pk, sk), n in per_item.items() if sk == "JOB")
-    counters = [n for (pk, sk), n in per_item.items() if sk == "COUNT"]
-    scale = 1000 / images
-    return {
-        "rows": rows,
-        "images": images,
-        "writes": len(writes),
-        "writes_per_image": len(writes) / images,
-        "partition_keys": len(per_key),
-        "hottest_item": f"{hot_item[0]} {hot_item[1]}",
-        "hottest_item_writes": hot_item_writes,
-        "hottest_key": hot_key,
-        "hottest_key_writes": hot_key_writes,
-        "job_record_writes": job_record,
-        "counter_items": len(counters),
-        "max_counter_item_writes": max(counters),
-        "at_1000_images_s": {
-            "hottest_item_writes_s": round(hot_item_writes * scale),
-            "hottest_key_writes_s": round(hot_key_writes * scale),
-            "counter_item_writes_s": round(max(counters) * scale),
-            "job_record_writes_per_job": job_record,
-        },
-    }
-
-
-_FINISHER_PROBE = r"""
-import json, sys, time
-from pathlib import Path
-from imagepipe_cli.local.lambda_runtime import load_handler
-handler = load_handler(Path(sys.argv[1]), "app.lambda_handler")
-event = json.loads(sys.stdin.read())
-class Context:
-    function_name = "JobFinisherFunction"; memory_limit_in_mb = 2048; aws_request_id = "bench"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench"
-    def get_remaining_time_in_millis(self): return 900000
-started = time.monotonic()
-result = handler(event, Context())
-print(json.dumps({"seconds": time.monotonic() - started, "result": result}))
-"""
-
-
-@contextmanager
-def bench_stack() -> Iterator[tuple[str, MotoServer, Any, Any]]:
-    """A fresh stack from template.yaml on its own moto server: (temp folder, moto, session, stack)."""
-    template = load_template(ROOT / "template.yaml")
-    with tempfile.TemporaryDirectory() as tmp, MotoServer(Path(tmp) / "moto.log") as moto:
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-        )
-
-        def client(name: str):
-            return session.client(name, endpoint_url=moto.url)
-
-        yield (
-            tmp,
-            moto,
-            session,
-            deploy_stack(client, template, stack_name="imagepipe-bench", parameters={}, region="us-east-1"),
-        )
-
-
-def run_probe(script: str, stack: Any, moto: MotoServer, function: str, event: dict) -> dict:
-    """One invocation of `function`'s handler in its own process (its environment from the stack, AWS
-    at moto); returns what `script` printed last, as JSON."""
-    env = {
-        **os.environ,
-        **stack.functions[function].env,
-        "AWS_ENDPOINT_URL": moto.url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "POWERTOOLS_TRACE_DISABLED": "true",
-        "POWERTOOLS_LOG_LEVEL": "WARNING",
-        "POWERTOOLS_METRICS_DISABLED": "true",
-    }
-    probe = subprocess.run(
-        [sys.executable, "-c", script, str(stack.functions[function].code_dir)],
-        input=json.dumps(event),
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if probe.returncode != 0:
-        raise SystemExit(f"{function} probe failed:\n{probe.stderr[-3000:]}")
-    return json.loads(probe.stdout.strip().splitlines()[-1])
-
-
-def bench_finisher(rows: int) -> dict:
-    """One JobFinisherFunction run on a job of `rows` finished rows (records made up front on moto
-    server): results.jsonl, results.csv, report.html and manifest written, the event published."""
-    from imagepipe.jobstate import SHARDS, shard_of
-
-    with bench_stack() as (tmp, moto, session, stack):
-
-        def client(name: str):
-            return session.client(name, endpoint_url=moto.url)
-
-        table = session.resource("dynamodb", endpoint_url=moto.url).Table(stack.outputs["JobsTableName"])
-        bucket, job = stack.outputs["OutputBucketName"], "bench-finish"
-        lines, started = [], time.monotonic()
-        with table.batch_writer() as batch:
-            for i in range(1, rows + 1):
-                name = f"r{i}"
-                lines.append(
-                    json.dumps(
-                        {
-                            "row": i,
-                            "id": name,
-                            "name": name,
-                            "status": "queued",
-                            "provider": "atlascloud",
-                            "model": "baidu/ERNIE-Image-Turbo/text-to-image",
-                            "prompt": f"product shot {i}",
-                        }
-                    )
-                )
-                batch.put_item(
-                    Item={
-                        "pk": f"JOB#{job}#{shard_of(name):02d}",
-                        "sk": f"TASK#{name}",
-                        "status": "succeeded",
-                        "name": name,
-                        "id": name,
-                        "row": i,
-                        "images": [f"jobs/{job}/images/{name}.png"],
-                        "provider": "atlascloud",
-                        "model": "baidu/ERNIE-Image-Turbo/text-to-image",
-                        "request_id": f"p{i}",
-                        "cost": Decimal("0.003"),
-                        "attempt": 1,
-                        "seconds": Decimal("21.5"),
-                        "answers_lost": 0,
-                    }
-                )
-            for shard in range(SHARDS):
-                batch.put_item(Item={"pk": f"JOB#{job}#{shard:02d}", "sk": "COUNT", "succeeded": 0})
-        client("s3").put_object(Bucket=bucket, Key=f"jobs/{job}/rows.jsonl", Body="\n".join(lines).encode())
-        table.put_item(
-            Item={
-                "pk": f"JOB#{job}",
-                "sk": "JOB",
-                "job_id": job,
-                "status": "finishing",
-                "queued": rows,
-                "total": rows,
-                "created_at": Decimal(str(time.time())),
-                "rows_key": f"jobs/{job}/rows.jsonl",
-            }
-        )
-        prepared = time.monotonic() - started
-        event = {
-            "Records": [
-                {
-                    "messageId": "bench",
-                    "receiptHandle": "bench",
-                    "body": json.dumps({"job_id": job}),
-                    "attributes": {
-                        "ApproximateReceiveCount": "1",
-                        "SentTimestamp": "0",
-                        "SenderId": "bench",
-                        "ApproximateFirstReceiveTimestamp": "0",
-                    },
-                    "messageAttributes": {},
-                    "md5OfBody": "",
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:FinisherQueue",
-                    "awsRegion": "us-east-1",
-                }
-            ]
-        }
-        measured = run_probe(_FINISHER_PROBE, stack, moto, "JobFinisherFunction", event)
-        head = client("s3").head_object(Bucket=bucket, Key=f"jobs/{job}/results.jsonl")
-        final = table.get_item(Key={"pk": f"JOB#{job}", "sk": "JOB"})["Item"]["status"]
-    return {
-        "rows": rows,
-        "seconds": measured["seconds"],
-        "prepare_seconds": prepared,
-        "results_mib": head["ContentLength"] / 2**20,
-        "status": final,
-    }
-
-
-def bench_async_cost(rows: int, generation_s: float, batch_size: int) -> dict:
-    """Atlas Cloud with a slow generation: Lambda seconds billed and HTTP calls made per image."""
-    run = bench_run(
-        rows, generation_s * 1000, None, ("--provider", "atlascloud", "--batch-size", str(batch_size))
-    )
-    generator = run["stats"]["functions"]["ImageGeneratorFunction"]
-    api = run["stats"]["emulators"]["atlascloud"]
-    images = max(1, api.get("images", 0))
-    return {
-        "rows": rows,
-        "generation_s": generation_s,
-        "batch_size": batch_size,
-        "seconds": run["seconds"],
-        "succeeded": run["succeeded"],
-        "invocations": generator["invocations"],
-        "billed_s_per_image": generator["billed_seconds"] / images,
-        "submits_per_image": api.get("submits", 0) / images,
-        "polls_per_image": api.get("polls", 0) / images,
-        "downloads_per_image": api.get("downloads", 0) / images,
-        "http_calls_per_image": (api.get("submits", 0) + api.get("polls", 0) + api.get("downloads", 0))
-        / images,
-    }
-
-
-_SPLITTER_PROBE = r"""
-import json, os, resource, sys, tracemalloc
-from pathlib import Path
-from imagepipe_cli.local.lambda_runtime import load_handler
-from imagepipe_cli.local.event_sources import complete_s3_event
-handler = load_handler(Path(sys.argv[1]), "app.lambda_handler")
-import boto3
-boto3.client("s3"); boto3.client("sqs")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-tracemalloc.start()
-event = json.loads(sys.stdin.read())
-class Context:
-    function_name = "CsvSplitterFunction"; memory_limit_in_mb = 512; aws_request_id = "bench"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench"
-    def get_remaining_time_in_millis(self): return 900000
-result = handler(event, Context())
-peak = tracemalloc.get_traced_memory()[1]
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"job": result["jobs"][0], "rss_before_kib": before, "rss_peak_kib": after, "python_peak_bytes": peak}))
-"""
-
-
-def bench_splitter_memory(rows: int) -> dict:
-    """Peak memory of one splitter invocation on a `rows`-row file, against moto server, while a
-    consumer keeps the queue short (moto's SendMessage slows with queue depth; Lambda's pollers
-    drain the queue the same way on AWS)."""
-    with bench_stack() as (tmp, moto, session, stack):
-
-        def client(name: str):
-            return session.client(name, endpoint_url=moto.url)
-
-        source = write_csv(Path(tmp) / "big.csv", rows)
-        file_mib = source.stat().st_size / 2**20
-        key = "inbox/big.csv"
-        client("s3").upload_file(str(source), stack.outputs["InputBucketName"], key)
-        event = json.loads((ROOT / "events" / "s3_put_csv.json").read_text())
-        record = event["Records"][0]["s3"]
-        record["bucket"]["name"] = stack.outputs["InputBucketName"]
-        record["object"]["key"] = key
-
-        stop = threading.Event()
-        consumed = [0]
-
-        def consume() -> None:
-            sqs = client("sqs")
-            url = stack.outputs["TasksQueueUrl"]
-            while not stop.is_set():
-                # no long polls: the local moto serves one request at a time
-                messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
-                    "Messages", []
-                )
-                if not messages:
-                    stop.wait(0.05)
-                if messages:
-                    sqs.delete_message_batch(
-                        QueueUrl=url,
-                        Entries=[
-                            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                            for i, m in enumerate(messages)
-                        ],
-                    )
-                    consumed[0] += len(messages)
-
-        consumers = [threading.Thread(target=consume, daemon=True) for _ in range(4)]
-        for thread in consumers:
-            thread.start()
+        source, out = write_csv(Path(tmp) / "bench.csv", rows), Path(tmp) / "out"
+        command = [sys.executable, "-m", "imagepipe_cli", "run", str(source), "--out", str(out), "--no-progress",
+                   "--provider", provider, *(["--api-url", emulator.base_url] if emulator else []), *args]  # fmt: skip
         started = time.monotonic()
         try:
-            measured = run_probe(_SPLITTER_PROBE, stack, moto, "CsvSplitterFunction", event)
-        finally:
-            seconds = time.monotonic() - started
-            stop.set()
-            for thread in consumers:
-                thread.join()
-    return {
-        "rows": rows,
-        "file_mib": file_mib,
-        "queued": measured["job"]["queued"],
-        "seconds": seconds,
-        "rss_peak_mib": measured["rss_peak_kib"] / 1024,
-        "rss_growth_mib": (measured["rss_peak_kib"] - measured["rss_before_kib"]) / 1024,
-        "python_peak_mib": measured["python_peak_bytes"] / 2**20,
-    }
-
-
-def bench_brief_script(rows: int, latency_ms: float) -> dict:
-    """The brief's batch_generate: a thread pool of 10, a new OAuth token per image, files on local disk
-    (against the emulator of the brief's shape, /v1/images/generations)."""
-    emulator_type = emulator_class("baidu-oauth")
-    with (
-        emulator_type(EmulatorConfig(latency_ms=latency_ms)) as emulator,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        import base64
-
-        def generate(i: int) -> None:
-            with httpx.Client() as http:
-                token = http.post(
-                    f"{emulator.base_url}/oauth/2.0/token",
-                    params={
-                        "grant_type": "client_credentials",
-                        "client_id": emulator.keys["BAIDU_API_KEY"],
-                        "client_secret": emulator.keys["BAIDU_SECRET_KEY"],
-                    },
-                ).json()
-                answer = http.post(
-                    f"{emulator.base_url}/v1/images/generations",
-                    headers={"Authorization": f"Bearer {token['access_token']}"},
-                    json={
-                        "model": "ernie-image-8b",
-                        "prompt": f"product shot {i}",
-                        "n": 1,
-                        "size": "1024x1024",
-                        "response_format": "b64_json",
-                    },
-                ).json()
-                Path(tmp, f"{i}.png").write_bytes(base64.b64decode(answer["data"][0]["b64_json"]))
-
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=10) as pool:
-            list(pool.map(generate, range(rows)))
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
         seconds = time.monotonic() - started
-        stats = emulator.stats()
-    return {
-        "rows": rows,
-        "seconds": seconds,
-        "rows_per_s": rows / seconds,
-        "http_calls_per_image": (stats["token_requests"] + stats["requests"]) / rows,
+        results_file = out / "results.jsonl"
+        if done.returncode not in (0, 1) or not results_file.exists():
+            tail = (done.stderr or done.stdout)[-600:].strip().replace("\n", " | ")
+            return {"error": f"exit {done.returncode}: {tail}"}
+        results = [json.loads(line) for line in results_file.read_text().splitlines()]
+        stats = json.loads((out / "logs" / "run-stats.json").read_text())
+    succeeded = sum(r["status"] == "succeeded" for r in results)
+    return {"seconds": seconds, "succeeded": succeeded, "lost": rows - succeeded, "stats": stats}
+
+
+# The brief's batch_generate: a pool of 10 threads, a new OAuth token per image, no retries (a row whose
+# call fails is logged and lost), files on local disk. Its own process, as imagepipe's is.
+_BRIEF_SCRIPT = r"""
+import base64, sys
+from pathlib import Path
+base_url, api_key, secret_key, rows, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+
+def generate(i):
+    try:
+        with httpx.Client(timeout=60) as http:
+            token = http.post(f"{base_url}/oauth/2.0/token", params={"grant_type": "client_credentials",
+                              "client_id": api_key, "client_secret": secret_key}).json()["access_token"]
+            answer = http.post(f"{base_url}/v1/images/generations", headers={"Authorization": f"Bearer {token}"},
+                               json={"model": "ernie-image-8b", "prompt": f"a product shot number {i}", "n": 1,
+                                     "size": "1024x1024", "response_format": "b64_json"}).json()
+            Path(out, f"{i}.png").write_bytes(base64.b64decode(answer["data"][0]["b64_json"]))
+    except Exception as failed:
+        print(f"row {i} failed: {failed!r}", file=sys.stderr)
+
+with ThreadPoolExecutor(max_workers=10) as pool:
+    list(pool.map(generate, range(rows)))
+"""
+
+
+def brief_script(rows: int, emulator: Any) -> dict:
+    """The brief's script against `emulator` (the brief's API shape); rows lost = rows without an image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = (emulator.keys["BAIDU_API_KEY"], emulator.keys["BAIDU_SECRET_KEY"])
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-c", _BRIEF_SCRIPT, emulator.base_url, *keys, str(rows), tmp],
+            capture_output=True, check=True, timeout=1500,
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+        made = len(list(Path(tmp).glob("*.png")))
+    return {"seconds": seconds, "succeeded": made, "lost": rows - made}
+
+
+def api_figures(emulator: Any, rate: float | None = None) -> dict:
+    """What the emulator saw: images/s over the generation phase (its first to last paid call), the share
+    of generation calls refused by its rate limit, HTTP calls per image, and when the paid rate first held
+    0.95 R for 5 seconds running (seconds from the first generation call)."""
+    stats, timeline = emulator.stats(), emulator.per_second()
+    paid, images = stats.get("paid", 0), stats.get("images", 0)
+    first, last = timeline["first"].get("paid"), timeline["last"].get("paid")
+    phase = (last - first) if first is not None and last is not None and last > first else None
+    calls = stats.get("requests", 0) + stats.get("token_requests", 0) + stats.get("downloads", 0)
+    figures = {
+        "paid": paid,
+        "images": images,
+        "generation_s": phase,
+        "images_per_s": (paid - 1) / phase if phase else None,  # intervals between the first and last
+        "share_429": stats.get("rate_limited", 0) / stats["requests"] if stats.get("requests") else 0.0,
+        "http_calls_per_image": calls / images if images else None,
+        "per_second_paid": timeline["paid"],
+        "per_second_429": timeline["rate_limited"],
     }
+    if rate:
+        window, per_s = 5, timeline["paid"]
+        figures["reached_095_at_s"] = next(
+            (s for s in range(len(per_s) - window + 1) if sum(per_s[s : s + window]) >= 0.95 * rate * window),
+            None,
+        )
+    return figures
+
+
+def template_parameters() -> set[str]:
+    return set(load_template(ROOT / "template.yaml").body.get("Parameters", {}))
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def scenario_rate(args: argparse.Namespace, report: dict) -> list[Row]:
+    rate, rows, latency = args.rate, args.rate_rows, 300.0
+    title = f"limit R = {rate:g} req/s, {latency:.0f} ms, {rows:,} rows"
+    config = EmulatorConfig(rate_limit=rate, latency_ms=latency)
+    runs: dict[str, dict] = {}
+    with emulator_class("baidu-oauth")(config) as api:
+        runs["brief"] = {**brief_script(rows, api), **api_figures(api, rate)}
+    print(f"  brief's script: {summary(runs['brief'])}", flush=True)
+    override = f"{args.limit_parameter}={args.limit_value.format(rate=f'{rate:g}')}"
+    variants = {"configured": ["--parameter-overrides", override], "adaptive": []}
+    for name, extra in variants.items():
+        if name == "configured" and args.limit_parameter not in template_parameters():
+            runs[name] = {"error": f"{NOT_BUILT} (no {args.limit_parameter} in template.yaml)"}
+        else:
+            with emulator_class("qianfan")(config) as api:
+                run = imagepipe_run(rows, "qianfan", extra, api)
+                runs[name] = {**run, **api_figures(api, rate)} if "error" not in run else run
+        runs[name].pop("stats", None)
+        print(f"  imagepipe, limit {name}: {summary(runs[name])}", flush=True)
+    report["rate"] = runs
+    brief = runs["brief"]
+    out: list[Row] = []
+    for name, label in (
+        ("configured", f"limit configured ({override})"),
+        ("adaptive", "limit unknown: adaptive only"),
+    ):
+        run, scenario = runs[name], f"{title}; imagepipe {label}"
+        if "error" in run:
+            out.append(Row(scenario, "images/s ÷ R, 429 share, rows lost", "", run["error"], "", None))
+            continue
+        fraction = run["images_per_s"] / rate if run["images_per_s"] else 0.0
+        out += [
+            Row(scenario, "images/s ÷ R (first to last paid call)", "≥ 0.95", f"{fraction:.2f}",
+                fmt_fraction(brief, rate), fraction >= 0.95),
+            Row(scenario, "calls answered 429", "< 3 %", f"{run['share_429']:.0%}",
+                f"{brief['share_429']:.0%}", run["share_429"] < 0.03),
+            Row(scenario, "rows lost", "0", f"{run['lost']}", f"{brief['lost']}", run["lost"] == 0),
+        ]  # fmt: skip
+        if name == "adaptive":
+            at = run.get("reached_095_at_s")
+            out.append(
+                Row(scenario, "time to 0.95 R held for 5 s (from the first call)", "≤ 30 s",
+                    "never" if at is None else f"{at} s", "n/a", at is not None and at <= 30)
+            )  # fmt: skip
+    return out
+
+
+def fmt_fraction(run: dict, rate: float) -> str:
+    return f"{run['images_per_s'] / rate:.2f}" if run.get("images_per_s") else "0"
+
+
+def summary(run: dict) -> str:
+    if "error" in run:
+        return run["error"]
+    keys = ("seconds", "succeeded", "lost", "paid", "generation_s", "images_per_s", "share_429",
+            "http_calls_per_image", "reached_095_at_s")  # fmt: skip
+    return ", ".join(
+        f"{k} {run[k]:.3g}" if isinstance(run[k], float) else f"{k} {run[k]}" for k in keys if k in run
+    )
+
+
+def scenario_nolimit(args: argparse.Namespace, report: dict) -> list[Row]:
+    rows, latency = args.nolimit_rows, 200.0
+    title = f"no limit, 10 in flight, {latency:.0f} ms, {rows:,} rows (Baidu OAuth API, the brief's)"
+    # 10 calls in flight: 10 generator invocations of one task each.
+    flags = ["--concurrency", "10", "--batch-size", "1"]
+    mine, brief = [], []
+    for _ in range(args.repeat):
+        with emulator_class("baidu-oauth")(EmulatorConfig(latency_ms=latency)) as api:
+            run = imagepipe_run(rows, "baidu-oauth", flags, api)
+            if "error" in run:
+                report["nolimit"] = run
+                return [Row(title, "wall-time ratio imagepipe / brief", "≤ 1.15", run["error"], "", None)]
+            run.pop("stats")
+            mine.append({**run, **api_figures(api)})
+        with emulator_class("baidu-oauth")(EmulatorConfig(latency_ms=latency)) as api:
+            brief.append({**brief_script(rows, api), **api_figures(api)})
+        print(f"  imagepipe: {summary(mine[-1])}\n  brief's script: {summary(brief[-1])}", flush=True)
+    report["nolimit"] = {"imagepipe": mine, "brief": brief}
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] or 0.0 for r in runs)
+
+    phase_mine, phase_brief = median(mine, "generation_s"), median(brief, "generation_s")
+    wall_mine, wall_brief = median(mine, "seconds"), median(brief, "seconds")
+    calls_mine, calls_brief = median(mine, "http_calls_per_image"), median(brief, "http_calls_per_image")
+    ratio = phase_mine / phase_brief if phase_brief else float("inf")
+    runs = f"median of {args.repeat}" if args.repeat > 1 else "one run"
+    return [
+        Row(title, f"wall-time ratio imagepipe / brief, first to last paid call ({runs})", "≤ 1.15",
+            f"{ratio:.2f} ({phase_mine:.1f} s)", f"1 ({phase_brief:.1f} s)", ratio <= 1.15),
+        Row(title, "whole command, start-up and finish included", "-", f"{wall_mine:.1f} s "
+            f"({wall_mine / wall_brief:.2f}×)", f"{wall_brief:.1f} s", None),
+        Row(title, "HTTP calls per image (tokens included)", "1.0", f"{calls_mine:.2f}", f"{calls_brief:.2f}",
+            round(calls_mine, 1) <= 1.0),
+    ]  # fmt: skip
+
+
+def scenario_async(args: argparse.Namespace, report: dict) -> list[Row]:
+    rows, generation_s = args.async_rows, 20.0
+    title = f"Atlas Cloud, {generation_s:g} s generations, {rows:,} rows (template's batch and concurrency)"
+    with emulator_class("atlascloud")(EmulatorConfig(latency_ms=generation_s * 1000)) as api:
+        run = imagepipe_run(rows, "atlascloud", [], api)
+        if "error" not in run:
+            generator = run.pop("stats")["functions"]["ImageGeneratorFunction"]
+            stats = api.stats()
+            images = max(1, stats.get("images", 0))
+            run.update(
+                billed_s_per_image=generator["billed_seconds"] / images,
+                invocations=generator["invocations"],
+                http_calls_per_image=sum(stats.get(k, 0) for k in ("submits", "polls", "downloads")) / images,
+                calls={k: stats.get(k, 0) / images for k in ("submits", "polls", "downloads")},
+            )
+    report["async"] = run
+    print(f"  imagepipe: {summary(run)}", flush=True)
+    if "error" in run:
+        return [Row(title, "Lambda seconds billed per image", "≤ 0.15", run["error"], "n/a", None)]
+    calls = " + ".join(f"{v:.2f} {k}" for k, v in run["calls"].items())
+    return [
+        Row(title, "Lambda seconds billed per image", "≤ 0.15", f"{run['billed_s_per_image']:.2f}", "n/a",
+            run["billed_s_per_image"] <= 0.15),
+        Row(title, "HTTP calls per image", "≤ 3.2", f"{run['http_calls_per_image']:.2f} ({calls})", "n/a",
+            run["http_calls_per_image"] <= 3.2),
+    ]  # fmt: skip
+
+
+def scenario_splitter(args: argparse.Namespace, report: dict) -> list[Row]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from splitter_bench import bench_splitter  # built beside this file; read as it lands
+    except ImportError as missing:
+        report["splitter"] = {"error": f"{NOT_BUILT}: {missing}"}
+        return [Row("splitter", "peak RSS, rows/s, SQS calls per row, continuations", "", NOT_BUILT)]
+    out, report["splitter"] = [], {}
+    for rows in args.splitter_rows:
+        title = f"splitter, {rows:,} rows"
+        try:
+            found = bench_splitter(rows)
+        except Exception as failed:  # one broken scenario must not lose the rest of the table
+            report["splitter"][rows] = {"error": repr(failed)}
+            out.append(Row(title, "peak RSS, rows/s, SQS calls per row", "", f"failed: {failed!r}"[:200]))
+            continue
+        report["splitter"][rows] = found
+        print(f"  {title}: {found}", flush=True)
+        rss, speed = pick(found, "rss"), pick(found, "rows_per_s", "rows/s", "per_s")
+        sqs, more = pick(found, "sqs"), pick(found, "continuation")
+        out += [
+            Row(title, "peak RSS", "< 200 MB", fmt(rss, " MB"), "n/a", rss is not None and rss < 200),
+            Row(title, "rows/s", "-", fmt(speed, "", 0), "n/a", None),
+            Row(title, "SQS calls per row", "≤ 0.1", fmt(sqs, "", 3), "n/a", sqs is not None and sqs <= 0.1),
+            Row(title, "continuations", "as many as it needs", fmt(more, "", 0), "n/a", None),
+        ]
+    return out
+
+
+def pick(found: dict, *names: str) -> float | None:
+    """The first figure whose key contains one of `names` (splitter_bench's keys are its own)."""
+    for name in names:
+        for key, value in found.items():
+            if name in key.lower() and isinstance(value, int | float):
+                return float(value)
+    return None
+
+
+def fmt(value: float | None, unit: str, digits: int = 1) -> str:
+    return "?" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+_IMPORT_PROBE = "import time; t = time.perf_counter(); import app; print(time.perf_counter() - t)"
+
+
+def scenario_coldstart(args: argparse.Namespace, report: dict) -> list[Row]:
+    """The generator's import in a fresh process, as Lambda's init does it: its layer and boto3 only,
+    tracing on (Lambda's environment: LAMBDA_TASK_ROOT set), no bytecode written (/opt is read-only)."""
+    build = ROOT / ".aws-sam" / "build"
+    py312 = next(iter(sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12"))), None)
+    py312 = py312 or shutil.which("python3.12")
+    built = (build / "ImageGeneratorFunction" / "app.py").exists() and (
+        ROOT / ".aws-sam/lambda-runtime"
+    ).is_dir()
+    if built and py312:
+        cwd, python = build / "ImageGeneratorFunction", py312
+        path, where = "../SharedLayer/python:../../lambda-runtime", "python3.12, `make build`'s output"
+    else:
+        cwd, python = ROOT / "functions" / "image_generator", str(ROOT / ".venv" / "bin" / "python")
+        path, where = str(ROOT / "layers" / "imagepipe"), "source tree, the venv's python (no `make build`)"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1",
+           "AWS_DEFAULT_REGION": "us-east-1", "LAMBDA_TASK_ROOT": str(cwd), "POWERTOOLS_SERVICE_NAME": "imagepipe"}  # fmt: skip
+    seconds = []
+    for _ in range(args.coldstart_runs):
+        probe = subprocess.run(
+            [python, "-c", _IMPORT_PROBE], cwd=cwd, env=env, capture_output=True, text=True
+        )
+        if probe.returncode != 0:
+            report["coldstart"] = {"error": probe.stderr[-2000:]}
+            return [Row("generator cold start", "import app", "", f"failed: {probe.stderr.strip()[-160:]}")]
+        seconds.append(float(probe.stdout.strip().splitlines()[-1]))
+    layer = build / "SharedLayer"
+    layer_mb = du(layer) / 1e6 if built and layer.is_dir() else None
+    report["coldstart"] = {"where": where, "import_s": seconds, "layer_mb": layer_mb}
+    median_ms = statistics.median(seconds) * 1000
+    print(f"  import: {[round(s * 1000) for s in seconds]} ms; layer {layer_mb} MB ({where})", flush=True)
+    title = f"generator cold start ({where}, tracing on)"
+    return [
+        Row(title, f"import of functions/image_generator/app.py, median of {len(seconds)}", "-", f"{median_ms:.0f} ms"),
+        Row(title, "layer unzipped (du of .aws-sam/build/SharedLayer)", "< 250 MB (Lambda's limit)",
+            "needs `make build`" if layer_mb is None else f"{layer_mb:.1f} MB", "n/a",
+            None if layer_mb is None else layer_mb < 250),
+    ]  # fmt: skip
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+# --------------------------------------------------------------------------- table
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+        models = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    cpu = models[0] if models else cpu
+    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip
+
+
+def table(rows: list[Row], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| scenario | measure | target | imagepipe | brief's script | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    previous = None
+    for row in rows:
+        scenario = row.scenario if row.scenario != previous else "″"
+        previous = row.scenario
+        cells = (scenario, row.measure, row.target, row.imagepipe, row.brief, verdict(row.met))
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated: " + ",".join(SCENARIOS))
     parser.add_argument(
-        "--rows", default="1000,10000", help="row counts for `imagepipe run` (comma-separated)"
+        "--quick", action="store_true", help="a tenth of the rows: checks the harness, not the figures"
     )
-    parser.add_argument("--splitter-rows", type=int, default=100_000)
-    parser.add_argument("--latency-ms", type=float, default=50.0)
-    parser.add_argument("--concurrency", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per size; the median is reported")
-    parser.add_argument("--async-rows", type=int, default=100, help="rows for the Atlas Cloud cost run")
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--rate-rows", type=int, default=900)
     parser.add_argument(
-        "--generation-s", type=float, default=20.0, help="Atlas Cloud emulated generation time"
+        "--limit-parameter", default="ProviderRateLimits", help="the template's rate-limit parameter"
     )
-    parser.add_argument("--counter-rows", type=int, default=1000, help="rows for the DynamoDB write count")
-    parser.add_argument("--finisher-rows", type=int, default=100_000, help="rows for the finisher run")
-    parser.add_argument(
-        "--skip", default="", help="comma-separated: run,async,counters,finisher,splitter,brief"
-    )
-    args = parser.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
+    parser.add_argument("--limit-value", default="qianfan={rate}", help="its value ({rate} is --rate)")
+    parser.add_argument("--nolimit-rows", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the no-limit scenario (median)")
+    parser.add_argument("--async-rows", type=int, default=200)
+    parser.add_argument("--splitter-rows", default="100000,1000000")
+    parser.add_argument("--coldstart-runs", type=int, default=5)
+    args = parser.parse_args()  # fmt: skip
+    args.splitter_rows = [int(n) for n in args.splitter_rows.split(",") if n]
+    if args.quick:
+        args.rate_rows, args.nolimit_rows, args.async_rows, args.repeat = 200, 200, 40, 1
+        args.splitter_rows = [10_000]
+    chosen = [s for s in args.only.split(",") if s]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}: use {', '.join(SCENARIOS)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    report: dict = {
-        "latency_ms": args.latency_ms,
-        "cpus": os.cpu_count(),
-        "runs": [],
-        "brief": [],
-        "splitter": None,
-        "async": None,
-        "counters": None,
-        "finisher": None,
-    }
-
-    for rows in [int(r) for r in args.rows.split(",") if r and "run" not in skip]:
-        # The brief's API shape (a token, then one synchronous call per image) on both sides: like for like.
-        same_api = ("--provider", "baidu-oauth")
-        runs = [bench_run(rows, args.latency_ms, args.concurrency, same_api) for _ in range(args.repeat)]
-        for r in runs:
-            r.pop("stats")
-        median = statistics.median(r["seconds"] for r in runs)
-        report["runs"].append(
-            {
-                "rows": rows,
-                "median_seconds": median,
-                "rows_per_s": rows / median,
-                "succeeded": runs[0]["succeeded"],
-                "all": [r["seconds"] for r in runs],
-            }
-        )
-        print(f"imagepipe run, {rows} rows: {median:.1f} s ({rows / median:.0f} rows/s)", flush=True)
-        if "brief" not in skip:
-            brief = [bench_brief_script(rows, args.latency_ms) for _ in range(args.repeat)]
-            b_median = statistics.median(b["seconds"] for b in brief)
-            report["brief"].append(
-                {
-                    "rows": rows,
-                    "median_seconds": b_median,
-                    "http_calls_per_image": brief[0]["http_calls_per_image"],
-                }
-            )
-            print(
-                f"brief's script, {rows} rows: {b_median:.1f} s, "
-                f"{brief[0]['http_calls_per_image']:.0f} HTTP calls per image",
-                flush=True,
-            )
-    if "async" not in skip:
-        report["async"] = a = bench_async_cost(args.async_rows, args.generation_s, 10)
-        print(
-            f"atlascloud, {a['rows']} rows, {a['generation_s']:g} s generation, batches of {a['batch_size']}: "
-            f"{a['billed_s_per_image']:.2f} Lambda s billed per image; HTTP calls per image "
-            f"{a['http_calls_per_image']:.2f} ({a['submits_per_image']:.2f} submits + {a['polls_per_image']:.2f} polls "
-            f"+ {a['downloads_per_image']:.2f} downloads); {a['invocations']} invocations, {a['seconds']:.0f} s",
-            flush=True,
-        )
-    if "counters" not in skip:
-        report["counters"] = c = bench_counters(args.counter_rows)
-        hot = c["at_1000_images_s"]
-        print(
-            f"DynamoDB writes, {c['images']} images: {c['writes_per_image']:.2f} writes per image over "
-            f"{c['partition_keys']} partition keys; hottest key {c['hottest_key_writes']} writes, hottest item "
-            f"{c['hottest_item_writes']} ({c['hottest_item']}), job record {c['job_record_writes']}; at 1,000 images/s: "
-            f"hottest key {hot['hottest_key_writes_s']} writes/s, a counter item {hot['counter_item_writes_s']} writes/s",
-            flush=True,
-        )
-    if "finisher" not in skip:
-        report["finisher"] = f = bench_finisher(args.finisher_rows)
-        print(
-            f"finisher, {f['rows']} rows: results written in {f['seconds']:.1f} s "
-            f"(results.jsonl {f['results_mib']:.1f} MiB, status {f['status']})",
-            flush=True,
-        )
-    if "splitter" not in skip:
-        report["splitter"] = bench_splitter_memory(args.splitter_rows)
-        s = report["splitter"]
-        print(
-            f"splitter, {s['rows']} rows ({s['file_mib']:.1f} MiB): peak RSS {s['rss_peak_mib']:.0f} MiB "
-            f"(+{s['rss_growth_mib']:.0f} MiB during the invocation; Python heap peak {s['python_peak_mib']:.1f} MiB), "
-            f"{s['seconds']:.0f} s",
-            flush=True,
-        )
-    (OUT / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"written: {OUT / 'results.json'}")
+    report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    rows: list[Row] = []
+    started = time.monotonic()
+    for name in SCENARIOS:
+        if name not in chosen:
+            continue
+        print(f"{name} ...", flush=True)
+        began = time.monotonic()
+        rows += globals()[f"scenario_{name}"](args, report)
+        print(f"{name}: {time.monotonic() - began:.0f} s", flush=True)
+    header = (f"`make bench` on {report['machine']}; {time.monotonic() - started:.0f} s in all"
+              f"{' (--quick: a tenth of the rows, not the figures)' if args.quick else ''}.")  # fmt: skip
+    text = table(rows, header)
+    (OUT / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (OUT / "table.md").write_text(text + "\n")
+    print("\n" + text + "\n\nwritten: bench/out/table.md, bench/out/results.json", flush=True)
 
 
 if __name__ == "__main__":

@@ -535,6 +535,26 @@ def test_the_rate_limit_refuses_a_burst_unpaid_and_lets_requests_through_again(e
 
 
 @pytest.mark.parametrize("name", APIS)
+def test_paid_calls_and_rate_limit_refusals_are_counted_second_by_second(emulator_factory, http, name):
+    # Given a limit of two paid requests per second (what `make bench` reads its rates from)
+    emulator = emulator_factory(name, rate_limit=2)
+    headers = auth(emulator, http)
+
+    # When five requests are sent back to back
+    outcomes = [outcome(generate(emulator, http, headers)) for _ in range(5)]
+
+    # Then every answer is in the timeline under what it was: two paid, three refused, the first paid first
+    timeline = emulator.per_second()
+    assert sum(timeline["paid"]) == outcomes.count("ok") == 2
+    assert sum(timeline["rate_limited"]) == outcomes.count("rate limited") == 3
+    assert emulator.stats()["rate_limited"] == 3
+    assert timeline["first"]["paid"] == 0.0
+    assert timeline["last"]["rate_limited"] >= timeline["first"]["rate_limited"] >= 0.0
+    emulator.reset()
+    assert emulator.per_second() == {"paid": [], "rate_limited": [], "first": {}, "last": {}}
+
+
+@pytest.mark.parametrize("name", APIS)
 def test_flaky_fails_exactly_n_times_under_concurrency(emulator_factory, http, name):
     # Given prompts with "storm" fail exactly 5 times
     emulator = emulator_factory(name, "flaky=storm:5")

@@ -295,6 +295,10 @@ class BaseEmulator:
         self.counters: Counter[str] = Counter()
         self.responses: Counter[str] = Counter()
         self.flaky_used: Counter[Fault] = Counter()
+        # Paid requests and rate-limit refusals per second since start, for `make bench` (bounded by run time).
+        self._per_second: dict[str, Counter[int]] = {"paid": Counter(), "rate_limited": Counter()}
+        self._first_last: dict[str, tuple[float, float]] = {}
+        self._born = time.monotonic()
         self._files: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
         rate = self.config.rate_limit
         self._bucket_size = max(1.0, rate) if rate else 0.0
@@ -352,6 +356,8 @@ class BaseEmulator:
             if self._bucket >= 1.0:
                 self._bucket -= 1.0
                 return True
+            self.counters["rate_limited"] += 1
+            self._mark("rate_limited", now)
             return False
 
     def store_file(
@@ -390,8 +396,30 @@ class BaseEmulator:
         with self.lock:
             self.counters["paid"] += 1
             self.counters["paid:" + prompt] += 1
+            self._mark("paid", time.monotonic())
             if images:
                 self.counters["images"] += images
+
+    def _mark(self, kind: str, now: float) -> None:  # under self.lock
+        self._per_second[kind][int(now - self._born)] += 1
+        first, _ = self._first_last.get(kind, (now, now))
+        self._first_last[kind] = (first, now)
+
+    def per_second(self) -> dict[str, Any]:
+        """Paid requests and rate-limit refusals second by second (second 0 holds the first of either),
+        with the first and last of each in seconds from that first one."""
+        with self.lock:
+            marks = dict(self._first_last)
+            if not marks:
+                return {"paid": [], "rate_limited": [], "first": {}, "last": {}}
+            start = min(first for first, _ in marks.values())
+            origin = int(start - self._born)
+            end = max(int(last - self._born) for _, last in marks.values())
+            return {
+                **{k: [c[s] for s in range(origin, end + 1)] for k, c in self._per_second.items()},
+                "first": {k: first - start for k, (first, _) in marks.items()},
+                "last": {k: last - start for k, (_, last) in marks.items()},
+            }
 
     def paid_for(self, prompt: str) -> int:
         with self.lock:
@@ -424,6 +452,8 @@ class BaseEmulator:
         with self.lock:
             self.counters.clear()
             self.responses.clear()
+            self._per_second = {"paid": Counter(), "rate_limited": Counter()}
+            self._first_last.clear()
 
     # ---- lifecycle
 
