@@ -21,6 +21,7 @@ from imagepipe.generator import GeneratorOptions, TaskProcessor
 from imagepipe.jobstate import JobState
 from imagepipe.observability import logger, metrics, tracer
 from imagepipe.providers import ProviderConfig, provider_class
+from imagepipe.ratelimit import RateLimiter
 from imagepipe.settings import GeneratorSettings
 
 # A batch in which every task failed is still an ordinary partial response (every message
@@ -69,6 +70,11 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
         s3=aws.client("s3"),
         sqs=aws.client("sqs"),
         states=_per_thread(settings.jobs_table),
+        limiter=(
+            RateLimiter(aws.client("dynamodb"), settings.jobs_table, settings.rate_limits())
+            if settings.shared_rate_limiter
+            else None
+        ),
         options=GeneratorOptions(
             bucket=settings.output_bucket,
             queue_url=settings.tasks_queue_url,

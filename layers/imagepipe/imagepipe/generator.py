@@ -31,6 +31,7 @@ from imagepipe.layout import JobLayout
 from imagepipe.observability import logger
 from imagepipe.providers import Action, Generation, Pending, Provider, ProviderError
 from imagepipe.providers.base import deadline
+from imagepipe.ratelimit import NoToken, RateLimiter, Token
 
 SQS_MAX_DELAY_S = 900
 
@@ -91,6 +92,8 @@ class TaskProcessor:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     rand: Callable[[float, float], float] = random.uniform
+    # The shared rate limiter (SharedRateLimiter): each paid submit waits for its token. None: unpaced.
+    limiter: RateLimiter | None = None
 
     @property
     def state(self) -> JobState:
@@ -316,6 +319,8 @@ class _Run:
             submitted_at, resumed = task.submitted_at or self.started, True
         else:
             stop = self.batch.job_stop(task.job_id) or self.batch.provider_stop(task.job_id, task.provider)
+            # The rate-limit token first, while this delivery holds nothing a crash could leave claimed.
+            token = None if stop else self.rate_token()
             # The common case - a task nobody has touched - costs one conditional write, no read (and one
             # more for the budget reservation of a job with a cap).
             state = self.take_claim(0.0 if stop else self.expected_cost())
@@ -332,7 +337,7 @@ class _Run:
                 self.record(CANCELLED if stop["type"] in ("cancelled", "budget") else FAILED, error=stop)
                 return
             else:
-                outcome = self.provider.run(lambda: self.provider.start(task))
+                outcome = self.paced_start(token)
                 submitted_at, resumed = self.p.clock(), False
                 if isinstance(outcome, Pending):
                     assert self.claim is not None
@@ -359,6 +364,25 @@ class _Run:
             self.hand_back(outcome, submitted_at)
             return
         self.succeeded(outcome)
+
+    def rate_token(self) -> Token | None:
+        """Wait for the provider's rate-limit token (None: the shared limiter is off). None in time for the
+        invocation's deadline: the task comes back as a new delayed message - a wait, not an attempt."""
+        if self.p.limiter is None:
+            return None
+        try:
+            return self.p.limiter.acquire(self.task.provider, self.model)
+        except NoToken as exc:
+            raise RetryLater(str(exc), exc.after_s) from exc
+
+    def paced_start(self, token: Token | None) -> Generation | Pending:
+        """The paid submit; a refusal for the provider's rate lowers the shared rate."""
+        try:
+            return self.provider.run(lambda: self.provider.start(self.task))
+        except ProviderError as exc:
+            if token is not None and self.p.limiter is not None and exc.kind == "rate_limited":
+                self.p.limiter.refused(token)
+            raise
 
     def expected_cost(self) -> float:
         """What the call is expected to cost, reserved on the job's budget while it is in flight (only for

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from aws_lambda_powertools.utilities import parameters
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagepipe import aws
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
 from imagepipe.providers import Action, Keys, ProviderError
+from imagepipe.ratelimit import parse_rate_limits
 
 SECRET_MAX_AGE_S = 300
 
@@ -69,8 +70,21 @@ class GeneratorSettings(_Common):
     retry_max_delay_seconds: float = Field(900.0, ge=0, le=900)
     # Only the guard against crashes and poison messages (the queue's maxReceiveCount).
     task_max_receive_count: int = Field(5, ge=1)
+    # Rate governance (SharedRateLimiter, ProviderRateLimits): paid submits paced on a shared schedule.
+    shared_rate_limiter: bool = False
+    provider_rate_limits: str = ""
     # Lab only (not set by the template): a shorter claim lifetime for runs that crash on purpose.
     claim_stale_override_seconds: float | None = Field(None, gt=0, alias="claim_stale_seconds")
+
+    @field_validator("provider_rate_limits")
+    @classmethod
+    def _check_rate_limits(cls, value: str) -> str:
+        parse_rate_limits(value)  # a bad entry is refused here, saying which and why
+        return value
+
+    def rate_limits(self) -> dict[str, float]:
+        """PROVIDER_RATE_LIMITS as {"provider" or "provider/model": requests per second}."""
+        return parse_rate_limits(self.provider_rate_limits)
 
     @property
     def claim_stale_seconds(self) -> float:
