@@ -550,8 +550,9 @@ def test_paid_calls_and_rate_limit_refusals_are_counted_second_by_second(emulato
     assert emulator.stats()["rate_limited"] == 3
     assert timeline["first"]["paid"] == 0.0
     assert timeline["last"]["rate_limited"] >= timeline["first"]["rate_limited"] >= 0.0
+    assert 0.0 <= timeline["offset"] < 1.0
     emulator.reset()
-    assert emulator.per_second() == {"paid": [], "rate_limited": [], "first": {}, "last": {}}
+    assert emulator.per_second() == {"paid": [], "rate_limited": [], "first": {}, "last": {}, "offset": 0.0}
 
 
 @pytest.mark.parametrize("name", APIS)

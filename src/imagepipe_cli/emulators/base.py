@@ -407,11 +407,11 @@ class BaseEmulator:
 
     def per_second(self) -> dict[str, Any]:
         """Paid requests and rate-limit refusals second by second (second 0 holds the first of either),
-        with the first and last of each in seconds from that first one."""
+        with the first and last of each in seconds from that first one; second i starts at i - offset."""
         with self.lock:
             marks = dict(self._first_last)
             if not marks:
-                return {"paid": [], "rate_limited": [], "first": {}, "last": {}}
+                return {"paid": [], "rate_limited": [], "first": {}, "last": {}, "offset": 0.0}
             start = min(first for first, _ in marks.values())
             origin = int(start - self._born)
             end = max(int(last - self._born) for _, last in marks.values())
@@ -419,6 +419,7 @@ class BaseEmulator:
                 **{k: [c[s] for s in range(origin, end + 1)] for k, c in self._per_second.items()},
                 "first": {k: first - start for k, (first, _) in marks.items()},
                 "last": {k: last - start for k, (_, last) in marks.items()},
+                "offset": start - self._born - origin,
             }
 
     def paid_for(self, prompt: str) -> int:
