@@ -459,7 +459,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     rows: list[Row] = []
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), os.getloadavg()[0]
     for name in SCENARIOS:
         if name not in chosen:
             continue
@@ -467,7 +467,9 @@ def main() -> None:
         began = time.monotonic()
         rows += globals()[f"scenario_{name}"](args, report)
         print(f"{name}: {time.monotonic() - began:.0f} s", flush=True)
-    header = (f"`make bench` on {report['machine']}; {time.monotonic() - started:.0f} s in all"
+    # The machine is shared: its load says whether the figures are worth reading (2 cores at load 10 are not).
+    load = f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    header = (f"`make bench` on {report['machine']}; {time.monotonic() - started:.0f} s in all, {load}"
               f"{' (--quick: a tenth of the rows, not the figures)' if args.quick else ''}.")  # fmt: skip
     text = table(rows, header)
     (OUT / "results.json").write_text(json.dumps(report, indent=1, default=str))
