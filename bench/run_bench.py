@@ -327,7 +327,7 @@ def scenario_splitter(args: argparse.Namespace, report: dict) -> list[Row]:
             continue
         report["splitter"][rows] = found
         print(f"  {title}: {found}", flush=True)
-        rss, speed = pick(found, "rss"), pick(found, "rows_per_s", "rows/s", "per_s")
+        rss, speed = pick(found, "peak_rss", "rss"), pick(found, "rows_per_s", "rows/s", "per_s")
         sqs, more = pick(found, "sqs"), pick(found, "continuation")
         out += [
             Row(title, "peak RSS", "< 200 MB", fmt(rss, " MB"), "n/a", rss is not None and rss < 200),
