@@ -69,11 +69,17 @@ def test_only_csv_and_jsonl_uploads_trigger_the_splitter(template):
     assert suffixes == {".csv", ".jsonl"}
 
 
-def test_both_functions_share_one_layer_built_by_sam(template):
+def test_every_function_shares_one_layer_built_for_its_runtime(template):
     layer = template.resources["SharedLayer"]
-    assert layer["Metadata"]["BuildMethod"] == template.body["Globals"]["Function"]["Runtime"]
-    assert template.body["Globals"]["Function"]["Runtime"] in {"python3.12", "python3.13"}
+    runtime = template.body["Globals"]["Function"]["Runtime"]
+    assert runtime in {"python3.12", "python3.13"}
     assert template.body["Globals"]["Function"]["Layers"] == [{"Ref": "SharedLayer"}]
+    # sam build runs the layer's Makefile (SAM's python build without the runtime's botocore): for that runtime
+    assert layer["Metadata"]["BuildMethod"] == "makefile"
+    makefile = (TEMPLATE.parent / layer["Properties"]["ContentUri"] / "Makefile").read_text()
+    assert "build-SharedLayer:" in makefile
+    assert f"PYTHON ?= {runtime}\n" in makefile
+    assert f"--python-version {runtime.removeprefix('python')} " in makefile
 
 
 def test_every_bucket_and_queue_is_findable_by_its_output(template):
