@@ -465,7 +465,11 @@ def main() -> None:
             continue
         print(f"{name} ...", flush=True)
         began = time.monotonic()
-        rows += globals()[f"scenario_{name}"](args, report)
+        try:
+            rows += globals()[f"scenario_{name}"](args, report)
+        except Exception as failed:  # one broken scenario must not lose the rest of the table
+            report[name] = {"error": repr(failed)}
+            rows.append(Row(name, "the scenario", "", f"failed: {failed!r}"[:300], "", None))
         print(f"{name}: {time.monotonic() - began:.0f} s", flush=True)
     # The machine is shared: its load says whether the figures are worth reading (2 cores at load 10 are not).
     load = f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
