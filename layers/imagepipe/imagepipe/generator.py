@@ -376,13 +376,17 @@ class _Run:
             raise RetryLater(str(exc), exc.after_s) from exc
 
     def paced_start(self, token: Token | None) -> Generation | Pending:
-        """The paid submit; a refusal for the provider's rate lowers the shared rate."""
+        """The paid submit; the limiter hears whether the provider took it or refused it for its rate."""
+        limiter = self.p.limiter
         try:
-            return self.provider.run(lambda: self.provider.start(self.task))
+            outcome = self.provider.run(lambda: self.provider.start(self.task))
         except ProviderError as exc:
-            if token is not None and self.p.limiter is not None and exc.kind == "rate_limited":
-                self.p.limiter.refused(token)
+            if limiter is not None:
+                limiter.heard(token, refused=exc.kind == "rate_limited")
             raise
+        if limiter is not None:
+            limiter.heard(token, refused=False)
+        return outcome
 
     def expected_cost(self) -> float:
         """What the call is expected to cost, reserved on the job's budget while it is in flight (only for

@@ -26,6 +26,9 @@ limit, not N x it. A refusal lowers the rate once per "epoch": only a call admit
 may cut again (TCP's once-per-round-trip rule), and the rate it records is the lower of the refused
 call's rate and the rate the instance saw the schedule run at over the last second, less PLATEAU_CUT.
 
+Per instance, Google SRE's client-side throttling guards the rest: when the provider has refused most
+recent calls for their rate, calls are refused here before they are sent (see SRE_K).
+
 If JobsTable cannot be reached the call goes ahead unpaced (logged): the limiter protects the
 provider's limit, it must not stop the pipeline."""
 
@@ -60,6 +63,10 @@ MAX_WAIT_S = 60.0  # the longest a task waits for a token inside one invocation
 CALL_ROOM_S = 15.0  # a token must come this long before the invocation's deadline (for the call itself)
 TTL_S = 30 * 24 * 3600
 MEASURE_S = 1.0  # the schedule's recent rate is measured over this long
+# Google SRE client-side throttling (SRE book, "Handling Overload"): over the last SRE_WINDOW_S, a call is
+# refused here with probability (requests - SRE_K x accepts) / (requests + 1) - a guard for when the
+# provider refuses most calls anyway (a quota spent, a limit far below the schedule's rate).
+SRE_K, SRE_WINDOW_S = 2.0, 120.0
 
 _ENTRY = re.compile(r"^(?P<key>[a-z-]+(?:/[^,=\s]+)?)=(?P<rate>[0-9]+(?:\.[0-9]+)?)(?P<unit>/s|/min)?$")
 
@@ -146,6 +153,7 @@ class RateLimiter:
         self._gates: dict[str, threading.Lock] = {}
         self._known: dict[str, Learnt] = {}
         self._samples: dict[str, deque[tuple[float, int]]] = {}
+        self._answers: dict[str, deque[tuple[float, bool]]] = {}  # (when, accepted) per key, for SRE_K
 
     def bucket(self, provider: str, model: str) -> tuple[str, float | None]:
         """Which schedule a call takes its token from, and its configured rate (None: learnt). A limit for
@@ -160,11 +168,16 @@ class RateLimiter:
         """A token for one call, after sleeping until its slot. None: JobsTable could not be reached (the
         call goes ahead unpaced)."""
         key, configured = self.bucket(provider, model)
+        refuse = self.refusal_odds(key)
+        if refuse and random.random() < refuse:
+            self.answered(key, accepted=False)
+            raise NoToken(f"{key} refused most recent calls: this one is held back", random.uniform(5, 30))
         if max_wait_s is None:
             left = time_left()
             max_wait_s = MAX_WAIT_S if left is None else min(MAX_WAIT_S, left - CALL_ROOM_S)
         give_up = self.clock() + max_wait_s
         with self._gate(key):  # one caller per instance contends for the item; the others queue here
+            losses = 0
             while True:
                 now = self.clock()
                 known = self._known.get(key)
@@ -177,7 +190,11 @@ class RateLimiter:
                             f"no {key} rate-limit token before the invocation's deadline",
                             max(1.0, ahead.tat - now),
                         ) from None
-                    self.sleep(max(0.0, ahead.tat - HORIZON_S - now) + random.uniform(0, 0.5 / rate))
+                    # Other instances want the same slot: each loss spreads the next try over more slots
+                    # (as Ethernet backs off), so about one caller tries per slot instead of all of them.
+                    spread = min(HORIZON_S, 2**losses / rate)
+                    self.sleep(max(0.0, ahead.tat - HORIZON_S - now) + random.uniform(0, spread))
+                    losses += 1
                     continue
                 except (ClientError, BotoCoreError) as exc:
                     logger.warning(f"rate limiter unavailable, calling {key} unpaced: {exc}")
@@ -189,9 +206,20 @@ class RateLimiter:
             self.sleep(wait)
         return Token(key, rate, now, slot)
 
+    def heard(self, token: Token | None, *, refused: bool) -> None:
+        """The provider's answer to a call made on `token` (None: made unpaced): refused for its rate, or
+        taken (whatever else the answer said)."""
+        if token is None:
+            return
+        if refused:
+            self.refused(token)
+        else:
+            self.answered(token.key, accepted=True)
+
     def refused(self, token: Token) -> None:
         """The provider refused a call for its rate: lower the shared rate, once per epoch."""
         key, configured = token.key, self.limits.get(token.key)
+        self.answered(key, accepted=False)
         now = self.clock()
         measured = self.measured_rate(key, now)
         w_max = min(token.rate, measured or token.rate) * PLATEAU_CUT
@@ -223,6 +251,21 @@ class RateLimiter:
             f"{key} refused a call for its rate: pacing it at {w_max * BETA:.2f}/s, back up to {w_max:.2f}/s",
             extra={"rate_limit_key": key, "rate_before": round(token.rate, 3), "measured": measured},
         )
+
+    def answered(self, key: str, *, accepted: bool) -> None:
+        now = self.clock()
+        with self._lock:
+            answers = self._answers.setdefault(key, deque())
+            answers.append((now, accepted))
+            while answers and answers[0][0] < now - SRE_WINDOW_S:
+                answers.popleft()
+
+    def refusal_odds(self, key: str) -> float:
+        """Google SRE's client-side rejection probability for `key`, from this instance's recent calls."""
+        since = self.clock() - SRE_WINDOW_S
+        with self._lock:
+            recent = [ok for at, ok in self._answers.get(key, ()) if at >= since]
+        return max(0.0, (len(recent) - SRE_K * sum(recent)) / (len(recent) + 1))
 
     def measured_rate(self, key: str, now: float) -> float | None:
         """The rate the schedule ran at over the last MEASURE_S, from the counts this instance saw."""
