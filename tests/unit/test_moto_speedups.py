@@ -7,7 +7,7 @@ import pytest
 from moto import mock_aws
 
 from imagepipe.jobstate import JobState
-from imagepipe_cli.local.moto_server import speed_up_moto_dynamodb
+from imagepipe_cli.local.moto_server import speed_up_moto_dynamodb, speed_up_moto_update_expressions
 
 from conftest import create_jobs_table
 
@@ -45,3 +45,57 @@ def test_a_first_transaction_creates_both_items(state):
 
     counts = state.counts("job")
     assert (counts.failed, counts.answers_lost) == (1, 2)
+
+
+@pytest.fixture
+def table(monkeypatch):
+    from moto.dynamodb.parsing import ast_nodes, expressions, validators
+
+    # Undo the patches after the test, whatever speed_up_moto_update_expressions replaced.
+    monkeypatch.setattr(expressions.UpdateExpressionParser, "make", expressions.UpdateExpressionParser.make)
+    monkeypatch.setattr(validators, "deepcopy", validators.deepcopy)
+    for name in ("nodes_to_be_processed", "traverse_node_recursively"):
+        monkeypatch.setattr(ast_nodes.DepthFirstTraverser, name, getattr(ast_nodes.DepthFirstTraverser, name))
+    for name in ("__init__", "validate"):
+        monkeypatch.setattr(validators.Validator, name, getattr(validators.Validator, name))
+    speed_up_moto_update_expressions()
+    with mock_aws():
+        yield create_jobs_table(boto3.resource("dynamodb", region_name="us-east-1"))
+
+
+def test_one_update_expression_for_many_items_writes_each_its_own_values(table):
+    expression = "SET #s = :s, cost = :c ADD tries :one REMOVE reserved"
+    for name, status in (("a", "succeeded"), ("b", "failed"), ("a", "failed")):
+        table.update_item(
+            Key={"pk": "job", "sk": name},
+            UpdateExpression=expression,
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":s": status, ":c": len(name) + len(status), ":one": 1},
+        )
+
+    a = table.get_item(Key={"pk": "job", "sk": "a"})["Item"]
+    b = table.get_item(Key={"pk": "job", "sk": "b"})["Item"]
+    assert (a["status"], a["cost"], a["tries"]) == ("failed", 7, 2)
+    assert (b["status"], b["cost"], b["tries"]) == ("failed", 7, 1)
+
+
+def test_an_invalid_update_expression_is_refused_every_time(table):
+    from botocore.exceptions import ClientError
+
+    def update(expression: str, names: dict[str, str]) -> None:
+        values = {":v": "x", ":w": "y"} if ":w" in expression else {":v": "x"}
+        table.update_item(
+            Key={"pk": "job", "sk": "a"},
+            UpdateExpression=expression,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+
+    for _ in range(2):
+        with pytest.raises(ClientError, match="Two document paths overlap"):
+            update("SET #a = :v, #a = :w", {"#a": "status"})
+    # An expression that passed with one name is still checked when the name is another: the table's key.
+    update("SET #a = :v", {"#a": "status"})
+    with pytest.raises(ClientError, match="part of the key"):
+        update("SET #a = :v", {"#a": "sk"})
+    assert table.get_item(Key={"pk": "job", "sk": "a"})["Item"]["status"] == "x"

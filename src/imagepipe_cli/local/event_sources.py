@@ -163,12 +163,15 @@ class SqsPoller:
         batch_size: int | None = None,
         concurrency: int | None = None,
         idle_sleep_s: float = 0.2,
+        wait_s: int = 0,
         chaos: Chaos | None = None,
     ) -> None:
         self._sqs, self._mapping, self._function, self._region = sqs, mapping, function, region
         self.batch_size = batch_size or mapping.batch_size
         self.concurrency = concurrency or mapping.max_concurrency
-        self._idle_sleep_s = idle_sleep_s
+        # wait_s > 0: long polls, as Lambda's pollers make them (the local moto server answers them without
+        # holding up other requests); 0: short polls, `idle_sleep_s` apart while the queue is empty.
+        self._idle_sleep_s, self._wait_s = idle_sleep_s, wait_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = PollerStats()
@@ -182,6 +185,10 @@ class SqsPoller:
             thread.start()
             self._threads.append(thread)
 
+    def stopping(self) -> None:
+        """No new receive from now on (`stop` waits for the ones under way)."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -190,8 +197,7 @@ class SqsPoller:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if not self.poll_once():
-                    # short polls: the local moto serves one request at a time
+                if not self.poll_once() and not self._wait_s:
                     self._stop.wait(self._idle_sleep_s)
         except Exception as exc:  # the runner stops the job with this reason instead of waiting for it
             with self.stats.lock:
@@ -202,7 +208,7 @@ class SqsPoller:
         messages = self._sqs.receive_message(
             QueueUrl=self._mapping.queue_url,
             MaxNumberOfMessages=self.batch_size,
-            WaitTimeSeconds=0,
+            WaitTimeSeconds=self._wait_s,
             MessageSystemAttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])

@@ -21,6 +21,8 @@ every caller - the functions and the CLI - sees the same AWS."""
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import io
 import json
 import os
@@ -88,6 +90,11 @@ class MotoServer:
         """Turn AWS's faults on (probabilities by kind, see AwsChaos); an empty spec turns them off."""
         httpx.post(f"{self.url}{CHAOS_PATH}", json=spec, timeout=10).raise_for_status()
 
+    def stop_long_polls(self) -> None:
+        """Every long poll waiting now answers at once, empty, and no receive waits from then on: for the
+        pollers to stop at once."""
+        httpx.post(f"{self.url}{WAKE_PATH}", timeout=10).raise_for_status()
+
     def chaos_injected(self) -> dict[str, int]:
         """The faults the server injected so far, by kind."""
         return httpx.get(f"{self.url}{CHAOS_PATH}", timeout=10).json()["injected"]
@@ -121,12 +128,25 @@ class _OneAtATime:
 
     def __init__(self, app: Any, write_log: str | None = None) -> None:
         self._app, self._lock = app, threading.Lock()
+        # Long polls wait on this, outside the lock; a count per queue name says which to wake.
+        self._changed = threading.Condition()
+        self._wakes: dict[str | None, int] = {}
         self._write_log = open(write_log, "a", buffering=1) if write_log else None  # noqa: SIM115 - lives as long as the server
         self.chaos = AwsChaos()
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         if environ.get("PATH_INFO") == CHAOS_PATH:
             return self._control(environ, start_response)
+        if environ.get("PATH_INFO") == WAKE_PATH:
+            self._wake(None)
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [b"{}"]
+        long_poll = _LongPoll.of(environ)
+        if long_poll is None:
+            return self._once(environ, start_response)
+        return self._long_poll(long_poll, environ, start_response)
+
+    def _once(self, environ: dict, start_response: Any) -> Any:
         with self._lock:
             request = _Request.of(environ)
             fault = self.chaos.fault(request)
@@ -138,17 +158,49 @@ class _OneAtATime:
                 self._log_writes(request)
             if not self.chaos.spec:
                 # Read the whole answer inside the lock, so a slow client cannot hold moto mid-request.
-                return list(self._app(environ, start_response))
-            captured: list[Any] = []
+                answer = list(self._app(environ, start_response))
+            else:
+                captured, capture = _capturing()
+                body = b"".join(self._app(environ, capture))
+                status, headers, body = self.chaos.answered(request, (captured[0], captured[1], body))
+                start_response(status, headers)
+                answer = [body]
+        if request.service == "sqs" and request.operation in SQS_MAKES_VISIBLE:
+            self._wake(request.queue())
+        return answer
 
-            def capture(status: str, headers: list, exc_info: Any = None) -> Any:
-                captured[:] = [status, headers]
-                return lambda data: None  # moto answers by returning its body, never by write()
+    def _long_poll(self, poll: _LongPoll, environ: dict, start_response: Any) -> Any:
+        """ReceiveMessage with WaitTimeSeconds, as SQS answers it: at once when messages are there, else
+        as soon as some arrive (a send or visibility change on the queue wakes it; messages whose delay or
+        visibility timeout ends are looked for every LONG_POLL_RECHECK_S), else empty at the end of the
+        wait. moto itself would sleep holding the lock; here it is asked without waiting, and the wait
+        happens outside the lock."""
+        with self._changed:
+            woken = self._wakes.get(poll.queue, 0), self._wakes.get(None, 0)
+        # Once the runtime is stopping, no receive waits (nor one that arrives just after).
+        deadline = time.monotonic() + (0.0 if woken[1] else poll.wait_s)
+        while True:
+            captured, capture = _capturing()
+            body = b"".join(self._once(poll.environ(environ), capture))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not captured[0].startswith("200") or poll.has_messages(body):
+                start_response(captured[0], captured[1])
+                return [body]
+            with self._changed:
+                now = self._wakes.get(poll.queue, 0), self._wakes.get(None, 0)
+                if now == woken:
+                    self._changed.wait(min(remaining, LONG_POLL_RECHECK_S))
+                    now = self._wakes.get(poll.queue, 0), self._wakes.get(None, 0)
+                if now[1] != woken[1]:  # the runtime is stopping: answer empty now
+                    start_response(captured[0], captured[1])
+                    return [body]
+                woken = now
 
-            body = b"".join(self._app(environ, capture))
-            status, headers, body = self.chaos.answered(request, (captured[0], captured[1], body))
-            start_response(status, headers)
-            return [body]
+    def _wake(self, queue: str | None) -> None:
+        """A long poll on `queue` looks again now (None: every long poll ends, empty, and none waits again)."""
+        with self._changed:
+            self._wakes[queue] = self._wakes.get(queue, 0) + 1
+            self._changed.notify_all()
 
     def _control(self, environ: dict, start_response: Any) -> Any:
         """POST a JSON object {"ddb-conflict": P, ...} to set the chaos (an empty one turns it off); GET the
@@ -175,7 +227,29 @@ class _OneAtATime:
             self._write_log.write(f"{request.operation}\t{pk}\t{sk}\n")
 
 
+def _capturing() -> tuple[list[Any], Any]:
+    """A start_response that keeps the status and headers (moto answers by returning its body, never by
+    write()), for an answer to be looked at before it is sent."""
+    captured: list[Any] = []
+
+    def capture(status: str, headers: list, exc_info: Any = None) -> Any:
+        captured[:] = [status, headers]
+        return lambda data: None
+
+    return captured, capture
+
+
 CHAOS_PATH = "/_imagepipe/chaos"
+# POST: every long poll answers now and none waits from then on (the local runtime is stopping).
+WAKE_PATH = "/_imagepipe/stop-long-polls"
+LONG_POLL_RECHECK_S = 0.2
+# Calls that may make messages receivable at once (a delete or a receive never does).
+SQS_MAKES_VISIBLE = {
+    "SendMessage",
+    "SendMessageBatch",
+    "ChangeMessageVisibility",
+    "ChangeMessageVisibilityBatch",
+}
 AWS_CHAOS_KINDS = ("ddb-conflict", "ddb-throttle", "stale-read", "s3-error", "sqs-error")
 STALE_READ_WINDOW_S = 5.0  # how old a stale answer may be (DynamoDB: "usually within a second")
 DYNAMODB_READS = {"GetItem", "Query", "Scan", "BatchGetItem"}
@@ -209,10 +283,14 @@ class _Request:
         if target.startswith("DynamoDB_"):
             service = "dynamodb"
         body = b""
-        if service == "dynamodb":  # small JSON bodies, read here and handed on to moto
+        if service in ("dynamodb", "sqs"):  # small JSON bodies, read here and handed on to moto
             body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
             environ["wsgi.input"] = io.BytesIO(body)
         return cls(service, target.rpartition(".")[2], body)
+
+    def queue(self) -> str:
+        """The queue an SQS request names (its URL's last part)."""
+        return str(self.json().get("QueueUrl") or "").rstrip("/").rsplit("/", 1)[-1]
 
     def json(self) -> dict:
         try:
@@ -220,6 +298,40 @@ class _Request:
         except ValueError:
             return {}
         return value if isinstance(value, dict) else {}
+
+
+class _LongPoll:
+    """A ReceiveMessage that may wait (WaitTimeSeconds > 0, SQS's JSON protocol): its body, asked of moto
+    with WaitTimeSeconds 0."""
+
+    def __init__(self, body: dict, wait_s: float) -> None:
+        self.body, self.wait_s = body, wait_s
+        self.queue = str(body.get("QueueUrl") or "").rstrip("/").rsplit("/", 1)[-1]
+        self._payload = json.dumps({**body, "WaitTimeSeconds": 0}).encode()
+
+    @classmethod
+    def of(cls, environ: dict) -> _LongPoll | None:
+        if environ.get("HTTP_X_AMZ_TARGET") != "AmazonSQS.ReceiveMessage":
+            return None
+        payload = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(payload)
+        try:
+            body = json.loads(payload or b"{}")
+            wait_s = float(body.get("WaitTimeSeconds") or 0)
+        except (ValueError, TypeError, AttributeError):
+            return None  # moto answers it as it is
+        return cls(body, wait_s) if wait_s > 0 else None
+
+    def environ(self, environ: dict) -> dict:
+        """The request once more, as a receive that does not wait."""
+        return {**environ, "wsgi.input": io.BytesIO(self._payload), "CONTENT_LENGTH": str(len(self._payload))}
+
+    @staticmethod
+    def has_messages(body: bytes) -> bool:
+        try:
+            return bool(json.loads(body or b"{}").get("Messages"))
+        except (ValueError, AttributeError):
+            return True  # not an answer to wait on
 
 
 class AwsChaos:
@@ -507,6 +619,118 @@ def speed_up_moto_dynamodb() -> None:
     models.DynamoDBBackend.transact_write_items = transact_write_items
 
 
+def speed_up_moto_update_expressions() -> None:
+    """moto 5.2.5 parses every UpdateExpression anew, deep-copies its syntax tree for each validation and, in
+    every one of the ten passes over the tree, rebuilds each pass's node map once per node (and two passes
+    re-walk the whole subtree at every level). The generator sends the same few expressions for every task:
+    parse each once (the tree is only read, or copied before it is changed), copy it by unpickling, build
+    each pass's map once per pass, and remember the passes that only check the expression against its
+    names and the table's keys once they passed for that expression. The same items, the same errors."""
+    import pickle
+    from functools import lru_cache
+
+    import moto
+    from moto.dynamodb.parsing import ast_nodes, expressions, validators
+
+    if moto.__version__ != "5.2.5":
+        return
+    parse = expressions.UpdateExpressionParser.make.__func__
+    pickled: dict[int, bytes] = {}
+
+    @lru_cache(maxsize=256)
+    def parsed(cls: Any, expression: str) -> Any:
+        tree = parse(cls, expression)
+        pickled[id(tree)] = pickle.dumps(tree)
+        return tree
+
+    def make(cls: Any, expression: str) -> Any:
+        # An expression that does not parse raises here each time (lru_cache keeps no exceptions).
+        return parsed(cls, expression)
+
+    expressions.UpdateExpressionParser.make = classmethod(make)
+
+    def copy_tree(value: Any, memo: Any = None) -> Any:
+        data = pickled.get(id(value))
+        return pickle.loads(data) if data is not None else copy.deepcopy(value, memo)
+
+    validators.deepcopy = copy_tree
+
+    def processing(self: Any) -> tuple[dict, tuple]:
+        cached = self.__dict__.get("_imagepipe_map")
+        if cached is None:
+            processing_map = self._processing_map()
+            cached = self.__dict__["_imagepipe_map"] = (processing_map, tuple(processing_map))
+        return cached
+
+    traverser = ast_nodes.DepthFirstTraverser
+    traverser.nodes_to_be_processed = lambda self: processing(self)[1]
+    no_hook = traverser.pre_processing_of_child
+
+    def traverse_node_recursively(self: Any, node: Any, child_id: int = -1) -> Any:
+        processing_map, types = processing(self)
+        hook = None if type(self).pre_processing_of_child is no_hook else self.pre_processing_of_child
+
+        def walk(node: Any, child_id: int) -> Any:
+            if not isinstance(node, ast_nodes.Node):
+                return node
+            parent = node.parent
+            if node.children is not None:
+                for index, child in enumerate(node.children):
+                    if hook is not None:
+                        hook(node, index)
+                    walk(child, index)
+            if isinstance(node, types):
+                node = next(f for cls, f in processing_map.items() if isinstance(node, cls))(node)
+                node.parent = parent
+                if parent:
+                    parent.children[child_id] = node
+            return node
+
+        return walk(node, child_id)
+
+    traverser.traverse_node_recursively = traverse_node_recursively
+
+    checks_only = (
+        validators.ActionCountValidator,
+        validators.OverlappingPathsValidator,
+        validators.UpdateHashRangeKeyValidator,
+    )
+    passed: set[tuple] = set()
+
+    def __init__(
+        self: Any,
+        expression: Any,
+        expression_attribute_names: Any,
+        expression_attribute_values: Any,
+        item: Any,
+        table: Any,
+    ) -> None:
+        names = expression_attribute_names
+        self.expression_attribute_names, self.expression_attribute_values = names, expression_attribute_values
+        self.item, self.table = item, table
+        self._imagepipe_key = None
+        if id(expression) in pickled:
+            self._imagepipe_key = (
+                id(expression),
+                tuple(sorted((names or {}).items())),
+                tuple(table.table_key_attrs),
+            )
+        self.processors = self.get_ast_processors()
+        if self._imagepipe_key in passed:
+            self.processors = [p for p in self.processors if not isinstance(p, checks_only)]
+        self.node_to_validate = copy_tree(expression)
+
+    def validate(self: Any) -> Any:
+        node = self.node_to_validate
+        for processor in self.processors:
+            node = processor.traverse(node)
+        if self._imagepipe_key is not None:
+            passed.add(self._imagepipe_key)
+        return node
+
+    validators.Validator.__init__, validators.Validator.validate = __init__, validate
+
+
 def main(argv: list[str] | None = None) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -521,7 +745,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     speed_up_moto_sqs()
     speed_up_moto_dynamodb()
+    speed_up_moto_update_expressions()
     app = DomainDispatcherApplication(create_backend_app)
+    # Which service a host name belongs to never changes, but moto works it out anew for every request
+    # (walking every backend's URL patterns and moto's module list): remember it.
+    app.get_backend_for_host = functools.lru_cache(maxsize=1024)(app.get_backend_for_host)
     app = _OneAtATime(app, os.environ.get("IMAGEPIPE_DYNAMODB_WRITE_LOG"))
     run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
 

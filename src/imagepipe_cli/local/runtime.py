@@ -35,6 +35,9 @@ from imagepipe_cli.local.template import (
 REGION = "us-east-1"
 STACK_NAME = "imagepipe-local"
 GENERATOR = "ImageGeneratorFunction"
+# Lambda's SQS pollers long-poll (up to 20 s): a message is picked up as soon as it is sent, and an
+# empty queue costs no stream of receives.
+LONG_POLL_S = 20
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
@@ -165,6 +168,7 @@ class LocalRuntime:
                 region=REGION,
                 batch_size=options.batch_size if mapping.function == GENERATOR else None,
                 concurrency=_concurrency_for(self.stack, mapping.function, options),
+                wait_s=LONG_POLL_S,
                 chaos=self.chaos if mapping.function == GENERATOR else None,
             )
             for mapping in self.stack.queue_mappings
@@ -172,12 +176,19 @@ class LocalRuntime:
         for poller in self.pollers:
             poller.start()
             cleanup.callback(poller.stop)
+        cleanup.callback(self._stop_polling)
         self.state = JobState(_resource("dynamodb", self.moto.url).Table(self.stack.outputs["JobsTableName"]))
         # AWS's faults only now that the stack is deployed and set up: they are the run's, not the set-up's.
         if self.chaos.aws_spec():
             self.moto.set_chaos({**self.chaos.aws_spec(), "seed": self.chaos.seed})
         if str(self.chaos):
             print(f"chaos: {self.chaos} (see `imagepipe run --help`)", file=self.out)
+
+    def _stop_polling(self) -> None:
+        """Before the pollers are joined: none starts another receive, and those waiting answer now."""
+        for poller in self.pollers:
+            poller.stopping()
+        self.moto.stop_long_polls()
 
     def _shorten_visibility(self, seconds: int) -> None:
         """--visibility-timeout: every queue of the stack alike (the one allowed shortcut), said in the header."""

@@ -1,0 +1,83 @@
+"""The local moto server answers ReceiveMessage with WaitTimeSeconds as SQS does (a long poll), without
+holding up anyone else's requests while it waits; messages still come back when their visibility ends."""
+
+from __future__ import annotations
+
+import threading
+
+import boto3
+import pytest
+
+from imagepipe_cli.local.moto_server import MotoServer
+
+WAIT_S = 20
+
+
+@pytest.fixture
+def moto(tmp_path):
+    with MotoServer(log_path=tmp_path / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def sqs(moto):
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    return session.client("sqs", endpoint_url=moto.url)
+
+
+def long_poll(sqs, url: str, answers: list) -> threading.Thread:
+    def receive() -> None:
+        answers.extend(
+            sqs.receive_message(
+                QueueUrl=url, WaitTimeSeconds=WAIT_S, MessageSystemAttributeNames=["All"]
+            ).get("Messages", [])
+        )
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    return thread
+
+
+def test_a_long_poll_receives_a_message_sent_while_it_waits(sqs):
+    url = sqs.create_queue(QueueName="waiting")["QueueUrl"]
+    answers: list = []
+    thread = long_poll(sqs, url, answers)
+
+    # The send is served while the poll waits (a poll holding moto would keep it out until the wait ended,
+    # and then answer empty).
+    sqs.send_message(QueueUrl=url, MessageBody="task")
+    thread.join()
+
+    assert [m["Body"] for m in answers] == ["task"]
+
+
+def test_a_message_whose_visibility_timeout_ends_comes_back_to_a_long_poll(sqs):
+    url = sqs.create_queue(QueueName="redelivered")["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="task")
+    first = sqs.receive_message(QueueUrl=url, VisibilityTimeout=1)["Messages"]
+
+    answers: list = []
+    long_poll(sqs, url, answers).join()
+
+    # At-least-once, as on AWS: the message that was never deleted is delivered again, counted.
+    assert [m["MessageId"] for m in answers] == [first[0]["MessageId"]]
+    assert answers[0]["Attributes"]["ApproximateReceiveCount"] == "2"
+
+
+def test_stopping_long_polls_answers_a_waiting_poll_empty_before_its_wait_ends(moto, sqs):
+    url = sqs.create_queue(QueueName="stopping")["QueueUrl"]
+    answers: list = []
+    thread = long_poll(sqs, url, answers)
+
+    moto.stop_long_polls()
+    thread.join(timeout=WAIT_S / 2)  # the answer comes at once, not at the end of the 20 s wait
+
+    assert not thread.is_alive()
+    assert answers == []
+    # The server still answers receives (without waiting from then on: the pollers stop at once).
+    sqs.send_message(QueueUrl=url, MessageBody="late")
+    assert [m["Body"] for m in sqs.receive_message(QueueUrl=url, WaitTimeSeconds=WAIT_S)["Messages"]] == [
+        "late"
+    ]
