@@ -228,7 +228,8 @@ def download_results(s3: Any, bucket: str, job_id: str, out: Path) -> list[dict[
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     def fetch(path: str) -> None:
-        s3.download_file(bucket, prefix + path, str(out / path))
+        # One GET per image (download_file asks HEAD first, to plan a multipart download of a large file).
+        (out / path).write_bytes(s3.get_object(Bucket=bucket, Key=prefix + path)["Body"].read())
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(fetch, images))
