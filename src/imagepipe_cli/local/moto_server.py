@@ -1,11 +1,15 @@
 """moto in server mode, in its own process on loopback: the local AWS.
 
-Three changes from `python -m moto.server`, all about running thousands of tasks, none about what
-an API call answers:
+Changes from `python -m moto.server`, all about running thousands of tasks, none about what an API call
+answers:
 - requests are handled one at a time. moto's SQS model is not thread-safe - under concurrent
   DeleteMessage/SendMessage calls we saw deleted messages come back and a message delivered twice -
-  and moto is bound by one interpreter lock anyway, so serialising costs little. Clients therefore
-  must not long-poll (WaitTimeSeconds=0).
+  its DynamoDB and S3 backends say nothing of threads either, and moto is CPU-bound under one interpreter
+  lock anyway, so serialising costs little (several locks would let no more of moto run at once).
+- ReceiveMessage with WaitTimeSeconds (a long poll, as Lambda's pollers make) is answered as SQS does,
+  but waits outside that lock: moto is asked without waiting, and asked again when the queue gets a
+  message or a visibility change, every LONG_POLL_RECHECK_S (for messages whose delay or visibility
+  timeout ends), and at the end of the wait.
 - moto 5.2.5's SQS work grows with queue depth: every SendMessage and every received message
   recounts the whole queue, reading a slow clock once per message (ReceiveMessage took 1 s at a
   depth of 1,000 here). `speed_up_moto_sqs` reads the clock once per count, reads the retention
@@ -13,6 +17,8 @@ an API call answers:
   approximate and eventually consistent).
 - moto 5.2.5's TransactWriteItems deep-copies whole tables for its rollback (O(rows) per finished row);
   `speed_up_moto_dynamodb` snapshots and restores only the items a transaction names.
+- moto 5.2.5 spends most of a DynamoDB update on parsing and validating its UpdateExpression anew
+  (`speed_up_moto_update_expressions`), and works out which service a request is for anew each time.
 
 And one addition, off until the stack is set up: `--chaos` faults as AWS answers them (`AwsChaos`), turned on
 with `POST /_imagepipe/chaos` (a JSON object of probabilities) and counted by `GET /_imagepipe/chaos`, so
