@@ -14,6 +14,7 @@ from moto import mock_aws
 
 from imagepipe.ratelimit import (
     BETA,
+    SLOW_START_CUT,
     SRE_WINDOW_S,
     START_RATE,
     NoToken,
@@ -132,12 +133,13 @@ def test_an_unknown_limit_starts_slow_then_a_refusal_cuts_the_rate_and_success_b
 
     # And a refusal of a call handed out before that cut does not cut again (one cut per epoch)
     limiter.refused(first[-2])
-    assert take(limiter, 1)[0].rate == pytest.approx(after[-1].rate, rel=0.05)
+    assert take(limiter, 1)[0].rate >= after[-1].rate
 
-    # When the calls succeed for a while, the rate comes back to where it was refused, then creeps on
+    # When the calls succeed for a while, the rate comes back above where the cut left it - but creeps
+    # past the plateau (half the refused rate: the slow start overshoots by up to a doubling) slowly
     clock.now += 30
     later = take(limiter, 2)
-    assert before * 0.9 * 0.99 <= later[0].rate <= before * 1.5
+    assert after[0].rate < before * SLOW_START_CUT <= later[0].rate <= before
 
 
 def test_refusals_that_keep_coming_keep_cutting_and_each_cut_is_shared_by_every_instance(fake):

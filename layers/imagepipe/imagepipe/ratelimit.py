@@ -24,7 +24,8 @@ probe overshoots far before the first refusal arrives. The learnt state (the rat
 and when it came) lives in the same item, so N instances share one rate and together converge to the
 limit, not N x it. A refusal lowers the rate once per "epoch": only a call admitted after the last cut
 may cut again (TCP's once-per-round-trip rule), and the rate it records is the lower of the refused
-call's rate and the rate the instance saw the schedule run at over the last second, less PLATEAU_CUT.
+call's rate and the rate the instance saw the schedule run at over the last second, less PLATEAU_CUT
+(halved when it ends the slow start, which overshoots by up to a doubling before the burst runs out).
 
 Per instance, Google SRE's client-side throttling guards the rest: when the provider has refused most
 recent calls for their rate, calls are refused here before they are sent (see SRE_K).
@@ -56,6 +57,7 @@ BETA = 0.7  # botocore's: a refusal cuts the rate to BETA x the rate it came at
 SCALE = 0.4  # botocore's CUBIC scale constant
 PROBE = 0.02  # past the last refused rate, the rate grows by this share of it per second
 PLATEAU_CUT = 0.9  # the refused rate was above the limit: the next plateau is this share of it
+SLOW_START_CUT = 0.5  # the refusal that ends the slow start: it overshot by up to one doubling (TCP halves)
 MIN_RATE, MAX_RATE = 0.05, 10_000.0
 BURST_S = 0.1  # after a pause, this much of the rate may go at once
 HORIZON_S = 0.5  # tokens are handed out at most this far ahead
@@ -222,7 +224,9 @@ class RateLimiter:
         self.answered(key, accepted=False)
         now = self.clock()
         measured = self.measured_rate(key, now)
-        w_max = min(token.rate, measured or token.rate) * PLATEAU_CUT
+        known = self._known.get(key)
+        slow_start = known is None or known.cut_at is None
+        w_max = min(token.rate, measured or token.rate) * (SLOW_START_CUT if slow_start else PLATEAU_CUT)
         w_max = max(MIN_RATE, min(w_max, configured or MAX_RATE))
         try:
             item = self.client.update_item(
