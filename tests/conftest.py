@@ -111,8 +111,11 @@ URL_PARAMETERS = {
     "openai": "OpenAIBaseUrl",
     "baidu-oauth": "BaiduBaseUrl",
 }
-# Generator settings the template does not expose, shortened so tests do not wait on real-time polls.
-FAST_POLLS = {"POLL_INTERVAL_SECONDS": "0.1"}
+# Generator settings shortened so tests do not wait on real-time polls: POLL_INTERVAL_SECONDS (not a
+# template parameter) and PollDelaySeconds' 8 s, the first wait on a model the generator has not learnt
+# yet (0: its shortest) - with the template's PollBudgetSeconds (2 s) the emulator's quick generations
+# are read within the invocation that submitted them.
+FAST_POLLS = {"POLL_INTERVAL_SECONDS": "0.1", "POLL_DELAY_SECONDS": "0"}
 # The functions Lambda drives from queues, in the order a drain works them.
 DRAINED = ("ImageGeneratorFunction", "DeadLetterRecorderFunction", "JobFinisherFunction")
 

@@ -2,8 +2,10 @@
 
 At most one paid request per task: the request is claimed in JobsTable before it is sent, an
 asynchronous prediction id is kept before anyone waits on it, and a redelivered task resumes that
-prediction instead of submitting again. A prediction still running when the invocation's poll budget
-ends goes back to the queue as a new delayed message (so it never counts toward the dead-letter queue).
+prediction instead of submitting again. A prediction is read when it is likely done (the generation time
+learnt per model, polltiming.py); one not expected within the invocation's poll budget goes back to the
+queue as a new message delayed until then (so it never counts toward the dead-letter queue, and no Lambda
+time is spent waiting on it).
 
 Retries run on the generator's own schedule, never on the queue's visibility timeout: a retryable
 failure sends the task again as a new message delayed by an exponential backoff with jitter, carrying
@@ -14,6 +16,7 @@ maxReceiveCount only guards against crashes and poison messages."""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -29,11 +32,17 @@ from imagepipe.contract import ImageTask, TaskRecord
 from imagepipe.jobstate import CANCELLED, FAILED, FINISHED, SUCCEEDED, Claim, JobState, TaskState
 from imagepipe.layout import JobLayout
 from imagepipe.observability import logger
+from imagepipe.outbox import Outbox
+from imagepipe.polltiming import GenerationTimes
 from imagepipe.providers import Action, Generation, Pending, Provider, ProviderError
 from imagepipe.providers.base import deadline
 from imagepipe.ratelimit import NoToken, RateLimiter, Token
 
 SQS_MAX_DELAY_S = 900
+# How long the other reads of a batch wait for its first read of a model (Batch.scout) at most.
+SCOUT_WAIT_S = 5.0
+# How long a hand-back waits for the batch's other tasks, to be sent with theirs (outbox.py), at most.
+OUTBOX_WAIT_S = 2.0
 
 
 class RetryLater(Exception):
@@ -74,8 +83,8 @@ class GeneratorOptions:
     retry_base_s: float = 2.0  # RetryBaseDelaySeconds
     retry_max_s: float = 900.0  # RetryMaxDelaySeconds (SQS's DelaySeconds at most)
     max_receives: int = 5  # TaskMaxReceiveCount: the delivery that is the message's last before the DLQ
-    poll_interval_s: float = 2.0
-    poll_delay_s: int = 10
+    poll_interval_s: float = 2.0  # between reads of a prediction still running inside one invocation
+    poll_delay_s: int = 10  # PollDelaySeconds: a model's first wait, before its generation time is learnt
     max_generation_s: float = 1800.0
     claim_stale_s: float = 360.0
     prices: dict[str, float] = field(default_factory=dict)
@@ -94,13 +103,20 @@ class TaskProcessor:
     rand: Callable[[float, float], float] = random.uniform
     # The shared rate limiter (SharedRateLimiter): each paid submit waits for its token. None: unpaced.
     limiter: RateLimiter | None = None
+    # When asynchronous predictions are likely done, learnt per provider and model (this environment's).
+    times: GenerationTimes | None = None
+
+    def __post_init__(self) -> None:
+        if self.times is None:
+            options = self.options
+            self.times = GenerationTimes(options.poll_delay_s, options.max_generation_s, self.clock)
 
     @property
     def state(self) -> JobState:
         return self.states()
 
-    def batch(self, poll_until: float, until: float | None = None) -> Batch:
-        return Batch(self, poll_until, until)
+    def batch(self, poll_until: float, until: float | None = None, tasks: int = 1) -> Batch:
+        return Batch(self, poll_until, until, tasks)
 
     def process(
         self,
@@ -175,12 +191,17 @@ class Batch:
     """One invocation's tasks: the job checks (cancelled? budget spent?) read once per job, the
     completion check for every job the batch touched, once at its end, and the per-provider metrics."""
 
-    def __init__(self, processor: TaskProcessor, poll_until: float, until: float | None = None) -> None:
+    def __init__(
+        self, processor: TaskProcessor, poll_until: float, until: float | None = None, tasks: int = 1
+    ) -> None:
         self.processor, self.poll_until, self.until = processor, poll_until, until
+        # The batch's hand-backs, sent together (`tasks`: how many records the batch has).
+        self.outbox = Outbox(processor.sqs, processor.options.queue_url, tasks, OUTBOX_WAIT_S)
         self._lock = threading.Lock()
         self._stops: dict[str, dict[str, str] | None] = {}
         self._jobs: dict[str, dict[str, Any]] = {}
         self._metrics: dict[str, Counter[str]] = {}
+        self._scouts: dict[tuple[str, str], threading.Event] = {}
         self.jobs: set[str] = set()
 
     def handle_record(self, record: TaskRecord) -> None:
@@ -189,14 +210,17 @@ class Batch:
         task = record.body
         with self._lock:
             self.jobs.add(task.job_id)
-        with deadline(self.until):
-            self.processor.process(
-                task,
-                int(record.attributes.ApproximateReceiveCount),
-                self.poll_until,
-                self,
-                receipt_handle=record.receiptHandle,
-            )
+        try:
+            with deadline(self.until):
+                self.processor.process(
+                    task,
+                    int(record.attributes.ApproximateReceiveCount),
+                    self.poll_until,
+                    self,
+                    receipt_handle=record.receiptHandle,
+                )
+        finally:
+            self.outbox.task_ended()
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job record, read once per invocation."""
@@ -246,6 +270,24 @@ class Batch:
     def stopped(self, job_id: str, provider: str, error: dict[str, str]) -> None:
         with self._lock:
             self._stops[f"{job_id}\0{provider}"] = error
+
+    def scout(self, provider: str, model: str) -> threading.Event | None:
+        """The batch's first read of a model's predictions goes alone (None: this one is it; it calls
+        scouted() with its answer learnt); the others wait for it on the event returned: predictions
+        submitted about as long ago are likely in the same state, so if it is still running they go
+        back to the queue unread."""
+        with self._lock:
+            event = self._scouts.get((provider, model))
+            if event is None:
+                self._scouts[(provider, model)] = threading.Event()
+                return None
+            return None if event.is_set() else event
+
+    def scouted(self, provider: str, model: str) -> None:
+        with self._lock:
+            event = self._scouts.get((provider, model))
+        if event is not None:
+            event.set()
 
     def count(self, provider: str, name: str, value: float = 1) -> None:
         """A metric with the dimension provider, sent at the end of the batch (flush_metrics)."""
@@ -316,7 +358,7 @@ class _Run:
             # A handed-back prediction: paid for already, so it is seen through whatever happens. No read
             # first: if a duplicate already finished it, recording the outcome again changes nothing.
             outcome: Generation | Pending = Pending(task.prediction_id)
-            submitted_at, resumed = task.submitted_at or self.started, True
+            submitted_at = task.submitted_at or self.started
         else:
             stop = self.batch.job_stop(task.job_id) or self.batch.provider_stop(task.job_id, task.provider)
             # The rate-limit token first, while this delivery holds nothing a crash could leave claimed.
@@ -330,7 +372,7 @@ class _Run:
             if state is not None and state.prediction_id:
                 # Redelivered after its prediction was submitted: resume it, never submit again.
                 outcome = Pending(state.prediction_id)
-                submitted_at, resumed = state.submitted_at or self.started, True
+                submitted_at = state.submitted_at or self.started
             elif stop is not None:
                 # This delivery holds the claim, so no other one is calling the API for the row: it may
                 # record the stop as the row's outcome (only while the claim is still its own).
@@ -338,7 +380,7 @@ class _Run:
                 return
             else:
                 outcome = self.paced_start(token)
-                submitted_at, resumed = self.p.clock(), False
+                submitted_at = self.p.clock()
                 if isinstance(outcome, Pending):
                     assert self.claim is not None
                     if not self.state.record_prediction(
@@ -359,7 +401,7 @@ class _Run:
                     # the prediction is on record: from here on it is resumed, never resent
                     self.claim = None
         if isinstance(outcome, Pending):
-            outcome = self.poll(outcome, at_once=resumed)
+            outcome = self.poll(outcome, submitted_at)
         if isinstance(outcome, Pending):
             self.hand_back(outcome, submitted_at)
             return
@@ -445,27 +487,53 @@ class _Run:
         self.hold(claim)
         return None
 
-    def poll(self, pending: Pending, *, at_once: bool) -> Generation | Pending:
-        """Read the prediction until it is done or the invocation's poll budget is spent. A handed-back
-        prediction is read at once (its delay has passed); a fresh one after one poll interval."""
+    def poll(self, pending: Pending, submitted_at: float) -> Generation | Pending:
+        """Read the prediction once it is likely done: the learnt delay after its submit (GenerationTimes).
+        A wait that fits in the invocation's poll budget is waited out here (billed idle time); a longer
+        one is the queue's: the prediction goes back unread (hand_back) and is read on its redelivery.
+        While the estimate is unsure, the batch's first read of a model goes alone (Batch.scout)."""
+        provider, model, times = self.task.provider, self.model, self.p.times
+        assert times is not None
+        pause = 0.0  # after a read that found it running or failed: a poll interval at least
         while True:
-            if not at_once:
-                if self.p.clock() + self.p.options.poll_interval_s > self.poll_until:
+            wait = max(pause, submitted_at + times.delay(provider, model) - self.p.clock())
+            if wait > 0:
+                if self.p.clock() + wait > self.poll_until:
                     return pending
-                self.p.sleep(self.p.options.poll_interval_s)
-            at_once = False
+                self.p.sleep(wait)
+            ahead = None if times.sure(provider, model) else self.batch.scout(provider, model)
+            if ahead is not None:
+                ahead.wait(SCOUT_WAIT_S)
+                if submitted_at + times.delay(provider, model) > self.p.clock():
+                    continue  # the first read found its prediction running: this one likely is too
             try:
-                outcome = self.provider.run(lambda rid=pending.request_id: self.provider.resume(rid))
-            except ProviderError as exc:
-                if exc.action is not Action.RETRY:
-                    raise
-                if exc.kind == "rate_limited":
-                    self.batch.count(self.task.provider, "RateLimited")
-                logger.warning("poll failed; will poll again", extra={**self.log, "error": exc.as_record()})
-                continue
+                outcome = self.read(pending, submitted_at)
+            finally:
+                if ahead is None:
+                    self.batch.scouted(provider, model)
             if isinstance(outcome, Generation):
                 return outcome
-            pending = outcome
+            pending, pause = outcome or pending, self.p.options.poll_interval_s
+
+    def read(self, pending: Pending, submitted_at: float) -> Generation | Pending | None:
+        """One read of the prediction, its answer taught to the estimate; None when the read failed (the
+        prediction is still the provider's: it is read again later)."""
+        elapsed = self.p.clock() - submitted_at
+        try:
+            outcome = self.provider.run(lambda rid=pending.request_id: self.provider.resume(rid))
+        except ProviderError as exc:
+            if exc.action is not Action.RETRY:
+                raise
+            if exc.kind == "rate_limited":
+                self.batch.count(self.task.provider, "RateLimited")
+            logger.warning("poll failed; will poll again", extra={**self.log, "error": exc.as_record()})
+            return None
+        assert self.p.times is not None
+        if isinstance(outcome, Generation):
+            self.p.times.done(self.task.provider, self.model, elapsed)
+        else:
+            self.p.times.running(self.task.provider, self.model, elapsed)
+        return outcome
 
     def hand_back(self, pending: Pending, submitted_at: float) -> None:
         running_for = self.p.clock() - submitted_at
@@ -485,10 +553,16 @@ class _Run:
                 "reserved": self.reserved or 0.0,
             }
         )
-        self.p.send_again(later, self.p.options.poll_delay_s)
+        # Read again when it is likely done; due already (its read failed): after PollDelaySeconds.
+        assert self.p.times is not None
+        due_in = submitted_at + self.p.times.delay(self.task.provider, self.model) - self.p.clock()
+        delay = math.ceil(due_in) if due_in > 0 else self.p.options.poll_delay_s
+        error = self.batch.outbox.send(later.model_dump_json(), _sqs_delay(delay))
+        if error is not None:
+            raise SendFailed(f"the prediction could not be handed back ({error})", delay)
         self.batch.count(self.task.provider, "PredictionsHandedBack")
         logger.info(
-            "prediction still running: handed back to the queue",
+            f"prediction not done yet: handed back to the queue, read again in {delay} s",
             extra={**self.log, "prediction_id": pending.request_id, "handbacks": later.handbacks},
         )
 

@@ -56,8 +56,11 @@ class GeneratorSettings(_Common):
     price_per_image: str = ""
     # One HTTP call's limit (each call is also cut to the time the invocation has left).
     http_timeout_seconds: float = Field(60.0, gt=0)
+    # PollBudgetSeconds: the longest an invocation waits (billed) for a prediction expected within it.
     poll_budget_seconds: float = Field(2.0, ge=0)
+    # Between reads of a prediction still running inside one invocation (lab and tests only).
     poll_interval_seconds: float = Field(2.0, gt=0)
+    # PollDelaySeconds: the first wait on a model not learnt yet (polltiming.py), and after a failed poll.
     poll_delay_seconds: int = Field(8, ge=0, le=900)
     max_generation_seconds: float = Field(1800.0, gt=0)
     # The function's Timeout (GeneratorTimeoutSeconds).
