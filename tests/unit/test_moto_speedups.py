@@ -7,7 +7,11 @@ import pytest
 from moto import mock_aws
 
 from imagepipe.jobstate import JobState
-from imagepipe_cli.local.moto_server import speed_up_moto_dynamodb, speed_up_moto_update_expressions
+from imagepipe_cli.local.moto_server import (
+    speed_up_moto_dynamodb,
+    speed_up_moto_dynamodb_answers,
+    speed_up_moto_update_expressions,
+)
 
 from conftest import create_jobs_table
 
@@ -99,3 +103,48 @@ def test_an_invalid_update_expression_is_refused_every_time(table):
     with pytest.raises(ClientError, match="part of the key"):
         update("SET #a = :v", {"#a": "sk"})
     assert table.get_item(Key={"pk": "job", "sk": "a"})["Item"]["status"] == "x"
+
+
+def test_dynamodb_answers_are_the_same_json_as_moto_writes_them(monkeypatch):
+    from moto.core.responses import ActionResult
+    from moto.dynamodb import responses
+
+    monkeypatch.setattr(responses.DynamoResult, "execute_result", ActionResult.execute_result)
+    item = {
+        "pk": {"S": "job"},
+        "sk": {"S": "a"},
+        "n": {"N": "1.5"},
+        "bin": {"B": b"\x00\xff"},
+        "bins": {"BS": [b"\x01", b"\x02"]},
+        "nums": {"NS": ["1", "2"]},
+        "list": {"L": [{"S": "x"}, {"NULL": True}, {"BOOL": False}, {"L": []}, {"M": {}}]},
+        "map": {"M": {"z": {"SS": ["a", "b"]}}},
+    }
+    calls = [
+        ("get_item", {"Key": {"pk": {"S": "job"}, "sk": {"S": "a"}}, "ConsistentRead": True}),
+        ("get_item", {"Key": {"pk": {"S": "job"}, "sk": {"S": "missing"}}}),
+        ("query", {"KeyConditionExpression": "pk = :p", "ExpressionAttributeValues": {":p": {"S": "job"}}}),
+        ("query", {"KeyConditionExpression": "pk = :p", "ExpressionAttributeValues": {":p": {"S": "job"}}, "Limit": 1}),
+        ("scan", {"ReturnConsumedCapacity": "TOTAL"}),
+        ("update_item", {"Key": {"pk": {"S": "job"}, "sk": {"S": "a"}}, "UpdateExpression": "SET q = :v",
+                         "ExpressionAttributeValues": {":v": {"S": "w"}}, "ReturnValues": "ALL_NEW"}),
+    ]  # fmt: skip
+
+    def answers() -> list[dict]:
+        with mock_aws():
+            client = boto3.client("dynamodb", region_name="us-east-1")
+            table = create_jobs_table(boto3.resource("dynamodb", region_name="us-east-1")).name
+            client.put_item(TableName=table, Item=item)
+            client.put_item(TableName=table, Item={**item, "sk": {"S": "b"}})
+            got = [getattr(client, name)(TableName=table, **args) for name, args in calls]
+            keys = [{"pk": {"S": "job"}, "sk": {"S": s}} for s in ("a", "b", "missing")]
+            got.append(client.batch_get_item(RequestItems={table: {"Keys": keys, "ConsistentRead": True}}))
+        for answer in got:
+            answer.pop("ResponseMetadata")
+        return got
+
+    as_moto_writes_them = answers()
+    speed_up_moto_dynamodb_answers()
+
+    assert answers() == as_moto_writes_them
+    assert as_moto_writes_them[0]["Item"]["bins"] == {"BS": [b"\x01", b"\x02"]}

@@ -27,6 +27,7 @@ every caller - the functions and the CLI - sees the same AWS."""
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import functools
 import io
@@ -737,6 +738,82 @@ def speed_up_moto_update_expressions() -> None:
     validators.Validator.__init__, validators.Validator.validate = __init__, validate
 
 
+# The members of DynamoDB's answers that hold items (and counts): JSON as they are, but for binary values.
+ITEM_MEMBERS = {
+    "Item",
+    "Items",
+    "Responses",
+    "Attributes",
+    "LastEvaluatedKey",
+    "UnprocessedKeys",
+    "Count",
+    "ScannedCount",
+}
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _wire(value: Any) -> Any:
+    """An item (or items) as DynamoDB's JSON carries it: binary values in base64, everything else as is."""
+    if isinstance(value, dict):
+        return {key: _wire(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_wire(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, str | bool | int):
+        return value
+    raise _NotPlain  # None, floats, anything else: moto's own serializer decides
+
+
+def speed_up_moto_dynamodb_answers() -> None:
+    """moto 5.2.5 turns every DynamoDB answer into JSON by walking the operation's output model member by
+    member (about 1 ms per item: a 16-item BatchGetItem took 15 ms here). The items in an answer are
+    already in DynamoDB's JSON shape: write them as they are (binary values in base64, as the serializer
+    does) and leave the other members (ConsumedCapacity...) to moto's serializer, so the answer is the same."""
+    import moto
+    from moto import settings
+    from moto.core import serialize
+    from moto.core.responses import ActionResult
+    from moto.dynamodb import responses
+
+    if moto.__version__ != "5.2.5":
+        return
+
+    def execute_result(self: Any, context: Any) -> Any:
+        result, members = self.result, context.operation_model.output_shape
+        fast = {}
+        if isinstance(result, dict) and members is not None:
+            try:
+                fast = {
+                    key: _wire(value)
+                    for key, value in result.items()
+                    if key in ITEM_MEMBERS and key in members.members and value is not None
+                }
+            except _NotPlain:
+                fast = {}
+        if not fast:
+            return ActionResult.execute_result(self, context)
+        serializer = context.serializer_class(
+            operation_model=context.operation_model,
+            pretty_print=settings.PRETTIFY_RESPONSES,
+            value_picker=serialize.XFormedAttributePicker(
+                response_transformers=getattr(context.response, "RESPONSE_KEY_PATH_TO_TRANSFORMER", None)
+            ),
+        )
+        serialized = serializer.MAP_TYPE()
+        serializer._serialize(serialized, {k: v for k, v in result.items() if k not in fast}, members, "")
+        serialized.update(fast)
+        answer = serializer._serialized_result_to_response(
+            serializer._create_default_response(), result, members, serialized
+        )
+        return answer["status_code"], answer["headers"], answer["body"]
+
+    responses.DynamoResult.execute_result = execute_result
+
+
 def main(argv: list[str] | None = None) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -752,6 +829,7 @@ def main(argv: list[str] | None = None) -> None:
     speed_up_moto_sqs()
     speed_up_moto_dynamodb()
     speed_up_moto_update_expressions()
+    speed_up_moto_dynamodb_answers()
     app = DomainDispatcherApplication(create_backend_app)
     # Which service a host name belongs to never changes, but moto works it out anew for every request
     # (walking every backend's URL patterns and moto's module list): remember it.
