@@ -1,5 +1,6 @@
-"""CsvSplitterFunction: an uploaded CSV/JSONL (an S3 event, directly or through EventBridge, SQS or SNS) or
-an "ImageJob Requested" event becomes a job: one task per row on TasksQueue."""
+"""CsvSplitterFunction: an uploaded CSV/JSONL/JSON (an S3 event, directly or through EventBridge, SQS or SNS)
+or an "ImageJob Requested" event becomes a job: one task per row on TasksQueue. A split that runs low on
+time goes on in a later invocation (a message on SplitContinuationQueue, delivered here)."""
 
 import hashlib
 import json
@@ -18,7 +19,14 @@ from imagepipe.jobstate import JobState
 from imagepipe.observability import logger, metrics, tracer
 from imagepipe.rows import RowDefaults
 from imagepipe.settings import SplitterSettings
-from imagepipe.splitter import SplitResult, SplitTarget, provider_check, split_object
+from imagepipe.splitter import (
+    Continuation,
+    SplitResult,
+    SplitTarget,
+    continue_split,
+    provider_check,
+    split_object,
+)
 from imagepipe.triggers import DEFAULT_REQUEST_SOURCE, InlineRequest, TriggerError, job_requests
 
 REJECTED = "rejected"  # an ImageJob Requested event refused without a job (the log says why)
@@ -64,10 +72,17 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
         defaults=RowDefaults(provider=settings.default_provider, model=settings.default_model),
         default_max_cost=settings.default_max_cost,
         time_left=lambda: context.get_remaining_time_in_millis() / 1000,
+        continuation_queue_url=settings.split_continuation_queue_url,
     )
     jobs = []
     for request in requests:
         version_id = None
+        if isinstance(request, Continuation):
+            result = continue_split(s3=s3, sqs=sqs, target=target, request=request)
+            _count(result)
+            logger.info("split continued", extra={"key": request.key, **asdict(result)})
+            jobs.append(asdict(result))
+            continue
         if isinstance(request, InlineRequest):
             stored = _store_inline(s3, target.state, settings.output_bucket, request)
             if isinstance(stored, SplitResult):
@@ -88,11 +103,17 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
             trigger=request.source,
             version_id=version_id,
         )
-        metrics.add_metric(name="RowsQueued", unit=MetricUnit.Count, value=result.queued)
-        metrics.add_metric(name="RowsRejected", unit=MetricUnit.Count, value=result.rejected)
+        _count(result)
         logger.info("file split", extra={"key": key, **asdict(result)})
         jobs.append(asdict(result))
     return {"jobs": jobs}
+
+
+def _count(result: SplitResult) -> None:
+    # A split handed over counts its rows when it ends (its result then holds the whole file's counts).
+    if result.status != "continued":
+        metrics.add_metric(name="RowsQueued", unit=MetricUnit.Count, value=result.queued)
+        metrics.add_metric(name="RowsRejected", unit=MetricUnit.Count, value=result.rejected)
 
 
 def _store_inline(

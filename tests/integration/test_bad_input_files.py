@@ -96,38 +96,41 @@ def test_a_file_over_the_size_limit_fails_before_it_is_read(pipeline, monkeypatc
 
 
 def test_the_split_limits_fit_what_the_splitter_function_has():
-    # One set of limits (issue 10, defect 8: a 2 GiB input against a 512 MB /tmp and ~1 M rows that needed
-    # three 900 s attempts): 256 MiB and 100,000 rows, which one invocation splits with room to spare
+    # One set of limits, for any file split over as many invocations as it needs (issue 11): 10 GiB and
+    # 10 M rows; what one invocation keeps on /tmp and in memory fits the function
     from imagepipe_cli.local.template import load_template
 
     from conftest import TEMPLATE
 
     splitter = imagepipe.splitter
-    assert (splitter.MAX_INPUT_BYTES, splitter.MAX_ROWS) == (256 * 2**20, 100_000)
+    assert (splitter.MAX_INPUT_BYTES, splitter.MAX_ROWS) == (10 * 2**30, 10_000_000)
     template = load_template(TEMPLATE)
     storage_mb = template.function_property("CsvSplitterFunction", "EphemeralStorage")["Size"]
-    # rows.jsonl on /tmp (its in-memory spool aside) stays inside the function's disk
-    assert storage_mb * 2**20 > splitter.MAX_ROW_LOG_BYTES + 64 * 2**20
-    # ~10,000 SendMessageBatch calls and checkpoints for 100,000 rows: minutes, inside one invocation
+    # one invocation's part of rows.jsonl on /tmp (its in-memory spool aside), beside the id index's file
+    assert storage_mb * 2**20 > splitter.MAX_ROW_LOG_BYTES + 300 * 2**20
+    # the id index of 10 M rows (~200 MB, twice that while it grows) fits the function's memory
+    assert template.function_property("CsvSplitterFunction", "MemorySize") >= 1024
     assert template.function_property("CsvSplitterFunction", "Timeout") == 900
     assert splitter.TIME_MARGIN_S < 900 and splitter.HEARTBEAT_S * 3 <= 60
 
 
-def test_a_file_over_the_row_limit_fails_its_job_before_any_row_is_queued(pipeline, monkeypatch):
-    # Given a limit of 5 rows (100,000 on a stack) and a file of 8 good rows
+def test_a_file_over_the_row_limit_stops_at_the_limit_and_says_so(pipeline, monkeypatch):
+    # Given a limit of 5 rows (10 M on a stack) and a file of 8 good rows
     monkeypatch.setattr(imagepipe.splitter, "MAX_ROWS", 5)
     body = CSV + b"".join(b"r%d,a cat number %d,1024,1024\n" % (i, i) for i in range(1, 9))
 
-    # When it is split
+    # When it is split (rows are counted as they are read: a file is never read twice)
     job = pipeline.split("inbox/many.csv", body)
 
-    # Then the job fails up front with the limit and what to do: nothing queued, nothing paid
-    reason = "the file has more than 5 rows; the limit is 5 rows a file: split it into smaller files"
-    assert (job["status"], job["error"]["message"], job["queued"]) == ("unreadable", reason, 0)
-    assert pipeline.queued_messages() == []
-    results = pipeline.results(job["job_id"])
-    assert results.status == "failed" and results.job["summary"]["error"]["message"] == reason
-    assert sum(e.stats().get("requests", 0) for e in pipeline.emulators.values()) == 0
+    # Then the first 5 rows are queued and the job says where the split stopped and why
+    reason = (
+        "the split stopped after row 5: the file has more than 5 rows, the limit a file; "
+        "the rows after it were not read"
+    )
+    assert (job["status"], job["error"]["message"], job["queued"]) == ("split", reason, 5)
+    assert sorted(json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()) == [
+        f"r{i}" for i in range(1, 6)
+    ]
 
 
 def test_thousands_of_unknown_columns_are_named_in_part_and_counted(pipeline):

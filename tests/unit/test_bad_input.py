@@ -22,6 +22,7 @@ from imagepipe.contract import safe_name
 from imagepipe.finisher import csv_cell
 from imagepipe.layout import JobLayout
 from imagepipe.rows import MAX_LINE_BYTES, InputUnreadable, ReadReport, read_rows, text_lines
+from imagepipe.splitstore import IdIndex
 from imagepipe.splitter import READ_CHUNK, RowLog, SplitTarget, _split_row
 
 JOB = "job-1"
@@ -53,7 +54,7 @@ def chunks(data: bytes, size: int = READ_CHUNK) -> list[bytes]:
 def split(data: bytes, fmt: str = "csv") -> Split:
     """The file's bytes split the way split_object splits an S3 object (InputUnreadable as it raises)."""
     target = SplitTarget(queue_url="", output_bucket="", state=None, finisher_queue_url="")
-    log, sender, report, seen = RowLog(), _Sender(), ReadReport(), {}
+    log, sender, report, seen = RowLog(), _Sender(), ReadReport(), IdIndex()
     for raw in read_rows(text_lines(chunks(data), fmt), fmt, report):
         _split_row(raw, JOB, seen, log, sender, target)  # type: ignore[arg-type]
     log.file.seek(0)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import NamedTuple
 
 import pytest
 
 from imagepipe.contract import ImageTask
 from imagepipe.rows import (
+    MAX_ELEMENT_BYTES,
+    InputBroken,
     InputUnreadable,
+    JsonRows,
     RawRow,
     ReadReport,
     RowRejected,
@@ -17,7 +22,10 @@ from imagepipe.rows import (
     read_rows,
     row_id_of,
     split_lines,
+    split_lines_at,
+    text_lines_at,
     to_task,
+    utf8_stream,
 )
 
 from conftest import EXAMPLES
@@ -418,14 +426,19 @@ def test_columns_the_pipeline_does_not_use_are_reported_not_fatal():
 
 @pytest.mark.parametrize(
     ("key", "fmt"),
-    [("inbox/spring.csv", "csv"), ("inbox/SPRING.CSV", "csv"), ("inbox/spring.JSONL", "jsonl")],
+    [
+        ("inbox/spring.csv", "csv"),
+        ("inbox/SPRING.CSV", "csv"),
+        ("inbox/spring.JSONL", "jsonl"),
+        ("inbox/spring.json", "json"),
+    ],
 )
 def test_the_format_comes_from_the_file_extension_in_any_case(key, fmt):
     assert format_for_key(key) == fmt
 
 
 def test_another_file_type_is_unreadable_and_says_which_types_work():
-    with pytest.raises(InputUnreadable, match=r"'inbox/prompts.txt': use a \.csv or \.jsonl file"):
+    with pytest.raises(InputUnreadable, match=r"'inbox/prompts.txt': use a \.csv, \.jsonl or \.json file"):
         format_for_key("inbox/prompts.txt")
 
 
@@ -527,3 +540,117 @@ def test_thousands_of_unknown_columns_are_reported_in_bounded_space():
     assert all(len(name) <= 63 for name in report.ignored_columns)
     warning = report.columns_warning()
     assert warning is not None and warning.endswith("and 4,980 more") and len(warning) < 2000
+
+
+# --------------------------------------------------------------------------- reading on from a row's end
+# A split that runs low on time stops after a row and a later invocation reads on from that row's end
+# (imagepipe.splitter): what it reads must be exactly the rest of the file's rows.
+
+
+def _rows_from(data: bytes, fmt: str, first: int = 0, size: int = 7) -> list[RawRow]:
+    _, stream = utf8_stream(chunked(data, size), fmt)
+    return list(read_rows(text_lines_at(stream), fmt, ReadReport(), first_number=first))
+
+
+def _same(rows: list[RawRow]) -> list[tuple]:
+    return [(r.number, r.values, r.problem, r.readable_id) for r in rows]
+
+
+CSV_TRICKY = (
+    b"id,prompt,note\r\n"
+    b'a,"a cat, on a mat",x\r\n'
+    b'b,"a prompt\nover two lines",y\n'
+    b"\n"
+    b'c,"an open quote,z\n'
+    b"d,a dog,w\n" + b"e," + b"long " * 40 + b",v\n" + b"f,last row without a line end"
+)
+JSONL_TRICKY = (
+    b'{"id": "a", "prompt": "a cat"}\n\n{"id": "b", "prompt": "cut\n[1, 2]\n{"id": "c", "prompt": "x"}'
+)
+
+
+@pytest.mark.parametrize(("fmt", "data"), [("csv", CSV_TRICKY), ("jsonl", JSONL_TRICKY)])
+def test_reading_on_from_any_rows_end_gives_exactly_the_rows_after_it(fmt, data):
+    whole = _rows_from(data, fmt)
+    assert all(r.end is not None for r in whole) and len(whole) >= 4
+    header = ReadReport()
+    _, stream = utf8_stream([data], fmt)
+    list(read_rows(text_lines_at(stream), fmt, header))
+    for row in whole:
+        # What a continuation reads: the CSV header again, then the file from the row's end
+        rest = data[: header.header_end] + data[row.end :]
+        after = _rows_from(rest, fmt, first=row.number)
+        assert _same(after) == _same(whole[row.number :]), row.number
+
+
+def test_line_ends_count_every_byte_also_of_a_cut_line():
+    data = b"short\r\n" + b"x" * 50 + b"\r\nend\n" + b"y" * 30
+    for size in (1, 3, 8, 64):
+        lines = list(split_lines_at(chunked(data, size), max_line=10))
+        assert [end for _, end in lines] == [7, 59, 63, 93]
+        assert [line for line, _ in lines] == [b"short\r\n", b"x" * 10 + b"\n", b"end\n", b"y" * 10 + b"\n"]
+
+
+JSON_ROWS = [
+    {"id": "a", "prompt": "a cat", "tag": "x"},
+    {"id": "b", "prompt": 'a {brace} and a "quote" ]'},
+    7,
+    [1, 2],
+    {"id": "c", "prompt": "", "params": {"quality": "high"}},
+    {"id": "d", "prompt": "last"},
+]
+
+
+def test_a_json_array_is_read_like_the_same_objects_in_jsonl():
+    as_json = json.dumps(JSON_ROWS, indent=2).encode()
+    as_jsonl = b"".join(json.dumps(row).encode() + b"\n" for row in JSON_ROWS)
+    json_report, jsonl_report = ReadReport(), ReadReport()
+    from_json = list(JsonRows(chunked(as_json, 5), json_report))
+    _, stream = utf8_stream([as_jsonl], "jsonl")
+    from_jsonl = list(read_rows(text_lines_at(stream), "jsonl", jsonl_report))
+
+    assert [(r.number, r.values) for r in from_json] == [(r.number, r.values) for r in from_jsonl]
+    assert [r.problem for r in from_json][2:4] == [
+        "the element is JSON but not an object (got int)",
+        "the element is JSON but not an object (got an array)",
+    ]
+    assert json_report.ignored_columns == jsonl_report.ignored_columns == ["tag"]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_read_on_from_where_a_precise_read_stopped_gives_exactly_the_rest(indent):
+    data = json.dumps(JSON_ROWS, indent=indent).encode()
+    whole = list(JsonRows([data], ReadReport()))
+    for stop_after in range(len(JSON_ROWS)):
+        # A reader asked for precise ends after `stop_after` rows stops at the first row that has one
+        reader = JsonRows(chunked(data, 16), ReadReport())
+        read = []
+        for row in reader:
+            read.append(row)
+            if len(read) >= stop_after:
+                reader.precise()
+            if len(read) >= stop_after and row.end is not None:
+                break
+        last = read[-1]
+        # ... and a reader resuming from that end reads exactly the rows after it
+        rest = list(
+            JsonRows(chunked(data[last.end :], 16), ReadReport(), first_number=last.number, resume=True)
+        )
+        assert [(r.number, r.values, r.problem) for r in read + rest] == [
+            (r.number, r.values, r.problem) for r in whole
+        ]
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        (b"", InputUnreadable, "the file is empty"),
+        (b'{"id": "1"}', InputUnreadable, "the file is one JSON object, not an array of rows"),
+        (b"\xef\xbb\xbf  [1", InputBroken, "the file ends before the JSON array is closed (after row 1)"),
+        (b'[{"id": "1"}, {"id": 2,, }]', InputBroken, "the JSON is not valid before byte"),
+        (b'[{"a": "' + b"x" * (MAX_ELEMENT_BYTES + 10), InputUnreadable, "row 1 of the JSON array is longer"),
+    ],
+)
+def test_a_json_file_that_is_not_an_array_of_rows_says_what_is_wrong(data, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        list(JsonRows(chunked(data, 256 * 1024), ReadReport()))

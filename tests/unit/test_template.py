@@ -63,10 +63,10 @@ def test_the_generator_reports_partial_batch_failures_with_bounded_concurrency(t
     assert props["BatchSize"] == {"Ref": "GeneratorBatchSize"}
 
 
-def test_only_csv_and_jsonl_uploads_trigger_the_splitter(template):
+def test_only_csv_jsonl_and_json_uploads_trigger_the_splitter(template):
     events = template.function_property("CsvSplitterFunction", "Events").values()
     suffixes = {e["Properties"]["Filter"]["S3Key"]["Rules"][0]["Value"] for e in events if e["Type"] == "S3"}
-    assert suffixes == {".csv", ".jsonl"}
+    assert suffixes == {".csv", ".jsonl", ".json"}
 
 
 def test_every_function_shares_one_layer_built_for_its_runtime(template):
@@ -264,6 +264,10 @@ def test_every_object_grant_is_under_jobs_of_the_output_bucket_or_reads_an_uploa
                 assert action in {"s3:GetObject", "s3:GetObjectVersion"}, (function, action)
             else:
                 assert path.startswith(OUTPUT_OBJECTS + "jobs/"), (function, action, path)
+            if action == "s3:DeleteObject":
+                # the splitter's scratch parts of a split (id index, parts of rows.jsonl), never a record
+                assert (function, path) == ("CsvSplitterFunction", OUTPUT_OBJECTS + "jobs/*/split/*")
+                continue
             # object actions only: nobody may list, delete, or change a bucket's policy, ACLs or lifecycle
             assert action in {
                 "s3:GetObject",

@@ -145,7 +145,9 @@ def test_s3_objects_that_are_not_csv_or_jsonl_are_skipped_without_error(key: str
     # When it is read
     # Then no job is asked for, no error is raised, and the skipped key is logged
     assert job_requests(s3_event(key)) == []
-    assert log.lines == [("skipping object: not a .csv or .jsonl file", {"bucket": LOCAL_BUCKET, "key": key})]
+    assert log.lines == [
+        ("skipping object: not a .csv, .jsonl or .json file", {"bucket": LOCAL_BUCKET, "key": key})
+    ]
 
 
 @pytest.mark.parametrize("key", ["inbox/PROMPTS.CSV", "inbox/prompts.Jsonl", "prompts.jsonl"])
@@ -323,7 +325,7 @@ def test_up_to_500_inline_rows_are_accepted_and_more_are_refused():
     [request] = job_requests(job_event({"rows": rows[:MAX_INLINE_ROWS]}))
     assert len(request.rows) == MAX_INLINE_ROWS
     message = error_of(job_event({"rows": rows}))
-    assert "501 rows" in message and "upload a .csv or .jsonl file" in message
+    assert "501 rows" in message and "upload a .csv, .jsonl or .json file" in message
 
 
 @pytest.mark.parametrize(
@@ -335,7 +337,7 @@ def test_up_to_500_inline_rows_are_accepted_and_more_are_refused():
         ({"key": KEY, "rows": [{"prompt": "a"}]}, 'both "rows" and "key"'),
         ({"bucket": BUCKET, "rows": [{"prompt": "a"}]}, 'both "rows" and "key"'),
         ({"key": KEY, "name": "x"}, '"name" goes only with "rows"'),
-        ({"key": "inbox/photo.png"}, "is not a .csv or .jsonl file"),
+        ({"key": "inbox/photo.png"}, "is not a .csv, .jsonl or .json file"),
         ({"rows": []}, '"rows" is empty'),
         ({"rows": "id,prompt\n1,a cat"}, "rows: Input should be a valid list"),
         ({"rows": [{"prompt": "a"}, "b"]}, "rows.1: Input should be a valid dictionary"),

@@ -274,6 +274,81 @@ class JobState:
         ):
             raise SplitInProgress(f"job {job_id} was taken over by another invocation")
 
+    def hand_split_over(
+        self, job_id: str, owner: str, *, to: str, segment: int, start: dict[str, Any], through: int
+    ) -> None:
+        """This splitter stops here and hands the split to a continuation (imagepipe.splitter): the split
+        is `to`'s from now, at `segment`, which starts at `start` (offset, row ...) with every row through
+        `through` queued. SplitInProgress when the split is no longer this splitter's."""
+        if not _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET split_owner = :to, split_heartbeat = :now, split_through = :row, "
+            "split_segment = :segment, split_start = :start",
+            ConditionExpression="#s = :splitting AND split_owner = :me",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":to": to,
+                ":now": self._now(),
+                ":row": through,
+                ":segment": segment,
+                ":start": _dynamo(start),
+                ":me": owner,
+                ":splitting": SPLITTING,
+            },
+        ):
+            raise SplitInProgress(f"job {job_id} was taken over by another invocation")
+
+    def continue_split(
+        self, job_id: str, *, handed_to: str, segment: int, through: int, owner: str, lease_s: float
+    ) -> dict[str, Any] | None:
+        """A continuation takes the split: the job's record once it is `owner`'s, or None (the split is
+        done, or another splitter is live on it: nothing to do). Taken when it was handed to `handed_to`
+        at `segment` - split_through raised to `through`, what the hand-over knew was queued - or, like
+        create_job, when its splitter is gone (no heartbeat for lease_s)."""
+        now = self._now()
+        same_segment = "split_segment = :segment" + (
+            " OR attribute_not_exists(split_segment)" if segment == 0 else ""
+        )
+        answer = _write(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET split_owner = :me, split_heartbeat = :now, split_through = :through",
+            ConditionExpression=f"#s = :splitting AND split_owner = :handed AND ({same_segment}) "
+            "AND split_through <= :through",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":me": owner,
+                ":now": now,
+                ":through": through,
+                ":handed": handed_to,
+                ":segment": segment,
+                ":splitting": SPLITTING,
+            },
+            ReturnValues="ALL_NEW",
+        )
+        if answer is not None:
+            return plain(answer["Attributes"])
+        job = self.job(job_id)
+        if job is None or job.get("status") != SPLITTING:
+            return None
+        seen = float(job.get("split_heartbeat", 0))
+        if seen >= float(now) - lease_s or not _conditionally(
+            self._table.update_item,
+            Key=_job_key(job_id),
+            UpdateExpression="SET split_owner = :me, split_heartbeat = :now",
+            ConditionExpression="#s = :splitting AND split_heartbeat = :seen",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":me": owner,
+                ":now": now,
+                ":splitting": SPLITTING,
+                ":seen": _num(seen),
+            },
+        ):
+            return None
+        return {**job, "split_owner": owner}
+
     def split_done(self, job_id: str, fields: dict[str, Any], *, owner: str) -> bool:
         """The file is split: how many rows, how many queued and rejected (a file that could not be read
         at all has an error and no rows: the finisher then ends the job failed). Only by the splitter that

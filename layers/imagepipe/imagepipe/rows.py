@@ -1,4 +1,9 @@
-"""Reading an input file (CSV or JSONL) row by row, as a stream, and turning each row into a task or a rejection."""
+"""Reading an input file (CSV, JSONL or a JSON array) row by row, as a stream, and turning each row into a task
+or a rejection.
+
+Every row read from a stream knows where it ends (RawRow.end, a byte offset in the UTF-8 stream), so a split
+can stop after any row and a later invocation can go on from there (imagepipe.splitter). A JSON array's rows
+know it only when asked for (JsonRows.precise): finding it costs a byte-by-byte feed of the parser."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import ijson
 from pydantic import ValidationError
 
 from imagepipe.contract import (
@@ -41,13 +47,16 @@ KNOWN_COLUMNS = (
     "guidance",
     "params",
 )
-FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
-FORMAT_LABELS = {"csv": "CSV", "jsonl": "JSONL"}
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
+FORMAT_LABELS = {"csv": "CSV", "jsonl": "JSONL", "json": "JSON"}
 # A prompt is at most 4,000 characters; a field (a JSONL line) far larger than that is rejected, not a crash.
 MAX_FIELD_CHARS = 1_000_000
 csv.field_size_limit(MAX_FIELD_CHARS)
 # A line longer than this is cut here (its row is rejected), so a file without line breaks cannot fill memory.
 MAX_LINE_BYTES = 8 * 2**20
+# The same bound for one element of a JSON array: the parser holds an element whole, so a larger one stops
+# the read (a JSON array cannot be read on past an element it cannot hold).
+MAX_ELEMENT_BYTES = MAX_LINE_BYTES
 # Unknown column names: the first few are named (each cut short) in the job's warning, the rest counted, so
 # a file with thousands of made-up columns cannot grow the job record past DynamoDB's 400 KB item limit.
 MAX_NAMED_COLUMNS = 20
@@ -91,6 +100,10 @@ class InputUnreadable(Exception):
     """The file as a whole cannot be read (no header, no prompt column, unknown format)."""
 
 
+class InputBroken(InputUnreadable):
+    """The file cannot be read past some point (a JSON array broken or cut short): the rows before it stand."""
+
+
 class RowRejected(Exception):
     """This row cannot become a task; the message says why, in words a user can act on."""
 
@@ -102,6 +115,8 @@ class RawRow:
     problem: str | None = None
     # A row that could not be parsed: its id as written, when that much of it could be read.
     readable_id: str | None = None
+    # Where the row ends in the stream read (bytes), when known: a split can go on from there.
+    end: int | None = None
 
 
 @dataclass
@@ -114,6 +129,10 @@ class ReadReport:
     # ... and how many distinct unknown names there are in all (capped at MAX_COUNTED_COLUMNS).
     ignored_column_count: int = 0
     blank_rows: int = 0
+    # Things noticed about the file as a whole that do not stop it (data after a JSON array's end).
+    notes: list[str] = field(default_factory=list)
+    # A CSV's header ends here (stream offset): a split going on mid-file reads the header from the start.
+    header_end: int = 0
 
     def columns_warning(self) -> str | None:
         """The job's warning about unknown columns, of bounded length, or None."""
@@ -127,12 +146,16 @@ class ReadReport:
         return text
 
 
-class _UnknownColumns:
+class UnknownColumns:
     """Unknown column names seen so far, in bounded memory: the first few kept, the rest counted by digest."""
 
-    def __init__(self) -> None:
-        self.named: list[str] = []
-        self._seen: set[bytes] = set()
+    def __init__(self, named: Iterable[str] = (), seen: bytes = b"") -> None:
+        self.named: list[str] = list(named)
+        self._seen: set[bytes] = {seen[i : i + 16] for i in range(0, len(seen), 16)}
+
+    def dump(self) -> tuple[list[str], bytes]:
+        """What a later reader of the same file is created with (UnknownColumns(*dump)) to go on counting."""
+        return list(self.named), b"".join(sorted(self._seen))
 
     def add(self, name: str) -> None:
         if len(self._seen) >= MAX_COUNTED_COLUMNS:
@@ -154,7 +177,7 @@ def format_for_key(key: str) -> str:
     for suffix, fmt in FORMATS.items():
         if key.lower().endswith(suffix):
             return fmt
-    raise InputUnreadable(f"unsupported file type for {key!r}: use a .csv or .jsonl file")
+    raise InputUnreadable(f"unsupported file type for {key!r}: use a .csv, .jsonl or .json file")
 
 
 def split_lines(chunks: Iterable[bytes], max_line: int | None = None) -> Iterator[bytes]:
@@ -162,26 +185,42 @@ def split_lines(chunks: Iterable[bytes], max_line: int | None = None) -> Iterato
 
     With max_line, a longer line is cut to its first max_line bytes and a line end, and the rest of it
     is skipped as it arrives, so a file without line breaks is never held whole."""
-    pending = b""
-    skip = ""  # after a cut: "rest" of the line still to come, or the "lf" of a \r\n
+    for line, _ in split_lines_at(chunks, max_line):
+        yield line
+
+
+def split_lines_at(chunks: Iterable[bytes], max_line: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """split_lines, each line with the stream offset just past its end (a cut line: past the end of all of
+    it, so reading on from there starts at the next line)."""
+    pending, end = b"", 0  # bytes not yet yielded; the stream offset where they start
+    cut: bytes | None = None  # a long line's first max_line bytes, yielded when its end comes
     for chunk in chunks:
-        if skip == "lf" and chunk:
-            chunk, skip = chunk.removeprefix(b"\n"), ""
         lines = (pending + chunk).splitlines(keepends=True)
+        # The last piece is kept back even when whole: a "\r" may be followed by the "\n" of a "\r\n".
         pending = lines.pop() if lines else b""
         for line in lines:
-            if skip == "rest":
-                skip = ""
-                continue
-            yield line if max_line is None else _cut(line, max_line)
-        if max_line is not None and len(pending.rstrip(b"\r\n")) > max_line:
-            if skip != "rest":
-                yield pending[:max_line] + b"\n"
-            # What of the line is still to come: nothing, the \n of a \r\n, or the rest of it.
-            skip = "" if pending.endswith(b"\n") else "lf" if pending.endswith(b"\r") else "rest"
-            pending = b""
-    if pending and skip != "rest":
-        yield pending if max_line is None else _cut(pending, max_line)
+            end += len(line)
+            if cut is not None:
+                yield cut + b"\n", end
+                cut = None
+            else:
+                yield (line if max_line is None else _cut(line, max_line)), end
+        if max_line is not None and (cut is not None or len(pending.rstrip(b"\r\n")) > max_line):
+            cut = pending[:max_line] if cut is None else cut
+            if pending.endswith(b"\n"):
+                end += len(pending)
+                yield cut + b"\n", end
+                cut, pending = None, b""
+            else:  # the rest of the long line is dropped as it comes; a final "\r" waits for its "\n"
+                keep = pending[-1:] if pending.endswith(b"\r") else b""
+                end += len(pending) - len(keep)
+                pending = keep
+    if pending or cut is not None:
+        end += len(pending)
+        if cut is not None:
+            yield cut + b"\n", end
+        else:
+            yield (pending if max_line is None else _cut(pending, max_line)), end
 
 
 def _cut(line: bytes, max_line: int) -> bytes:
@@ -205,17 +244,42 @@ def text_lines(chunks: Iterable[bytes], fmt: str) -> Iterator[str]:
     """The text lines of a file's bytes, as the splitter reads them: UTF-8 (with or without a BOM), or
     UTF-16/UTF-32 with a BOM, or UTF-16 without one (known by its NUL bytes), recoded to UTF-8. A file
     that is not text (gzip, xlsx, an image ...) is InputUnreadable before any row is read."""
+    _, stream = utf8_stream(chunks, fmt)
+    for line, _ in text_lines_at(stream):
+        yield line
+
+
+def utf8_stream(
+    chunks: Iterable[bytes], fmt: str, encoding: str | None = None
+) -> tuple[str, Iterator[bytes]]:
+    """The file's encoding (sniffed from its first bytes unless given) and its bytes as UTF-8: what does not
+    decode becomes a lone surrogate, so its row is rejected. InputUnreadable for a file that is not text."""
     source = iter(chunks)
     head = b""
-    for chunk in source:
-        head += chunk
-        if len(head) >= SNIFF_BYTES:
-            break
-    encoding = _sniff(head, fmt)
+    if encoding is None:
+        for chunk in source:
+            head += chunk
+            if len(head) >= SNIFF_BYTES:
+                break
+        encoding = _sniff(head, fmt)
     stream: Iterator[bytes] = itertools.chain([head], source)
     if encoding != "utf-8":
         stream = _recode(stream, encoding)
-    yield from decode_lines(split_lines(stream, MAX_LINE_BYTES))
+    return encoding, stream
+
+
+def text_lines_at(utf8: Iterable[bytes]) -> Iterator[tuple[str, int]]:
+    """Text lines of a UTF-8 stream, each with the stream offset past its end (long lines cut)."""
+    lines = split_lines_at(utf8, MAX_LINE_BYTES)
+    ends: list[int] = []
+
+    def bare() -> Iterator[bytes]:
+        for line, end in lines:
+            ends.append(end)
+            yield line
+
+    for text in decode_lines(bare()):
+        yield text, ends.pop()
 
 
 def _sniff(head: bytes, fmt: str) -> str:
@@ -255,47 +319,79 @@ def _recode(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
     yield decoder.decode(b"", final=True).encode("utf-8", "surrogatepass")
 
 
-def read_rows(lines: Iterable[str], fmt: str, report: ReadReport) -> Iterator[RawRow]:
+Line = str | tuple[str, int]  # a text line, or one with its end offset (text_lines_at)
+
+
+def read_rows(
+    lines: Iterable[Line],
+    fmt: str,
+    report: ReadReport,
+    *,
+    first_number: int = 0,
+    unknown: UnknownColumns | None = None,
+) -> Iterator[RawRow]:
+    """The rows of a file's text lines. `first_number`: rows before these (a split going on mid-file);
+    `unknown`: the JSONL keys not known, seen before it."""
     report.format = fmt
     if fmt == "csv":
-        yield from _read_csv(lines, report)
+        yield from _read_csv(lines, report, first_number)
     elif fmt == "jsonl":
-        yield from _read_jsonl(lines, report)
+        yield from _read_jsonl(lines, report, first_number, unknown or UnknownColumns())
+    elif fmt == "json":
+        data = (
+            (line if isinstance(line, str) else line[0]).encode("utf-8", "surrogatepass") for line in lines
+        )
+        yield from JsonRows(data, report, first_number=first_number, unknown=unknown)
     else:
         raise InputUnreadable(f"unsupported format {fmt!r}")
+
+
+def _line(item: Line) -> tuple[str, int | None]:
+    return (item, None) if isinstance(item, str) else item
 
 
 class _Tape:
     """The lines the CSV reader takes for the record being read, so a broken record can be
     read again from its second line (a field may span lines; an unclosed quote spans to the end)."""
 
-    def __init__(self, lines: Iterable[str]) -> None:
+    def __init__(self, lines: Iterable[Line]) -> None:
         self._source = iter(lines)
-        self._replay: list[str] = []
-        self.taken: list[str] = []
+        self._replay: list[tuple[str, int | None]] = []
+        self._taken: list[tuple[str, int | None]] = []
+        self.end: int | None = None  # where the last line taken ends
 
     def __iter__(self) -> _Tape:
         return self
 
     def __next__(self) -> str:
-        line = self._replay.pop() if self._replay else next(self._source)
-        self.taken.append(line)
-        return line
+        line = self._replay.pop() if self._replay else _line(next(self._source))
+        self._taken.append(line)
+        self.end = line[1]
+        return line[0]
+
+    @property
+    def taken(self) -> list[str]:
+        return [text for text, _ in self._taken]
+
+    def new_record(self) -> None:
+        self._taken = []
 
     def rewind_after_first(self) -> None:
-        self._replay.extend(reversed(self.taken[1:]))
-        self.taken = []
+        """Only the record's first line is used up (its end is where the record ends)."""
+        if self._taken:
+            self.end = self._taken[0][1]
+        self._replay.extend(reversed(self._taken[1:]))
+        self._taken = []
 
 
-def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
+def _read_csv(lines: Iterable[Line], report: ReadReport, number: int = 0) -> Iterator[RawRow]:
     tape = _Tape(lines)
     # strict: a stray quote is an error on that row, not a prompt that swallows the rows after it.
     reader = csv.reader(tape, skipinitialspace=True, strict=True)
     header: list[str] | None = None
     id_column: int | None = None
-    number = 0
     while True:
-        tape.taken = []
+        tape.new_record()
         try:
             fields = next(reader)
         except StopIteration:
@@ -305,14 +401,16 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 _check_not_jsonl(tape.taken)
                 raise InputUnreadable(f"the CSV header cannot be read: {_csv_problem(exc)}") from None
             number += 1
+            first = tape.taken[0] if tape.taken else ""
+            # Only the record's first line is lost to the error; the lines it swallowed are read again.
+            tape.rewind_after_first()
             yield RawRow(
                 number,
                 None,
                 f"the CSV row cannot be read: {_csv_problem(exc)}",
-                _csv_id(tape.taken[0] if tape.taken else "", id_column),
+                _csv_id(first, id_column),
+                end=tape.end,
             )
-            # Only the record's first line is lost to the error; the lines it swallowed are read again.
-            tape.rewind_after_first()
             reader = csv.reader(tape, skipinitialspace=True, strict=True)
             continue
         if header is None:
@@ -323,6 +421,7 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 _check_not_jsonl(tape.taken)
             _check_header(header, report)
             id_column = header.index("id") if "id" in header else None
+            report.header_end = tape.end or 0
             continue
         if not any(value.strip() for value in fields):
             report.blank_rows += 1
@@ -335,10 +434,12 @@ def _read_csv(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 f"the row has {len(fields)} fields but the header has {len(header)} "
                 "(quote prompts that contain commas)",
                 _readable_id(fields[id_column]) if id_column is not None else None,
+                end=tape.end,
             )
             continue
         # Columns without a name (the trailing commas a spreadsheet leaves) are not read.
-        yield RawRow(number, {name: value for name, value in zip(header, fields, strict=False) if name})
+        values = {name: value for name, value in zip(header, fields, strict=False) if name}
+        yield RawRow(number, values, end=tape.end)
     if header is None:
         raise InputUnreadable(
             "the file is empty: expected a header line such as id,prompt,negative_prompt,width,height"
@@ -382,7 +483,7 @@ def _check_header(header: list[str], report: ReadReport) -> None:
             else ""
         )
         raise InputUnreadable(f"the CSV header repeats column(s): {shown}{more}")
-    unknown = _UnknownColumns()
+    unknown = UnknownColumns()
     for name in named:
         if name not in KNOWN_COLUMNS:
             unknown.add(name)
@@ -441,10 +542,11 @@ def _header_hint(header: list[str]) -> str:
     return "expected id,prompt,negative_prompt,width,height"
 
 
-def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
-    number = 0
-    unknown = _UnknownColumns()
-    for line in lines:
+def _read_jsonl(
+    lines: Iterable[Line], report: ReadReport, number: int, unknown: UnknownColumns
+) -> Iterator[RawRow]:
+    for item in lines:
+        line, end = _line(item)
         if not line.strip():
             report.blank_rows += 1
             continue
@@ -456,6 +558,7 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 f"the line is longer than {MAX_FIELD_CHARS:,} characters (a prompt may have at most "
                 f"{MAX_PROMPT_CHARS})",
                 _jsonl_id(line),
+                end=end,
             )
             continue
         try:
@@ -465,21 +568,30 @@ def _read_jsonl(lines: Iterable[str], report: ReadReport) -> Iterator[RawRow]:
                 _check_first_jsonl_line(line)
             message = exc.msg.removesuffix(" at")  # "Invalid control character at"
             yield RawRow(
-                number, None, f"the line is not valid JSON: {message} at column {exc.colno}", _jsonl_id(line)
+                number,
+                None,
+                f"the line is not valid JSON: {message} at column {exc.colno}",
+                _jsonl_id(line),
+                end=end,
             )
             continue
         except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
             yield RawRow(
-                number, None, f"the line cannot be read as JSON: {type(exc).__name__}", _jsonl_id(line)
+                number,
+                None,
+                f"the line cannot be read as JSON: {type(exc).__name__}",
+                _jsonl_id(line),
+                end=end,
             )
             continue
         if not isinstance(value, dict):
-            yield RawRow(number, None, f"the line is JSON but not an object (got {type(value).__name__})")
+            problem = f"the line is JSON but not an object (got {type(value).__name__})"
+            yield RawRow(number, None, problem, end=end)
             continue
         for name in value:
             if name not in KNOWN_COLUMNS:
                 unknown.add(name)
-        yield RawRow(number, value)
+        yield RawRow(number, value, end=end)
     unknown.report(report)
 
 
@@ -528,6 +640,156 @@ def _check_first_jsonl_line(line: str) -> None:
         )
     if "prompt" in text.lower() and "," in text and not text.startswith("{"):
         raise InputUnreadable(f"the file looks like a CSV (the first line is {shown!r}): name it .csv")
+
+
+def _send(parser: Any, data: bytes | None) -> Exception | None:
+    """Give the parser more of the file (None: the end of it); its complaint, if any, is returned so the
+    rows it completed before it are still read."""
+    try:
+        if data is None:
+            parser.close()
+        else:
+            parser.send(data)
+    except ijson.JSONError as exc:
+        return exc
+    return None
+
+
+_JSON_BLANK = b" \t\n\r"  # JSON's whitespace: what may stand around an array's elements
+_JSON_EXAMPLE = '[{"id": "1", "prompt": "a cat"}, {"id": "2", "prompt": "a dog"}]'
+
+
+class JsonRows:
+    """The rows of a JSON array of objects, read as a stream by ijson (its yajl2_c parser when the wheel
+    has it, pure Python otherwise): one element held at a time, never the file.
+
+    `resume`: the stream starts just after an element (where an earlier split stopped); the parser is
+    given "[" and what follows the next comma. A row knows where it ends (RawRow.end, an offset in the
+    stream given) only after precise(): from then on the parser is fed a byte at a time, so the caller
+    calls it when it wants to stop, and stops at the first row with an end."""
+
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        report: ReadReport,
+        *,
+        first_number: int = 0,
+        unknown: UnknownColumns | None = None,
+        resume: bool = False,
+        base: int = 0,
+    ) -> None:
+        self._chunks, self._report, self._resume = chunks, report, resume
+        self._number = first_number
+        self._unknown = unknown or UnknownColumns()
+        self._precise = False
+        self._base = base  # the stream's offset in the file, for messages
+        self.end = 0  # how much of the stream the parser has been given
+
+    def precise(self) -> None:
+        self._precise = True
+
+    def __iter__(self) -> Iterator[RawRow]:
+        self._report.format = "json"
+        out = ijson.sendable_list()
+        parser = ijson.items_coro(out, "item", use_float=True)
+        since = 0  # the start of the piece in which the last element ended: the next one starts after it
+        started = False
+        for chunk in self._chunks:
+            if not started:
+                chunk, started = self._start(chunk, parser)
+            step = 1 if self._precise else max(len(chunk), 1)
+            for at in range(0, len(chunk), step):
+                piece = chunk[at : at + step]
+                error = _send(parser, piece)
+                self.end += len(piece)
+                if out:
+                    items = list(out)
+                    del out[:]
+                    for index, item in enumerate(items):
+                        exact = step == 1 and index == len(items) - 1 and error is None
+                        yield self._row(item, self.end - since, self.end if exact else None)
+                    since = self.end - len(piece)
+                elif self.end - since > MAX_ELEMENT_BYTES:
+                    raise (InputBroken if self._number else InputUnreadable)(
+                        f"row {self._number + 1:,} of the JSON array is longer than {MAX_ELEMENT_BYTES:,} "
+                        f"bytes (a prompt may have at most {MAX_PROMPT_CHARS} characters)"
+                    )
+                if error is not None:
+                    self._broken(error)
+                    return
+        if not started:
+            raise InputUnreadable(f"the file is empty: expected a JSON array of rows such as {_JSON_EXAMPLE}")
+        error = _send(parser, None)
+        for item in list(out):
+            yield self._row(item, 0, None)
+        if error is not None:
+            self._broken(error)
+            return
+        self._unknown.report(self._report)
+
+    def _start(self, chunk: bytes, parser: Any) -> tuple[bytes, bool]:
+        """The chunk from where the parser starts, and whether it has started (only blanks so far: not)."""
+        if not self._resume and self.end == 0 and chunk.startswith(codecs.BOM_UTF8):
+            chunk, self.end = chunk[3:], 3  # the BOM counts in the offsets, not in the JSON
+        stripped = chunk.lstrip(_JSON_BLANK)
+        self.end += len(chunk) - len(stripped)
+        if not stripped:
+            return b"", False
+        first = stripped[:1]
+        if self._resume:
+            parser.send(b"[")
+            if first == b",":
+                self.end += 1
+                return stripped[1:], True
+            return stripped, True
+        if first != b"[":
+            shown = stripped[:40].decode("utf-8", "replace")
+            if first == b"{":
+                raise InputUnreadable(
+                    f"the file is one JSON object, not an array of rows (it starts with {shown!r}): write the "
+                    f"rows as {_JSON_EXAMPLE}, or one object per line in a .jsonl file"
+                )
+            raise InputUnreadable(
+                f"the file is not a JSON array of rows (it starts with {shown!r}): expected {_JSON_EXAMPLE}"
+            )
+        return stripped, True
+
+    def _row(self, item: Any, span: int, end: int | None) -> RawRow:
+        self._number += 1
+        if not isinstance(item, dict):
+            kind = "an array" if isinstance(item, list) else type(item).__name__
+            return RawRow(self._number, None, f"the element is JSON but not an object (got {kind})", end=end)
+        # The element's size is known only roughly (chunks); measured when it may be over the limit.
+        if span > MAX_FIELD_CHARS and len(json.dumps(item)) > MAX_FIELD_CHARS:
+            return RawRow(
+                self._number,
+                None,
+                f"the element is longer than {MAX_FIELD_CHARS:,} characters (a prompt may have at most "
+                f"{MAX_PROMPT_CHARS})",
+                _readable_id(item.get("id")),
+                end=end,
+            )
+        for name in item:
+            if name not in KNOWN_COLUMNS:
+                self._unknown.add(name)
+        return RawRow(self._number, item, end=end)
+
+    def _broken(self, exc: Exception) -> None:
+        """What a parser error means for the split: a note (data after the array), or InputBroken (the rows
+        read so far stand), or InputUnreadable (no row could be read)."""
+        self._unknown.report(self._report)
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].removeprefix("parse error: ")
+        if "trailing garbage" in text or "Additional data" in text:
+            self._report.notes.append("the file has data after the JSON array's closing ]: it was not read")
+            return
+        if "premature EOF" in text or "Incomplete" in text:
+            reason = f"the file ends before the JSON array is closed (after row {self._number:,}): it was cut short"
+        else:
+            where = f"before byte {self._base + self.end:,} (row {self._number + 1:,})"
+            reason = f"the JSON is not valid {where}: {text}"
+        if self._number == 0:
+            raise InputUnreadable(reason) from None
+        raise InputBroken(f"{reason}; the rows after it were not read") from None
 
 
 @dataclass(frozen=True)

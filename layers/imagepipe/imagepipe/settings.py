@@ -43,6 +43,8 @@ class SplitterSettings(_Common):
     jobs_table: str
     finisher_queue_url: str
     default_max_cost: float | None = Field(None, ge=0)
+    # Where a split that runs low on time hands the rest of the file to a later invocation of itself.
+    split_continuation_queue_url: str | None = None
 
 
 class GeneratorSettings(_Common):

@@ -1,57 +1,96 @@
-"""Turning one uploaded file into tasks on TasksQueue, and recording what became of every row."""
+"""Turning one uploaded file into tasks on TasksQueue, and recording what became of every row.
+
+A file of any size is split in segments, one invocation each:
+- Reading: rows are streamed from S3 (CSV, JSONL, or a JSON array through ijson), never the whole file, and
+  each row knows where it ends. Every read names the version the job started from (VersionId; IfMatch on
+  the ETag in an unversioned bucket), from the segment's first byte on (Range; a CSV's header is read again).
+- Sending: SendMessageBatch of 10 tasks, SEND_THREADS calls in flight on one (thread-safe) client: 0.1 SQS
+  calls a row. The job's split_through - every row up to it is on the queue - moves over a run of finished
+  batches and is written at most every CHECKPOINT_S: the split's checkpoint and its lease's heartbeat.
+- Continuing: with less than TIME_MARGIN_S left in the invocation (or this segment's part of rows.jsonl at
+  MAX_ROW_LOG_BYTES on /tmp) the splitter stops after a row whose end it knows, waits for its batches,
+  saves the segment (imagepipe.splitstore: the id index, its lines of rows.jsonl, its counts), hands the
+  split over in one conditional write (owner: a new token; the next segment starts at that byte and row)
+  and sends itself a message on SplitContinuationQueue naming the token. The continuation takes the split
+  with a conditional write and reads on from that byte: no row is sent twice, none is skipped.
+- Crashes: a segment is re-run from its start (the index and counts the segment before it left) by
+  whoever takes the split over - Lambda's retry of the event, SQS's redelivery of the continuation - and
+  it sends only the rows after split_through. An exception after rows were sent (a checkpoint write that
+  failed, SQS refusing a batch for good) hands the segment to a continuation with what this invocation
+  knows it sent - the message carries it when the job record could not - up to MAX_SEGMENT_RETRIES times,
+  then the split ends with what it queued. Only an invocation killed outright (its Timeout, out of memory)
+  can leave rows sent after its last checkpoint (at most CHECKPOINT_S of sending plus the batches in
+  flight): the retry sends them again, and the generator's claim on the task (one JobsTable item per row
+  name) makes the second message a no-op.
+- Limits (10 M rows on paper): MAX_ROWS is counted as rows are read (a file over it stops at that row; the
+  rows before it go on); the job record holds a few numbers whatever the size; /tmp holds one segment's
+  part of rows.jsonl (MAX_ROW_LOG_BYTES, then it hands over early); memory holds the id index (~20 bytes a
+  row: ~200 MB at 10 M rows, hence the function's 1,024 MB); time: every invocation hands over before its
+  Timeout, and the one that reaches the end of the file streams the parts into rows.jsonl (it hands over
+  first when its time left would not do at ASSEMBLE_BYTES_PER_S).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagepipe.contract import JOB_ID_PATTERN, PROVIDER_NAMES, ImageTask, job_stem
 from imagepipe.jobstate import JobState, SplitInProgress
 from imagepipe.layout import STATUS_REJECTED, JobLayout
 from imagepipe.observability import logger
 from imagepipe.providers import Keys, provider_class
-from imagepipe.records import now_iso, put_json
+from imagepipe.records import get_json, now_iso, put_json
 from imagepipe.rows import (
     KNOWN_COLUMNS,
+    InputBroken,
     InputUnreadable,
+    JsonRows,
     RawRow,
     ReadReport,
     RowDefaults,
     RowRejected,
+    UnknownColumns,
     format_for_key,
     read_rows,
     row_id_of,
-    text_lines,
+    text_lines_at,
     to_task,
+    utf8_stream,
 )
+from imagepipe.splitstore import IdIndex, SegmentStore
 
 SQS_BATCH = 10
+SEND_THREADS = 4
 READ_CHUNK = 256 * 1024
-# The splitter's limits, one set that its function can do (CsvSplitterFunction: 512 MB of memory, 2,048 MB
-# of /tmp, 900 s). A file over either fails its job up front - before any row is queued - with the reason:
-# - MAX_INPUT_BYTES: checked before a byte is read. rows.jsonl (spooled to /tmp) holds each row's prompt and
-#   extra columns again, JSON-escaped: at most a few times the input, inside /tmp with MAX_ROW_LOG_BYTES.
-# - MAX_ROWS: the file is read once to count its rows before any is queued (the count pass also finds a file
-#   that cannot be read at all). 100,000 rows are ~10,000 SendMessageBatch calls and checkpoints: a few
-#   minutes, well inside one invocation, so a split never depends on Lambda's retries to get through a file.
-#   The duplicate-id index holds a 16-byte digest per row (a few MB at the limit), never the ids.
-MAX_INPUT_BYTES = 256 * 2**20
-MAX_ROWS = 100_000
+MAX_INPUT_BYTES = 10 * 2**30
+MAX_ROWS = 10_000_000
+# One segment's lines of rows.jsonl, spooled to /tmp (2,048 MB): past this the segment hands over.
 MAX_ROW_LOG_BYTES = 1536 * 2**20
-# A split still going this close to the function's Timeout stops and ends itself (never expected within the
-# limits above): the rows queued so far go on, the job says where the split stopped and why.
+# A split hands over (or, with nowhere to hand over to, stops) this close to the function's Timeout.
 TIME_MARGIN_S = 60.0
-# The split's lease is renewed at least this often while the splitter is alive - on time, whatever the rows
-# are - so a duplicate trigger (S3 notification + EventBridge) never takes over a live split (lease_s).
+# How fast the last invocation is counted on to stream the parts into rows.jsonl (S3 to S3 through Lambda).
+ASSEMBLE_BYTES_PER_S = 50 * 2**20
+# split_through is written at most this often while rows are queued ...
+CHECKPOINT_S = 0.5
+# ... and the lease renewed at least this often whatever the rows are, so a duplicate trigger (S3
+# notification + EventBridge) never takes over a live split (lease_s).
 HEARTBEAT_S = 10.0
+# Hand-overs after a failure, per segment, before the split ends with what it queued.
+MAX_SEGMENT_RETRIES = 3
 # Text that goes into the job record (an error, a warning) is cut to this many characters: the record stays
 # far below DynamoDB's 400 KB item limit whatever the file holds.
 MAX_RECORD_TEXT = 2000
@@ -63,6 +102,8 @@ MANIFEST_SUPERSEDED = (
 MANIFEST_TAKEN_OVER = (
     "taken_over"  # this splitter lost the job's lease to another invocation, which splits it
 )
+MANIFEST_CONTINUED = "continued"  # this invocation handed the rest of the file to a continuation
+CONTINUATION_KEY = "split_continuation"  # a continuation message's body: {CONTINUATION_KEY: Continuation}
 
 
 class SendFailed(Exception):
@@ -71,6 +112,35 @@ class SendFailed(Exception):
 
 class SplitStopped(Exception):
     """The split cannot go on (a limit reached mid-file): it ends with the rows queued so far and this reason."""
+
+
+class HandOverUnsent(Exception):
+    """The split is the continuation's, but its message was not sent: the invocation fails, and whoever
+    retries it (Lambda's retry of the event, SQS's redelivery) takes the split over once its lease is out."""
+
+
+class Continuation(BaseModel):
+    """A split handed to a later invocation of the splitter: the body of a SplitContinuationQueue message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    job_id: str
+    bucket: str
+    key: str
+    version_id: str | None = None
+    etag: str = ""
+    size: int = Field(ge=0)
+    segment: int = Field(ge=0)
+    # Whose split it is as the message is sent: the token of a hand-over, or the sender's own id (a failure
+    # hand-over, when the job record may not have been written).
+    owner: str
+    through: int = Field(ge=0)  # every row up to it is on the queue
+    attempt: int = Field(0, ge=0)  # failure hand-overs of this segment so far
+    trigger: str = "continuation"
+
+    def body(self) -> str:
+        return f'{{"{CONTINUATION_KEY}": {self.model_dump_json()}}}'
 
 
 @dataclass
@@ -86,9 +156,12 @@ class SplitTarget:
     default_max_cost: float | None = None
     # A split that made no progress for this long was abandoned (a crash): a retry takes it over.
     lease_s: float = 60.0
-    # Seconds left in the invocation (Lambda's context); the split ends itself TIME_MARGIN_S before the end.
+    # Seconds left in the invocation (Lambda's context); the split hands over TIME_MARGIN_S before the end.
     time_left: Callable[[], float] = lambda: float("inf")
     clock: Callable[[], float] = time.monotonic
+    # SplitContinuationQueue; without it a split that runs low on time stops there (its rows go on).
+    continuation_queue_url: str | None = None
+    send_threads: int = SEND_THREADS
 
 
 def _clip(text: str, limit: int = MAX_RECORD_TEXT) -> str:
@@ -123,8 +196,19 @@ def job_id_for(
     return f"{stem}-{digest}"
 
 
+@dataclass
+class _Sent:
+    """What SQS made of one batch: how many it took, those it refused for good, those never taken."""
+
+    sent: int
+    rejected: list[tuple[ImageTask, str]]
+    unsent: list[ImageTask]
+
+
 class TaskSender:
-    """Sends tasks ten at a time with SendMessageBatch, resending the entries SQS reports as Failed."""
+    """Sends tasks ten at a time with SendMessageBatch, `threads` batches in flight, resending the entries SQS
+    reports as Failed. `through`: every task up to that row is on the queue (batches finish in any order;
+    it moves over a run of finished ones). What SQS refused is handed to on_rejected on the caller's thread."""
 
     def __init__(
         self,
@@ -133,67 +217,124 @@ class TaskSender:
         on_rejected: Callable[[ImageTask, str], None],
         max_attempts: int = 5,
         sleep: Callable[[float], None] = time.sleep,
-        on_sent: Callable[[int], None] = lambda through_row: None,
         skip_through: int = 0,
+        threads: int = SEND_THREADS,
     ) -> None:
         self._sqs, self._queue_url, self._on_rejected = sqs, queue_url, on_rejected
         self._max_attempts, self._sleep = max_attempts, sleep
         self._pending: list[ImageTask] = []
-        self._in_flight: dict[str, ImageTask] = {}  # the batch being sent, until SQS has answered for it
+        self._batches: deque[tuple[list[ImageTask], Future[_Sent]]] = deque()
+        self._unsent: list[ImageTask] = []
+        self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="send")
+        self._in_flight = 2 * max(threads, 1)
         self.sent = 0
         # A split taken over from a splitter that died: the rows it queued are not queued again.
-        self._on_sent, self._skip_through = on_sent, skip_through
+        self._skip_through = self.through = skip_through
 
     def add(self, task: ImageTask) -> None:
         if task.row_number <= self._skip_through:
             return
         self._pending.append(task)
         if len(self._pending) == SQS_BATCH:
-            self.flush()
+            self._submit()
+        self.reap()
 
-    def flush(self) -> None:
-        entries = {str(i): task for i, task in enumerate(self._pending)}
-        through = max((task.row_number for task in self._pending), default=0)
-        self._pending = []
-        self._in_flight = entries
-        for attempt in range(1, self._max_attempts + 1):
-            if not entries:
+    def _submit(self) -> None:
+        batch, self._pending = self._pending, []
+        self._batches.append((batch, self._pool.submit(self._send, batch)))
+        while len(self._batches) > self._in_flight:
+            self._reap_one()
+
+    def reap(self) -> None:
+        """Take in the batches that have finished, in order (SendFailed when SQS never took one)."""
+        while self._batches and self._batches[0][1].done():
+            self._reap_one()
+
+    def _reap_one(self) -> None:
+        batch, future = self._batches[0]
+        outcome = future.result()  # an error of the call itself is raised here: the batch stays in flight
+        self._batches.popleft()
+        self.sent += outcome.sent
+        for task, reason in outcome.rejected:
+            self._on_rejected(task, reason)
+        if outcome.unsent:
+            self._unsent += outcome.unsent
+            raise SendFailed(
+                f"SQS did not accept {len(outcome.unsent)} task(s) after {self._max_attempts} attempts"
+            )
+        if not self._unsent:
+            self.through = max(self.through, batch[-1].row_number)
+
+    def finish(self) -> None:
+        """Every task added is on the queue (or rejected), or SendFailed."""
+        if self._pending:
+            self._submit()
+        while self._batches:
+            self._reap_one()
+
+    def settle(self) -> int:
+        """After a failure: wait for the batches in flight and return `through` (what is surely queued)."""
+        while self._batches:
+            try:
+                self._reap_one()
+            except Exception:  # noqa: BLE001 - it is a failure being handled; `through` stops before it
                 break
+        return self.through
+
+    def _send(self, batch: list[ImageTask]) -> _Sent:
+        entries = {str(i): task for i, task in enumerate(batch)}
+        outcome = _Sent(0, [], [])
+        for attempt in range(1, self._max_attempts + 1):
             response = self._sqs.send_message_batch(
                 QueueUrl=self._queue_url,
                 Entries=[{"Id": i, "MessageBody": t.model_dump_json()} for i, t in entries.items()],
             )
-            self.sent += len(response.get("Successful", []))
+            outcome.sent += len(response.get("Successful", []))
             retry: dict[str, ImageTask] = {}
             for failure in response.get("Failed", []):
                 task = entries[failure["Id"]]
                 if failure.get("SenderFault"):
                     # Resending cannot help: the row is rejected with SQS's reason.
-                    self._on_rejected(
-                        task, f"the task could not be queued: {failure.get('Message') or failure['Code']}"
-                    )
+                    reason = f"the task could not be queued: {failure.get('Message') or failure['Code']}"
+                    outcome.rejected.append((task, reason))
                 else:
                     retry[failure["Id"]] = task
-            entries = self._in_flight = retry
-            if entries and attempt < self._max_attempts:
+            entries = retry
+            if not entries:
+                break
+            if attempt < self._max_attempts:
                 self._sleep(min(0.1 * 2**attempt, 2.0))
-        if entries:
-            raise SendFailed(f"SQS did not accept {len(entries)} task(s) after {self._max_attempts} attempts")
-        self._in_flight = {}
-        if through:
-            self._on_sent(through)  # a checkpoint: a takeover queues only the rows after it
+        outcome.unsent = list(entries.values())
+        return outcome
 
     def abandon(self, reason: str) -> None:
         """The split stops: the tasks not (known to be) on the queue are rejected with `reason`, so the job
         never waits for a row that was not queued."""
-        for task in [*self._in_flight.values(), *self._pending]:
+        lost = list(self._unsent)
+        for batch, future in self._batches:
+            future.cancel()
+            try:
+                outcome = future.result()
+            except BaseException:  # noqa: BLE001 - the call failed or was cancelled: not known to be queued
+                lost += batch
+                continue
+            self.sent += outcome.sent
+            for task, why in outcome.rejected:
+                self._on_rejected(task, why)
+            lost += outcome.unsent
+        for task in [*lost, *self._pending]:
             self._on_rejected(task, reason)
-        self._in_flight, self._pending = {}, []
+        self._batches.clear()
+        self._unsent, self._pending = [], []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Lease:
-    """This splitter's hold on the job's split: the checkpoint after every batch, and a heartbeat on time
-    (HEARTBEAT_S) in between, so a long run of rejected rows never lets a duplicate trigger take over."""
+    """This splitter's hold on the job's split: the checkpoint (at most every CHECKPOINT_S while rows are
+    queued) and a heartbeat on time (HEARTBEAT_S), so a long run of rejected rows never lets a duplicate
+    trigger take over."""
 
     def __init__(self, state: JobState, job_id: str, owner: str, through: int, clock: Callable[[], float]):
         self._state, self._job_id, self._owner, self._clock = state, job_id, owner, clock
@@ -203,9 +344,18 @@ class _Lease:
         self._state.split_progress(self._job_id, self._owner, through_row)
         self.through, self._beaten = through_row, self._clock()
 
-    def beat(self) -> None:
-        if self._clock() - self._beaten >= HEARTBEAT_S:
-            self.progress(self.through)
+    def tick(self, through_row: int) -> None:
+        since = self._clock() - self._beaten
+        if (through_row > self.through and since >= CHECKPOINT_S) or since >= HEARTBEAT_S:
+            self.progress(max(through_row, self.through))
+
+    def last_word(self, through_row: int) -> None:
+        """The invocation is being ended (an exception it cannot handle): record how far it got, if it can."""
+        if through_row > self.through:
+            try:
+                self.progress(through_row)
+            except Exception:  # noqa: BLE001
+                logger.warning("could not record the split's checkpoint", extra={"job_id": self._job_id})
 
     def release(self) -> None:
         """Give the split up at once (a failure before any row was queued): Lambda's retry takes it over
@@ -236,10 +386,10 @@ def provider_check(keys: Keys) -> RowCheck:
 
 
 class RowLog:
-    """rows.jsonl: one line per input row, spooled to disk past a few MB so memory stays flat."""
+    """One segment's lines of rows.jsonl (one per input row), spooled to disk past a few MB so memory stays flat."""
 
     def __init__(self) -> None:
-        self.file = tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024)  # noqa: SIM115 - closed by split_object
+        self.file = tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024)  # noqa: SIM115 - closed by the split
         self.queued = 0
         self.rejected = 0
         self.bytes = 0
@@ -266,13 +416,17 @@ class RowLog:
             if task is None and isinstance(raw.values.get("prompt"), str):
                 line["prompt"] = raw.values["prompt"][:4000]
         # backslashreplace: an id with bytes that are not UTF-8 is still recorded, never a crash.
-        data = json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+        data = _json_line(line)
         self.file.write(data)
         self.bytes += len(data)
         if status == STATUS_REJECTED:
             self.rejected += 1
         else:
             self.queued += 1
+
+
+def _json_line(line: dict[str, Any]) -> bytes:
+    return json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
 
 
 def split_object(
@@ -336,6 +490,19 @@ def split_object(
         # and running hands it over).
         target.state.hand_to_finisher(sqs, target.finisher_queue_url, [job_id])
         return SplitResult(job_id=job_id, status=MANIFEST_DUPLICATE)
+    job = (target.state.job(job_id) or {}) if resume_after else {}  # a takeover: from its segment's start
+    request = Continuation(
+        job_id=job_id,
+        bucket=bucket,
+        key=key,
+        version_id=version,
+        etag=obj.get("ETag", ""),
+        size=size,
+        segment=int(job.get("split_segment", 0)),
+        owner=owner,
+        through=resume_after,
+        trigger=trigger,
+    )
     manifest: dict[str, Any] = {
         "job_id": job_id,
         "source": source,
@@ -343,151 +510,411 @@ def split_object(
         "started_at": started,
         "max_cost": max_cost,
     }
-    lease = _Lease(target.state, job_id, owner, resume_after, target.clock)
-    log = RowLog()
-    result = SplitResult(job_id=job_id, status=MANIFEST_SPLIT, warnings=warnings)
-    report = ReadReport()
-    sender = TaskSender(
-        sqs,
-        target.queue_url,
-        on_rejected=lambda task, reason: _unqueue(log, task, reason),
-        on_sent=lease.progress,
-        skip_through=resume_after,
+    split = _Split(s3, sqs, target, request, owner, warnings)
+    if request.segment or resume_after:
+        obj["Body"].close()
+        return split.run(job.get("split_start") or {}, manifest=manifest, attempt=0)
+    return split.run({}, manifest=manifest, attempt=0, body=obj["Body"], size_checked=size)
+
+
+def continue_split(*, s3: Any, sqs: Any, target: SplitTarget, request: Continuation) -> SplitResult:
+    """Go on with a split another invocation handed over (a SplitContinuationQueue message). A message for a
+    split that is done, or that a live splitter holds, is let go: that splitter's own trigger covers it."""
+    owner = uuid.uuid4().hex
+    job = target.state.continue_split(
+        request.job_id,
+        handed_to=request.owner,
+        segment=request.segment,
+        through=request.through,
+        owner=owner,
+        lease_s=target.lease_s,
     )
-    seen: dict[bytes, int] = {}
-    last_row = 0
-    try:
-        put_json(s3, target.output_bucket, layout.manifest_key, manifest)
-        fmt = format_for_key(key)
-        if size > MAX_INPUT_BYTES:
-            raise InputUnreadable(
-                f"the file is {size:,} bytes; the limit is {MAX_INPUT_BYTES:,} bytes: "
-                "split it into smaller files"
-            )
-        # The count pass: a file over MAX_ROWS, or one that cannot be read at all, fails before any row is
-        # queued. The split pass then reads the same version again (or the same ETag: an overwrite fails it).
-        _count_rows(obj["Body"], fmt, lease, target)
-        again = {"VersionId": version} if version else {"IfMatch": obj.get("ETag", "")}
-        body = s3.get_object(Bucket=bucket, Key=key, **again)["Body"]
-        for raw in read_rows(text_lines(body.iter_chunks(READ_CHUNK), fmt), fmt, report):
-            if raw.number > MAX_ROWS:
-                raise SplitStopped(f"the file has more than {MAX_ROWS:,} rows")  # it changed under us
-            last_row = raw.number
-            _split_row(raw, job_id, seen, log, sender, target)
-            lease.beat()
-            if log.bytes > MAX_ROW_LOG_BYTES:
-                raise SplitStopped(
-                    f"the rows' record (rows.jsonl) reached {MAX_ROW_LOG_BYTES:,} bytes, all the splitter's "
-                    "disk allows: split the file into smaller files"
-                )
-            if target.time_left() < TIME_MARGIN_S:
-                raise SplitStopped("the splitter ran out of time: split the file into smaller files")
-        sender.flush()
-    except InputUnreadable as exc:
-        result.status = MANIFEST_UNREADABLE
-        result.error = {"type": "unreadable", "message": _clip(str(exc))}
-    except SplitInProgress:
-        log.file.close()
-        logger.warning(
-            "the split was taken over by another invocation: it splits the file", extra={"job_id": job_id}
+    if job is None:
+        logger.info("continuation not needed: the split is done or live", extra={"job_id": request.job_id})
+        return SplitResult(job_id=request.job_id, status=MANIFEST_DUPLICATE)
+    segment = int(job.get("split_segment", 0))
+    attempt = request.attempt if segment == request.segment else 0
+    manifest = get_json(s3, target.output_bucket, JobLayout(request.job_id).manifest_key) or {
+        "job_id": request.job_id
+    }
+    current = request.model_copy(update={"segment": segment, "through": int(job.get("split_through", 0))})
+    return _Split(s3, sqs, target, current, owner, []).run(
+        job.get("split_start") or {}, manifest=manifest, attempt=attempt
+    )
+
+
+class _Split:
+    """One invocation's part of a split: the segment the job record says, from its start."""
+
+    def __init__(
+        self, s3: Any, sqs: Any, target: SplitTarget, request: Continuation, owner: str, warnings: list[str]
+    ) -> None:
+        self.s3, self.sqs, self.target, self.request, self.owner = s3, sqs, target, request, owner
+        self.job_id, self.segment, self.warnings = request.job_id, request.segment, warnings
+        self.fmt = format_for_key(request.key) if request.key.lower().endswith(_SUFFIXES) else ""
+        self.store = SegmentStore(s3, target.output_bucket, request.job_id)
+        self.lease = _Lease(target.state, self.job_id, owner, request.through, target.clock)
+        self.unknown = UnknownColumns()  # JSON/JSONL keys that are not columns, over the whole file
+        self.last_row, self.attempt = request.through, 0
+
+    def run(
+        self,
+        start: dict[str, Any],
+        *,
+        manifest: dict[str, Any],
+        attempt: int,
+        body: Any = None,
+        size_checked: int | None = None,
+    ) -> SplitResult:
+        start = {"offset": 0, "row": 0, "header_end": 0, "encoding": None, "eof": False, **start}
+        target, through = self.target, self.request.through
+        self.attempt = attempt
+        log = RowLog()
+        report = ReadReport(format=self.fmt)
+        sender = TaskSender(
+            self.sqs,
+            target.queue_url,
+            on_rejected=lambda task, reason: _unqueue(log, task, reason),
+            skip_through=through,
+            threads=target.send_threads,
         )
-        return SplitResult(job_id=job_id, status=MANIFEST_TAKEN_OVER)
-    except Exception as exc:
-        stopped = isinstance(exc, SplitStopped)  # a limit: a retry would stop there again
-        if last_row < resume_after or (not stopped and not resume_after and not sender.sent):
-            # Nothing of this job is on the queue - or what is (a split taken over) is not all in this
-            # splitter's record yet: Lambda's retry splits the file anew, at once, from the checkpoint.
-            log.file.close()
-            lease.release()
-            raise
-        if stopped:
-            reason = f"the split stopped after row {last_row:,}: {exc}; the rows after it were not read"
-            sender.abandon(f"not queued: {reason}")
-            result.error = {"type": "split_stopped", "message": _clip(reason)}
-            return _end_split(s3, sqs, target, layout, lease, log, report, manifest, result, owner)
-        # Rows are on the queue and being paid for: the split ends here rather than leave the job
-        # `splitting` for ever - the rows queued so far go on, the job says where and why it stopped.
-        logger.exception("the split failed after rows were queued: it ends here", extra={"job_id": job_id})
-        reason = f"the split failed at row {last_row:,} ({type(exc).__name__}: {exc}): the rows after it were not read"
-        sender.abandon(f"not queued: {reason}")
-        result.error = {"type": "split_failed", "message": _clip(reason)}
-    return _end_split(s3, sqs, target, layout, lease, log, report, manifest, result, owner)
-
-
-def _count_rows(body: Any, fmt: str, lease: _Lease, target: SplitTarget) -> int:
-    """The file's data rows (blank lines not counted), or InputUnreadable: over MAX_ROWS, or unreadable."""
-    rows = 0
-    try:
-        for _ in read_rows(text_lines(body.iter_chunks(READ_CHUNK), fmt), fmt, ReadReport()):
-            rows += 1
-            if rows > MAX_ROWS:
+        result = SplitResult(job_id=self.job_id, status=MANIFEST_SPLIT, warnings=self.warnings)
+        last_row = int(start["row"])
+        saved: dict[str, Any] = {}
+        try:
+            if self.segment == 0:
+                put_json(self.s3, target.output_bucket, JobLayout(self.job_id).manifest_key, manifest)
+            if not self.fmt:
+                format_for_key(self.request.key)  # InputUnreadable with the formats that work
+            if size_checked is not None and size_checked > MAX_INPUT_BYTES:
                 raise InputUnreadable(
-                    f"the file has more than {MAX_ROWS:,} rows; the limit is {MAX_ROWS:,} rows a file: "
+                    f"the file is {size_checked:,} bytes; the limit is {MAX_INPUT_BYTES:,} bytes: "
                     "split it into smaller files"
                 )
-            lease.beat()
-            if target.time_left() < TIME_MARGIN_S:
-                raise InputUnreadable(
-                    "the file could not be read in the splitter's time: split it into smaller files"
-                )
-    finally:
-        body.close()
-    return rows
+            index, saved = self.store.load(self.segment - 1)
+            report.blank_rows, report.notes = saved.get("blank_rows", 0), list(saved.get("notes", []))
+            self.unknown = UnknownColumns(saved.get("unknown_named", []), saved.get("unknown_seen", b""))
+            rows, precise, locate = self._reader(start, report, self.unknown, body)
+            stop: dict[str, Any] | None = None
+            for raw in rows:
+                if raw.number > MAX_ROWS:
+                    raise SplitStopped(f"the file has more than {MAX_ROWS:,} rows, the limit a file")
+                last_row = self.last_row = raw.number
+                _split_row(raw, self.job_id, index, log, sender, target)
+                self.lease.tick(sender.through)
+                if stop is None and self._should_stop(log, saved):
+                    stop = {}
+                    precise()
+                if stop is not None and raw.end is not None:
+                    stop = {**start, "offset": locate(raw.end), "row": raw.number}
+                    break
+            sender.finish()
+            state = self._state(log, report, saved)
+            short = target.time_left() < TIME_MARGIN_S + self._assembly_s(state)
+            if stop is None and self.segment and not start["eof"] and short:
+                stop = {**start, "eof": True, "row": last_row}  # a fresh invocation writes rows.jsonl
+            if stop:
+                return self._hand_over(stop, log, index, state, result)
+        except InputBroken as exc:
+            return self._stopped(str(exc), last_row, sender, log, report, saved, manifest, result)
+        except InputUnreadable as exc:
+            sender.abandon(f"not queued: {exc}")
+            result.status = MANIFEST_UNREADABLE
+            result.error = {"type": "unreadable", "message": _clip(str(exc))}
+        except SplitInProgress:
+            return self._taken_over(log, sender)
+        except SplitStopped as exc:
+            return self._stopped(str(exc), last_row, sender, log, report, saved, manifest, result)
+        except Exception as exc:
+            if isinstance(exc, HandOverUnsent):
+                sender.close()
+                raise
+            handed = self._retry_segment(exc, attempt, last_row, sender, log)
+            if handed is not None:
+                return handed
+            # Rows are on the queue and being paid for: the split ends here rather than leave the job
+            # `splitting` for ever - the rows queued so far go on, the job says where and why it stopped.
+            logger.exception(
+                "the split failed after rows were queued: it ends here", extra={"job_id": self.job_id}
+            )
+            reason = f"the split failed at row {last_row:,} ({type(exc).__name__}: {exc}): the rows after it were not read"
+            sender.abandon(f"not queued: {reason}")
+            result.error = {"type": "split_failed", "message": _clip(reason)}
+        except BaseException:
+            self.lease.last_word(sender.through)
+            sender.close()
+            log.file.close()
+            raise
+        sender.close()
+        return self._finish(log, report, saved, manifest, result)
 
+    def _reader(
+        self, start: dict[str, Any], report: ReadReport, unknown: UnknownColumns, body: Any
+    ) -> tuple[Iterable[RawRow], Callable[[], None], Callable[[int], int]]:
+        """The segment's rows, how to ask for rows that know their end (JSON), and a row end's file offset."""
+        offset, first = int(start["offset"]), int(start["row"])
+        if start["eof"]:
+            return (), lambda: None, lambda end: end
+        gap_from = int(start["header_end"]) if self.fmt == "csv" else 0  # a CSV's header is read again
+        encoding, stream = self._bytes(offset, gap_from, start["encoding"], body)
+        start["encoding"] = encoding
 
-def _end_split(
-    s3: Any,
-    sqs: Any,
-    target: SplitTarget,
-    layout: JobLayout,
-    lease: _Lease,
-    log: RowLog,
-    report: ReadReport,
-    manifest: dict[str, Any],
-    result: SplitResult,
-    owner: str,
-) -> SplitResult:
-    """rows.jsonl, the manifest and the job's counts, written by the splitter that still owns the split."""
-    job_id = result.job_id
-    try:
-        lease.progress(lease.through)  # still ours? (SplitInProgress if another invocation took it over)
-        log.file.seek(0)
-        s3.upload_fileobj(
-            log.file, target.output_bucket, layout.rows_key, ExtraArgs={"ContentType": "application/x-ndjson"}
+        def locate(end: int) -> int:
+            return end if offset == 0 else end - gap_from + offset
+
+        if self.fmt == "json":
+            reader = JsonRows(
+                stream, report, first_number=first, unknown=unknown, resume=offset > 0, base=offset
+            )
+            return reader, reader.precise, locate
+        rows = read_rows(text_lines_at(stream), self.fmt, report, first_number=first, unknown=unknown)
+        return _noting_header(rows, report, start), lambda: None, locate
+
+    def _bytes(
+        self, offset: int, gap_from: int, encoding: str | None, body: Any
+    ) -> tuple[str, Iterator[bytes]]:
+        """The file as UTF-8 without bytes gap_from..offset (what earlier segments read)."""
+        if offset == 0:
+            chunks = body.iter_chunks(READ_CHUNK) if body is not None else self._get()
+            return utf8_stream(chunks, self.fmt, encoding)
+        if encoding == "utf-8":
+            head = self._get(f"bytes=0-{gap_from - 1}") if gap_from else iter(())
+            rest = self._get(f"bytes={offset}-") if offset < self.request.size else iter(())
+            return "utf-8", itertools.chain(head, rest)
+        # UTF-16/32, recoded as it is read: offsets count UTF-8 bytes, so the file is read from its start.
+        encoding, whole = utf8_stream(self._get(), self.fmt, encoding)
+        return encoding, _without(whole, gap_from, offset)
+
+    def _get(self, byte_range: str | None = None) -> Iterator[bytes]:
+        request = self.request
+        pin = {"VersionId": request.version_id} if request.version_id else {"IfMatch": request.etag}
+        extra = {"Range": byte_range} if byte_range else {}
+        body = self.s3.get_object(Bucket=request.bucket, Key=request.key, **pin, **extra)["Body"]
+        try:
+            yield from body.iter_chunks(READ_CHUNK)
+        finally:
+            body.close()
+
+    def _should_stop(self, log: RowLog, saved: dict[str, Any]) -> bool:
+        low_on_time = self.target.time_left() < TIME_MARGIN_S
+        disk_full = log.bytes > MAX_ROW_LOG_BYTES
+        if not (low_on_time or disk_full):
+            return False
+        if self.target.continuation_queue_url:
+            return True
+        if low_on_time:
+            raise SplitStopped("the splitter ran out of time: split the file into smaller files")
+        raise SplitStopped(
+            f"the rows' record (rows.jsonl) reached {MAX_ROW_LOG_BYTES:,} bytes, all the splitter's disk "
+            "allows: split the file into smaller files"
         )
-    except SplitInProgress:
-        logger.warning(
-            "the split was taken over by another invocation: it splits the file", extra={"job_id": job_id}
-        )
-        return SplitResult(job_id=job_id, status=MANIFEST_TAKEN_OVER)
-    except Exception:
-        lease.release()  # Lambda's retry takes the split over at once, from its checkpoint
-        raise
-    finally:
+
+    @staticmethod
+    def _assembly_s(state: dict[str, Any]) -> float:
+        return state["log_bytes"] / ASSEMBLE_BYTES_PER_S
+
+    def _state(self, log: RowLog, report: ReadReport, saved: dict[str, Any]) -> dict[str, Any]:
+        """The counts after this segment, for the next one (or the end of the split)."""
+        named, seen = self.unknown.dump()
+        return {
+            "queued": saved.get("queued", 0) + log.queued,
+            "rejected": saved.get("rejected", 0) + log.rejected,
+            "blank_rows": report.blank_rows,
+            "notes": report.notes,
+            "unknown_named": named,
+            "unknown_seen": seen,
+            "log_bytes": saved.get("log_bytes", 0) + log.bytes,
+            "csv_columns": [report.ignored_columns, report.ignored_column_count],
+        }
+
+    def _hand_over(
+        self, start: dict[str, Any], log: RowLog, index: IdIndex, state: dict[str, Any], result: SplitResult
+    ) -> SplitResult:
+        """Save this segment and give the rest of the file to a continuation (see the module's docstring)."""
+        self.store.save(self.segment, log.file, index, state)
         log.file.close()
-    result.rows, result.queued, result.rejected = log.queued + log.rejected, log.queued, log.rejected
-    columns = report.columns_warning()
-    if columns:
-        result.warnings.append(columns)
-    result.warnings = [_clip(warning) for warning in result.warnings]
-    counts = {
-        "total": result.rows,
-        "queued": result.queued,
-        "rejected": result.rejected,
-        "format": report.format,
-        "blank_rows": report.blank_rows,
-        "warnings": result.warnings,
-        "error": result.error,
-        "split_iso": now_iso(),
-    }
-    manifest.update(status=result.status, **counts)
-    put_json(s3, target.output_bucket, layout.manifest_key, manifest)
-    if not target.state.split_done(job_id, counts, owner=owner):
-        logger.warning("the split was ended by another invocation", extra={"job_id": job_id})
-        return SplitResult(job_id=job_id, status=MANIFEST_TAKEN_OVER)
-    # Every row may already be done (all rejected, or the generators were quick): then finish here.
-    target.state.hand_to_finisher(sqs, target.finisher_queue_url, [job_id])
-    return result
+        token = uuid.uuid4().hex
+        through = int(start["row"])
+        self.target.state.hand_split_over(
+            self.job_id, self.owner, to=token, segment=self.segment + 1, start=start, through=through
+        )
+        message = self.request.model_copy(
+            update={"segment": self.segment + 1, "owner": token, "through": through, "attempt": 0}
+        )
+        try:
+            self.sqs.send_message(QueueUrl=self.target.continuation_queue_url, MessageBody=message.body())
+        except Exception as exc:
+            raise HandOverUnsent(f"the split was handed over but its continuation not sent: {exc}") from exc
+        logger.info(
+            "split handed over to a continuation",
+            extra={
+                "job_id": self.job_id,
+                "segment": self.segment + 1,
+                "row": through,
+                "offset": start["offset"],
+            },
+        )
+        result.status = MANIFEST_CONTINUED
+        result.queued, result.rejected = state["queued"], state["rejected"]
+        result.rows = result.queued + result.rejected
+        return result
+
+    def _retry_segment(
+        self, exc: Exception, attempt: int, last_row: int, sender: TaskSender, log: RowLog
+    ) -> SplitResult | None:
+        """After an unexpected failure: a continuation re-runs this segment, told what is surely queued
+        (None when the split must end here instead). Nothing of the job queued yet, or a takeover that has
+        not caught up with its checkpoint: the split is released and the error raised, for the trigger's retry."""
+        through = sender.settle()
+        nothing_sent = not self.segment and not self.request.through and not sender.sent
+        if nothing_sent or last_row < self.request.through:
+            sender.close()
+            log.file.close()
+            self.lease.through = max(self.lease.through, through)
+            self.lease.release()
+            raise exc
+        handed = self._send_retry(exc, attempt, max(through, self.request.through))
+        if handed is not None:
+            sender.close()
+            log.file.close()
+        return handed
+
+    def _send_retry(self, exc: Exception, attempt: int, through: int) -> SplitResult | None:
+        """A continuation runs this segment again, told that every row through `through` is queued (None
+        when there is no continuation to send, the segment failed too often, or the message failed too)."""
+        if not self.target.continuation_queue_url or attempt + 1 > MAX_SEGMENT_RETRIES:
+            return None
+        message = self.request.model_copy(
+            update={"owner": self.owner, "through": through, "attempt": attempt + 1}
+        )
+        try:
+            self.sqs.send_message(QueueUrl=self.target.continuation_queue_url, MessageBody=message.body())
+        except Exception:  # noqa: BLE001 - then the split ends here with what it queued
+            logger.exception("could not hand the segment over after a failure", extra={"job_id": self.job_id})
+            return None
+        logger.warning(
+            "the split failed: a continuation runs the segment again",
+            extra={"job_id": self.job_id, "segment": self.segment, "through": through, "error": str(exc)},
+        )
+        return SplitResult(
+            job_id=self.job_id,
+            status=MANIFEST_CONTINUED,
+            error={"type": "retried", "message": _clip(str(exc))},
+        )
+
+    def _taken_over(self, log: RowLog, sender: TaskSender | None) -> SplitResult:
+        if sender is not None:
+            sender.close()
+        log.file.close()
+        logger.warning(
+            "the split was taken over by another invocation: it splits the file",
+            extra={"job_id": self.job_id},
+        )
+        return SplitResult(job_id=self.job_id, status=MANIFEST_TAKEN_OVER)
+
+    def _stopped(
+        self,
+        why: str,
+        last_row: int,
+        sender: TaskSender,
+        log: RowLog,
+        report: ReadReport,
+        saved: dict[str, Any],
+        manifest: dict[str, Any],
+        result: SplitResult,
+    ) -> SplitResult:
+        """A limit (or a file broken past some row): the split ends with the rows read so far."""
+        reason = f"the split stopped after row {last_row:,}: {why}; the rows after it were not read"
+        try:
+            sender.finish()
+        except Exception:  # noqa: BLE001
+            sender.abandon(f"not queued: {reason}")
+        sender.close()
+        result.error = {"type": "split_stopped", "message": _clip(reason)}
+        return self._finish(log, report, saved, manifest, result)
+
+    def _finish(
+        self,
+        log: RowLog,
+        report: ReadReport,
+        saved: dict[str, Any],
+        manifest: dict[str, Any],
+        result: SplitResult,
+    ) -> SplitResult:
+        """rows.jsonl, the manifest and the job's counts, written by the splitter that still owns the split."""
+        target, job_id = self.target, self.job_id
+        try:
+            self.lease.progress(self.lease.through)  # still ours? (SplitInProgress if taken over)
+            self.store.assemble(self.segment, log.file)
+        except SplitInProgress:
+            return self._taken_over(log, None)
+        except Exception as exc:
+            # Every row read is queued or rejected: a continuation ends the split (or Lambda's retry of the
+            # event takes it over at once, from its checkpoint).
+            handed = self._send_retry(exc, self.attempt, max(self.lease.through, self.last_row))
+            if handed is not None:
+                return handed
+            self.lease.release()
+            raise
+        finally:
+            log.file.close()
+        self.store.clean(self.segment)
+        result.queued = saved.get("queued", 0) + log.queued
+        result.rejected = saved.get("rejected", 0) + log.rejected
+        result.rows = result.queued + result.rejected
+        if self.fmt != "csv":
+            self.unknown.report(report)
+        elif not report.ignored_column_count:  # a segment that read no header (only the file's end)
+            report.ignored_columns, report.ignored_column_count = saved.get("csv_columns", ([], 0))
+        columns = report.columns_warning()
+        result.warnings = [
+            _clip(w) for w in [*result.warnings, *report.notes, *([columns] if columns else [])]
+        ]
+        counts = {
+            "total": result.rows,
+            "queued": result.queued,
+            "rejected": result.rejected,
+            "format": report.format,
+            "blank_rows": report.blank_rows,
+            "warnings": result.warnings,
+            "error": result.error,
+            "split_iso": now_iso(),
+            "segments": self.segment + 1,
+        }
+        manifest.update(status=result.status, **counts)
+        put_json(self.s3, target.output_bucket, JobLayout(job_id).manifest_key, manifest)
+        if not target.state.split_done(job_id, counts, owner=self.owner):
+            logger.warning("the split was ended by another invocation", extra={"job_id": job_id})
+            return SplitResult(job_id=job_id, status=MANIFEST_TAKEN_OVER)
+        # Every row may already be done (all rejected, or the generators were quick): then finish here.
+        target.state.hand_to_finisher(self.sqs, target.finisher_queue_url, [job_id])
+        return result
+
+
+_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+def _noting_header(rows: Iterator[RawRow], report: ReadReport, start: dict[str, Any]) -> Iterator[RawRow]:
+    """A CSV's rows, noting where its header ends for the segments after this one."""
+    for raw in rows:
+        if report.header_end:
+            start["header_end"] = report.header_end
+        yield raw
+
+
+def _without(chunks: Iterable[bytes], start: int, end: int) -> Iterator[bytes]:
+    """The stream without its bytes start..end."""
+    at = 0
+    for chunk in chunks:
+        lo, hi = at, at + len(chunk)
+        at = hi
+        if hi <= start or lo >= end:
+            yield chunk
+            continue
+        if lo < start:
+            yield chunk[: start - lo]
+        if hi > end:
+            yield chunk[end - lo :]
 
 
 def _max_cost(text: str | None, warnings: list[str]) -> float | None:
@@ -504,7 +931,7 @@ def _max_cost(text: str | None, warnings: list[str]) -> float | None:
 
 
 def _split_row(
-    raw: RawRow, job_id: str, seen: dict[bytes, int], log: RowLog, sender: TaskSender, target: SplitTarget
+    raw: RawRow, job_id: str, index: IdIndex, log: RowLog, sender: TaskSender, target: SplitTarget
 ) -> None:
     def reject(row_id: str | None, reason: str, task: ImageTask | None = None) -> None:
         log.write(
@@ -516,10 +943,8 @@ def _split_row(
     except RowRejected as exc:
         reject(row_id_of(raw), str(exc))
         return
-    # The index holds a 16-byte digest per id, not the id: its memory is bounded by MAX_ROWS.
-    digest = hashlib.blake2b(task.row_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    first = seen.setdefault(digest, raw.number)
-    if first != raw.number:
+    first = index.add(task.row_id, raw.number)
+    if first is not None and first != raw.number:
         reject(task.row_id, f"duplicate id {task.row_id!r}: row {first} already uses it")
         return
     reason = target.check(task)

@@ -5,6 +5,8 @@ TriggerError with a short reason instead of a KeyError deep in the handler:
 
 - S3 notifications, direct or wrapped by SQS, SNS or SNS-then-SQS (keys are URL-encoded: decoded here);
 - EventBridge "Object Created" from S3, direct or wrapped by SQS or SNS (keys are literal);
+- a split's continuation (imagepipe.splitter.Continuation) on SplitContinuationQueue, which the splitter
+  sends itself when it runs low on time: the rest of a file to split;
 - EventBridge "ImageJob Requested": an object to split, or up to MAX_INLINE_ROWS rows - only from the stack's
   request source (JobRequestSource, default DEFAULT_REQUEST_SOURCE) and its own account: the stack's rule
   matches only those, and an event from anyone else that reaches the function another way (a broader rule,
@@ -12,7 +14,7 @@ TriggerError with a short reason instead of a KeyError deep in the handler:
   events:PutEvents on the bus with that source (an IAM condition on events:source).
 
 S3 events that call for no job - s3:TestEvent, events other than object creation, keys that are not
-.csv/.jsonl - are skipped and logged, not errors: bucket filters and EventBridge rules may be broader
+.csv/.jsonl/.json - are skipped and logged, not errors: bucket filters and EventBridge rules may be broader
 than ours, and failing on them would only send harmless events to retries and the DLQ.
 """
 
@@ -40,11 +42,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imagepipe.contract import JOB_ID_PATTERN
 from imagepipe.observability import logger
 from imagepipe.rows import FORMATS
+from imagepipe.splitter import CONTINUATION_KEY, Continuation
 
 MAX_INLINE_ROWS = 500
 JOB_REQUESTED = "ImageJob Requested"
 DEFAULT_REQUEST_SOURCE = "imagepipe.requests"  # template parameter JobRequestSource
-JOB_SUFFIXES = tuple(FORMATS)  # .csv, .jsonl: what the splitter can read
+JOB_SUFFIXES = tuple(FORMATS)  # .csv, .jsonl, .json: what the splitter can read
 
 
 class TriggerError(Exception):
@@ -116,18 +119,18 @@ class JobDetail(BaseModel):
         if self.rows is None and self.name is not None:
             raise ValueError('"name" goes only with "rows": a file\'s job is named after its key')
         if self.key is not None and not self.key.lower().endswith(JOB_SUFFIXES):
-            raise ValueError(f"the key {reprlib.repr(self.key)} is not a .csv or .jsonl file")
+            raise ValueError(f"the key {reprlib.repr(self.key)} is not a .csv, .jsonl or .json file")
         if self.rows is not None and not self.rows:
             raise ValueError('"rows" is empty: send at least one row')
         if self.rows is not None and len(self.rows) > MAX_INLINE_ROWS:
             raise ValueError(
                 f"the detail has {len(self.rows)} rows; at most {MAX_INLINE_ROWS} can be sent inline: "
-                "upload a .csv or .jsonl file to the input bucket instead"
+                "upload a .csv, .jsonl or .json file to the input bucket instead"
             )
         return self
 
 
-Request = ObjectRequest | InlineRequest
+Request = ObjectRequest | InlineRequest | Continuation
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,8 @@ def _requests(event: Any, via: tuple[str, ...], accepts: _Accepts) -> list[Reque
             sns = _parse(event, SnsModel, "SNS event")
             messages = [(f"SNS message {_short(r.Sns.MessageId)}", r.Sns.Message) for r in sns.Records]
             return _unwrap(messages, ("sns",), accepts)
+    if via == ("sqs",) and CONTINUATION_KEY in event:
+        return [_parse(event[CONTINUATION_KEY], Continuation, "split continuation")]
     if via == ("sqs",) and event.get("Type") == "Notification":
         # S3 -> SNS -> SQS without raw message delivery: the body is SNS's notification envelope.
         note = _parse(event, SnsNotificationModel, "SNS notification")
@@ -255,7 +260,9 @@ def _objects(found: list[tuple[str, str, str | None, str | None]], source: str) 
     requests: list[Request] = []
     for bucket, key, etag, version_id in found:
         if not key.lower().endswith(JOB_SUFFIXES):
-            logger.info("skipping object: not a .csv or .jsonl file", extra={"bucket": bucket, "key": key})
+            logger.info(
+                "skipping object: not a .csv, .jsonl or .json file", extra={"bucket": bucket, "key": key}
+            )
             continue
         requests.append(
             ObjectRequest(bucket, key, (etag or "").strip('"') or None, version_id or None, source)
