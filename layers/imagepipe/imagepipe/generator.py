@@ -203,6 +203,9 @@ class Batch:
         self._metrics: dict[str, Counter[str]] = {}
         self._scouts: dict[tuple[str, str], threading.Event] = {}
         self.jobs: set[str] = set()
+        # Deliveries per job, and those that only handed a prediction back (they finished no row).
+        self._deliveries: Counter[str] = Counter()
+        self._handed_back: Counter[str] = Counter()
 
     def handle_record(self, record: TaskRecord) -> None:
         """Powertools' record handler: returning marks the message done, raising marks it for retry.
@@ -210,6 +213,7 @@ class Batch:
         task = record.body
         with self._lock:
             self.jobs.add(task.job_id)
+            self._deliveries[task.job_id] += 1
         try:
             with deadline(self.until):
                 self.processor.process(
@@ -283,6 +287,10 @@ class Batch:
                 return None
             return None if event.is_set() else event
 
+    def handed_back(self, job_id: str) -> None:
+        with self._lock:
+            self._handed_back[job_id] += 1
+
     def scouted(self, provider: str, model: str) -> None:
         with self._lock:
             event = self._scouts.get((provider, model))
@@ -310,8 +318,10 @@ class Batch:
     def finish(self) -> None:
         """Hand each job whose last row just finished to the finisher, exactly once."""
         processor = self.processor
+        with self._lock:  # a batch that only handed predictions back finished no row: nothing to check
+            jobs = {job for job in self.jobs if self._deliveries[job] > self._handed_back[job]}
         for job_id in processor.state.hand_to_finisher(
-            processor.sqs, processor.options.finisher_queue_url, self.jobs
+            processor.sqs, processor.options.finisher_queue_url, jobs
         ):
             logger.info("job's last row finished: handed to the finisher", extra={"job_id": job_id})
 
@@ -560,6 +570,7 @@ class _Run:
         error = self.batch.outbox.send(later.model_dump_json(), _sqs_delay(delay))
         if error is not None:
             raise SendFailed(f"the prediction could not be handed back ({error})", delay)
+        self.batch.handed_back(self.task.job_id)
         self.batch.count(self.task.provider, "PredictionsHandedBack")
         logger.info(
             f"prediction not done yet: handed back to the queue, read again in {delay} s",
