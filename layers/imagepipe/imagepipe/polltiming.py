@@ -4,9 +4,11 @@ A poll that finds a prediction still running costs an HTTP call and a hand-back;
 costs only wall time. So the generator polls each prediction once, at the time this estimate gives (after
 its submit), and the estimate follows the answers: a prediction still running at t seconds moves it to
 at least t x GROW (x COLD_GROW while no prediction of the model has been seen finished: the first ones
-search upward from PollDelaySeconds); one found finished on schedule moves it down by DECAY, at most
-once per period of the estimate itself, so a whole wave of predictions polled together counts as one
-answer. The estimate settles where roughly one poll in ten finds the prediction still running.
+search upward from PollDelaySeconds); one found finished on schedule moves it down by DECAY - or to
+just past the longest any prediction was seen running, if that is lower - at most once per period of
+the estimate itself, so a whole wave of predictions polled together counts as one answer. For a steady
+generation time the estimate settles where about one wave in eight meets a prediction still running
+(ln 1.25 / ln (1 / 0.97) periods between misses).
 
 It is kept per execution environment (a cold one starts from PollDelaySeconds): Atlas Cloud reports no
 completion time, so only the polls' own answers teach it."""
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 COLD_GROW = 2.0  # no finished prediction seen yet: double the wait (a search, few polls wasted)
 GROW = 1.25  # a prediction still running at t: poll it (and its like) again at t x GROW at the earliest
-DECAY = 0.05  # finished on schedule: 5 % shorter, once per period
+DECAY = 0.03  # finished on schedule: 3 % shorter, once per period
 ON_SCHEDULE = 1.2  # a poll at most this much later than the estimate counts as on schedule
 MIN_S = 0.1  # a model that seems instant is still given this long (after a miss: a poll interval)
 
@@ -31,6 +33,7 @@ class _Estimate:
     seen_done: bool = False
     sure: bool = False  # the last read found its prediction finished
     decayed_at: float = float("-inf")
+    running_at: float = 0.0  # the longest a prediction was seen running since the last decay
 
 
 class GenerationTimes:
@@ -61,6 +64,7 @@ class GenerationTimes:
             estimate = self._get((provider, model))
             estimate.sure = False
             grow = GROW if estimate.seen_done else COLD_GROW
+            estimate.running_at = max(estimate.running_at, elapsed_s)
             estimate.seconds = min(self.max_s, max(estimate.seconds, elapsed_s * grow))
 
     def done(self, provider: str, model: str, elapsed_s: float) -> None:
@@ -71,5 +75,10 @@ class GenerationTimes:
             estimate.seen_done = estimate.sure = True
             on_schedule = elapsed_s <= estimate.seconds * ON_SCHEDULE
             if on_schedule and now - estimate.decayed_at >= estimate.seconds:
-                estimate.seconds = max(MIN_S, estimate.seconds * (1 - DECAY))
-                estimate.decayed_at = now
+                shorter = estimate.seconds * (1 - DECAY)
+                if estimate.running_at:
+                    # Seen running at r and now done: the time is past r, maybe well short of the estimate
+                    # (the cold search doubles): come down to just past r at once.
+                    shorter = min(shorter, estimate.running_at * GROW)
+                estimate.seconds = max(MIN_S, shorter)
+                estimate.decayed_at, estimate.running_at = now, 0.0
