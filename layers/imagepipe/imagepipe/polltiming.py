@@ -4,9 +4,10 @@ A poll that finds a prediction still running costs an HTTP call and a hand-back;
 costs only wall time. So the generator polls each prediction once, at the time this estimate gives (after
 its submit), and the estimate follows the answers: a prediction still running at t seconds moves it to
 at least t x GROW (x COLD_GROW while no prediction of the model has been seen finished: the first ones
-search upward from PollDelaySeconds); one found finished on schedule moves it down by DECAY - or to
-just past the longest any prediction was seen running, if that is lower - at most once per period of
-the estimate itself, so a whole wave of predictions polled together counts as one answer. For a steady
+search upward from PollDelaySeconds); one found finished on schedule moves it down by DECAY - or into
+the bracket between the longest any prediction was seen running and now, if that is lower - at most
+once per period of the estimate itself, so a whole wave of predictions polled together counts as one
+answer. For a steady
 generation time the estimate settles where about one wave in eight meets a prediction still running
 (ln 1.25 / ln (1 / 0.97) periods between misses).
 
@@ -77,8 +78,10 @@ class GenerationTimes:
             if on_schedule and now - estimate.decayed_at >= estimate.seconds:
                 shorter = estimate.seconds * (1 - DECAY)
                 if estimate.running_at:
-                    # Seen running at r and now done: the time is past r, maybe well short of the estimate
-                    # (the cold search doubles): come down to just past r at once.
-                    shorter = min(shorter, estimate.running_at * GROW)
+                    # Seen running at r and now done at t: the time is in (r, t], maybe well short of the
+                    # estimate (the cold search doubles): come down at once to the bracket's middle, or
+                    # r x GROW if that is later.
+                    r = estimate.running_at
+                    shorter = min(shorter, max(r * GROW, (r + elapsed_s) / 2))
                 estimate.seconds = max(MIN_S, shorter)
                 estimate.decayed_at, estimate.running_at = now, 0.0
