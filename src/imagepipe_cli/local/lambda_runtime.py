@@ -341,6 +341,11 @@ def _start_environment(code_dir: str, handler: str, env: dict[str, str], log_pat
     """Runs once in each new worker process: Lambda's init phase."""
     global _HANDLER
     os.environ.update(env)
+    # multiprocessing imports the parent's __main__ (the CLI) into every new process, and with it the shared
+    # package, whose Powertools Logger/Metrics read their settings at import - before the line above. The
+    # init phase imports the layer afresh with the function's environment, as Lambda does.
+    for name in [name for name in sys.modules if name == "imagepipe" or name.startswith("imagepipe.")]:
+        del sys.modules[name]
     if float(env.get("IMAGEPIPE_CHAOS_CRASH_AFTER_CALL") or 0):
         _crash_after_calls(float(env["IMAGEPIPE_CHAOS_CRASH_AFTER_CALL"]))
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
