@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 from moto import mock_aws
-from moto.core.botocore_stubber import BotocoreStubber
 
 from imagepipe.jobstate import JobState
 from imagepipe.providers.baidu_oauth import clear_tokens
@@ -39,20 +37,6 @@ TEMPLATE = ROOT / "template.yaml"
 EVENTS = ROOT / "events"
 EXAMPLES = ROOT / "examples"
 REGION = "us-east-1"
-
-# In-process moto is not thread-safe either (a TransactWriteItems deep-copies a table that another thread is
-# writing: "dictionary changed size during iteration"), and the generator's tasks run on threads: one request
-# at a time, as the local moto server handles them. No in-process test long-polls, so nothing waits inside.
-_MOTO_LOCK = threading.RLock()
-_process_request = BotocoreStubber.process_request
-
-
-def _one_request_at_a_time(self: BotocoreStubber, request: Any) -> Any:
-    with _MOTO_LOCK:
-        return _process_request(self, request)
-
-
-BotocoreStubber.process_request = _one_request_at_a_time  # type: ignore[method-assign]
 
 
 def create_jobs_table(resource: Any, name: str = "jobs") -> Any:
