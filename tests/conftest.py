@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import boto3
 import pytest
 from aws_lambda_powertools.utilities import parameters
 from moto import mock_aws
+from moto.core.botocore_stubber import BotocoreStubber
 
 from imagepipe.jobstate import JobState
 from imagepipe.providers.baidu_oauth import clear_tokens
@@ -37,6 +39,20 @@ TEMPLATE = ROOT / "template.yaml"
 EVENTS = ROOT / "events"
 EXAMPLES = ROOT / "examples"
 REGION = "us-east-1"
+
+# In-process moto is not thread-safe either (a TransactWriteItems deep-copies a table that another thread is
+# writing: "dictionary changed size during iteration"), and the generator's tasks run on threads: one request
+# at a time, as the local moto server handles them. No in-process test long-polls, so nothing waits inside.
+_MOTO_LOCK = threading.RLock()
+_process_request = BotocoreStubber.process_request
+
+
+def _one_request_at_a_time(self: BotocoreStubber, request: Any) -> Any:
+    with _MOTO_LOCK:
+        return _process_request(self, request)
+
+
+BotocoreStubber.process_request = _one_request_at_a_time  # type: ignore[method-assign]
 
 
 def create_jobs_table(resource: Any, name: str = "jobs") -> Any:
@@ -116,6 +132,10 @@ URL_PARAMETERS = {
 # yet (0: its shortest) - with the template's PollBudgetSeconds (2 s) the emulator's quick generations
 # are read within the invocation that submitted them.
 FAST_POLLS = {"POLL_INTERVAL_SECONDS": "0.1", "POLL_DELAY_SECONDS": "0"}
+# The poll budget runs from the invocation's start, and on a busy 2-core machine an in-process cold start
+# (imports, first clients, the secret) can take most of the template's 2 s: a test about something else
+# would then see its quick predictions handed back. Tests about hand-backs set PollBudgetSeconds themselves.
+TEST_PARAMETERS = {"PollBudgetSeconds": "10"}
 # The functions Lambda drives from queues, in the order a drain works them.
 DRAINED = ("ImageGeneratorFunction", "DeadLetterRecorderFunction", "JobFinisherFunction")
 
@@ -326,7 +346,7 @@ def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[
                 client,
                 load_template(TEMPLATE),
                 stack_name="imagepipe-local",
-                parameters={"DefaultProvider": provider, **urls, **(parameters or {})},
+                parameters={"DefaultProvider": provider, **urls, **TEST_PARAMETERS, **(parameters or {})},
                 region=REGION,
             )
             keys = {name: value for e in emulators.values() for name, value in e.keys.items()}
