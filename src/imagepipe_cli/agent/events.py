@@ -36,14 +36,20 @@ class Events:
     def __init__(self, base_url: str, client_id: str, open_timeout: float = 5.0) -> None:
         url = base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         self._ws: ClientConnection | None
+        self._stack = contextlib.ExitStack()  # websockets wants connect() used as a context manager
         try:
-            # proxy=None: ComfyUI is on this machine or the LAN; max_size=None: previews can be large.
-            self._ws = connect(
-                f"{url}/ws?clientId={client_id}",
-                proxy=None,
-                open_timeout=open_timeout,
-                max_size=None,
-                compression=None,
+            # proxy=None: ComfyUI is on this machine or the LAN; max_size=None: previews can be large;
+            # max_queue=None: messages left unread after the wake-up (a row's progress) must not stall the
+            # reader, or close() waits its whole close_timeout for a close frame stuck behind them.
+            self._ws = self._stack.enter_context(
+                connect(
+                    f"{url}/ws?clientId={client_id}",
+                    proxy=None,
+                    open_timeout=open_timeout,
+                    max_size=None,
+                    max_queue=None,
+                    compression=None,
+                )
             )
         except (OSError, TimeoutError, WebSocketException):
             self._ws = None
@@ -71,10 +77,9 @@ class Events:
         return False
 
     def close(self) -> None:
-        if self._ws is not None:
-            ws, self._ws = self._ws, None
-            with contextlib.suppress(OSError, WebSocketException):
-                ws.close()
+        self._ws = None
+        with contextlib.suppress(OSError, WebSocketException):
+            self._stack.close()
 
     def __enter__(self) -> Events:
         return self
