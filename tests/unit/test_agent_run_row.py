@@ -124,6 +124,7 @@ def test_a_missing_node_is_reported_by_name_and_nothing_is_queued(faults, fields
         assert (outcome.status, outcome.error_type) == (FAILED, "missing_node")
         assert outcome.reason.startswith(named), outcome.reason
         assert comfy.stats().get("prompts_queued", 0) == 0
+        assert comfy.stats().get("uploads", 0) == 0  # found before the row's images were sent
     finally:
         comfy.stop()
 
@@ -221,15 +222,39 @@ def test_a_restart_mid_prompt_is_retry_later_and_the_redelivery_runs_it() -> Non
     comfy = make("restart=FLAKY:1")
     comfy.restart_down_s = 0.3
     try:
-        outcome = run_row(client_for(comfy), WORKFLOWS, row(prompt="a FLAKY lamp"), FAST)
+        client = client_for(comfy)  # the same client throughout, as the agent keeps one
+        outcome = run_row(client, WORKFLOWS, row(prompt="a FLAKY lamp"), FAST)
         assert (outcome.status, outcome.error_type) == (RETRY_LATER, "comfyui_lost")
         assert outcome.retry_later and "restarted" in outcome.reason
         # The agent loop puts the task back and waits for ComfyUI; the redelivery runs the row once more.
-        client = client_for(comfy)
         wait_until(lambda: comfy.stats().get("restarts") == 1, "the emulated restart happened")
         client.wait_ready(10)
         again = run_row(client, WORKFLOWS, row(prompt="a FLAKY lamp"), FAST)
         assert (again.status, again.runs, again.prompt_id) == (SUCCEEDED, 1, outcome.prompt_id)
+    finally:
+        comfy.stop()
+
+
+def test_a_prompt_interrupted_at_comfyui_is_retry_later_and_the_redelivery_runs_it_again() -> None:
+    comfy = make("hang=FOREVER")
+    client = client_for(comfy)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(o=run_row(client, WORKFLOWS, row(prompt="FOREVER"), FAST))
+    )
+    worker.start()
+    try:
+        wait_until(lambda: comfy.stats().get("prompts_run", 0) == 1, "the prompt started")
+        httpx.post(comfy.base_url + "/interrupt")  # someone pressed Cancel in ComfyUI's window
+        worker.join(30)
+        outcome = result["o"]
+        assert (outcome.status, outcome.error_type) == (RETRY_LATER, "interrupted")
+        assert "interrupted the prompt at node 9 (SaveImage)" in outcome.reason
+        # The interrupted run is not taken as the row's answer: the redelivery runs it again.
+        comfy.config.faults = ()
+        again = run_row(client, WORKFLOWS, row(prompt="FOREVER"), FAST)
+        assert (again.status, again.runs, len(again.images)) == (SUCCEEDED, 1, 1)
+        assert comfy.runs(outcome.prompt_id) == 2
     finally:
         comfy.stop()
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from imagepipe.jobstate import FAILED, SUCCEEDED
@@ -25,7 +25,6 @@ class Outcome:
     gpu_seconds: float | None = None  # ComfyUI's own execution time (history timestamps), when it ran
     elapsed_seconds: float = 0.0  # wall time this call spent on the row
     runs: int = 0  # prompts this call queued on ComfyUI (0: an earlier run was found and used)
-    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def retry_later(self) -> bool:
@@ -82,7 +81,7 @@ def read_history(entry: dict[str, Any]) -> Finished:
                 or "out of memory" in message.lower()
                 or "Allocation on device" in message
             )
-            first_line = message.splitlines()[0] if message else exc_type
+            first_line = message.splitlines()[0].strip() if message else exc_type
             where = f"node {data.get('node_id')} ({data.get('node_type')})"
             return Finished("error", f"{where}: {exc_type}: {first_line}", oom, gpu, [])
         if kind == "execution_interrupted":

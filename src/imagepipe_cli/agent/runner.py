@@ -76,25 +76,31 @@ class _RowRun:
         self.gpu_seconds: float | None = None
 
     def prepare(self, workflow: Workflow) -> dict[str, Any] | Outcome:
-        """The filled workflow, its images uploaded; or why it cannot run here."""
+        """The filled workflow, its images uploaded; or why it cannot run here (found before any upload)."""
         row, name = self.row, safe_name(self.row.row_id)
         values = row_values(row.job_id, row.row_id, row.fields, self.settings.defaults)
         for column in {*IMAGE_COLUMNS, *row.images}:
             values.pop(column, None)  # a column's text (an S3 key) is not a name ComfyUI knows
-        subfolder = f"{self.settings.folder}/{row.job_id}"
+        uploads = sorted(workflow.placeholders() & set(row.images))
+        subfolder, prefix = (
+            f"{self.settings.folder}/{row.job_id}",
+            f"{self.settings.folder}/{row.job_id}/{name}",
+        )
         try:
-            for column in sorted(workflow.placeholders() & set(row.images)):
+            # Checked with stand-in image names first: a row ComfyUI cannot run uploads nothing.
+            probe = fill(workflow, {**values, **dict.fromkeys(uploads, "upload")}, prefix)
+            if missing := self.client.missing(probe):
+                return failed(*missing)
+            for column in uploads:
                 data = row.images[column]
                 values[column] = self.client.upload_image(
                     data, f"{name}-{column}{_extension(data)}", subfolder
                 )
-            graph = fill(workflow, values, f"{subfolder}/{name}")
+            return fill(workflow, values, prefix)
         except WorkflowError as exc:
             return failed("bad_row", str(exc))
         except PromptRejected as exc:
             return failed(exc.error_type, exc.reason)
-        missing = self.client.missing(graph)
-        return failed(*missing) if missing else graph
 
     def queue(self, workflow: Workflow) -> Outcome | None:
         graph = self.prepare(workflow)
