@@ -18,6 +18,7 @@ from imagepipe_cli.agent.runner import RowRequest, RunSettings, prompt_id_for, r
 from imagepipe_cli.agent.workflows import WorkflowSet
 from imagepipe_cli.emulators.base import EmulatorConfig, parse_fault
 from imagepipe_cli.emulators.comfyui import ComfyUIEmulator
+from imagepipe_cli.emulators.openai import OpenAIEmulator
 
 FAST = RunSettings(timeout_s=60, poll_s=0.1, ready_s=10)
 WORKFLOWS = WorkflowSet()
@@ -99,6 +100,32 @@ def test_an_inpaint_row_uploads_its_images_and_the_workflow_loads_them(comfy: Co
     ran = client.history(outcome.prompt_id)["prompt"][2]
     assert ran["10"]["inputs"]["image"] == "imagepipe/job-1/r2-init_image.png"
     assert ran["11"]["inputs"]["image"] == "imagepipe/job-1/r2-mask_image.png"
+
+
+def test_a_controlnet_row_runs_with_its_control_image_and_typed_strength(comfy: ComfyUIEmulator) -> None:
+    images = {"control_image": png((64, 64), (255, 255, 255))}
+    client = client_for(comfy)
+    outcome = run_row(
+        client, WORKFLOWS, row("r3", images=images, control_image="edges.png", control_strength="0.6"), FAST
+    )
+    assert (outcome.status, outcome.workflow) == (SUCCEEDED, "controlnet"), outcome.reason
+    assert Image.open(io.BytesIO(outcome.images[0])).size == (256, 128)
+    ran = client.history(outcome.prompt_id)["prompt"][2]
+    assert ran["12"]["inputs"]["strength"] == 0.6
+    assert ran["10"]["inputs"]["image"] == "imagepipe/job-1/r3-control_image.png"
+
+
+def test_something_else_on_comfyuis_port_is_retry_later_not_a_crash() -> None:
+    other = OpenAIEmulator().start()
+    try:
+        client = ComfyClient(other.base_url)
+        outcome = run_row(client, WORKFLOWS, row(), FAST)
+        assert (outcome.status, outcome.error_type) == (RETRY_LATER, "comfyui_unavailable")
+        assert "answered /history/" in outcome.reason
+        with pytest.raises(ComfyUnavailable, match="answered /system_stats with HTTP 404"):
+            client.wait_ready(0)
+    finally:
+        other.stop()
 
 
 def test_a_row_that_needs_an_image_it_was_not_given_fails_naming_the_placeholder(

@@ -104,14 +104,23 @@ class ComfyClient:
             )
         return response
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _json(self, method: str, path: str, want: type = dict, **kwargs: Any) -> Any:
         response = self._call(method, path, **kwargs)
-        try:
-            return response.json()
-        except ValueError:
+        if response.status_code != 200:
             raise ComfyUnavailable(
-                f"ComfyUI at {self.base_url} answered {path} with something not JSON"
-            ) from None
+                f"ComfyUI at {self.base_url} answered {path} with HTTP {response.status_code}"
+            )
+        return self._parse(response, path, want)
+
+    def _parse(self, response: httpx.Response, path: str, want: type = dict) -> Any:
+        # Something else answering on ComfyUI's port (or a broken proxy) is "not ComfyUI now", not a crash.
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, want):
+            raise ComfyUnavailable(f"ComfyUI at {self.base_url} answered {path} with something not ComfyUI's")
+        return body
 
     # ---- readiness and what is installed
 
@@ -130,12 +139,7 @@ class ComfyClient:
         delay = first_delay
         while True:
             try:
-                stats = self._json("GET", "/system_stats")
-                if isinstance(stats, dict):
-                    return stats
-                error: Exception = ComfyUnavailable(
-                    f"ComfyUI at {self.base_url}: /system_stats is not an object"
-                )
+                return self._json("GET", "/system_stats")
             except ComfyUnavailable as exc:
                 error = exc
             left = end - clock()
@@ -153,7 +157,8 @@ class ComfyClient:
         """The files in a model folder, or None when ComfyUI has no such folder."""
         if fresh or folder not in self._models:
             response = self._call("GET", f"/models/{folder}")
-            self._models[folder] = response.json() if response.status_code == 200 else None
+            path = f"/models/{folder}"
+            self._models[folder] = self._parse(response, path, list) if response.status_code == 200 else None
         return self._models[folder]
 
     def missing(self, graph: dict[str, Any]) -> tuple[str, str] | None:
@@ -199,7 +204,9 @@ class ComfyClient:
             raise PromptRejected(
                 "upload_failed", f"ComfyUI refused the upload of {filename}: HTTP {response.status_code}"
             )
-        body = response.json()
+        body = self._parse(response, "/upload/image")
+        if not body.get("name"):
+            raise ComfyUnavailable(f"ComfyUI at {self.base_url} answered /upload/image without a name")
         return f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else str(body["name"])
 
     def submit(self, graph: dict[str, Any], prompt_id: str) -> dict[str, Any]:
@@ -213,11 +220,10 @@ class ComfyClient:
             except ValueError:
                 body = {"error": {"type": "invalid_prompt", "message": f"HTTP {response.status_code}"}}
             raise rejection(body)
-        return response.json()
+        return self._parse(response, "/prompt")
 
     def history(self, prompt_id: str) -> dict[str, Any] | None:
-        body = self._json("GET", f"/history/{prompt_id}")
-        entry = body.get(prompt_id) if isinstance(body, dict) else None
+        entry = self._json("GET", f"/history/{prompt_id}").get(prompt_id)
         return entry if isinstance(entry, dict) else None
 
     def queued(self, prompt_id: str) -> bool:

@@ -136,46 +136,50 @@ class _RowRun:
         except WorkflowError as exc:
             return failed("bad_workflow", str(exc))
         with Events(self.client.base_url, self.client.client_id) as events:
+            # A redelivered row: its earlier run's answer stands, or its prompt is still queued; an
+            # interrupted run is the exception, it is run again.
             entry = self.client.history(self.prompt_id)
             if entry is not None and read_history(entry).kind == "interrupted":
-                self.client.forget(self.prompt_id)  # an interrupted run is run again
+                self.client.forget(self.prompt_id)
                 entry = None
             fresh = entry is None and not self.client.queued(self.prompt_id)
             if fresh and (refused := self.queue(workflow)) is not None:
                 return refused
-            oom_retries = self.settings.oom_retries
-            while True:
-                if entry is None:
-                    s = self.settings
-                    waited = wait_for(
-                        self.client,
-                        events,
-                        self.prompt_id,
-                        deadline=self.deadline,
-                        poll_s=s.poll_s,
-                        ready_s=s.ready_s,
-                    )
-                    if waited.timed_out:
-                        return self.give_up()
-                    if waited.entry is None:
-                        return retry_later("comfyui_lost", waited.lost)
-                    entry = waited.entry
-                result = read_history(entry)
-                self.gpu_seconds = result.gpu_seconds
-                if result.kind == "success":
-                    return self.collect(result.images)
-                if result.kind == "interrupted":
-                    return retry_later("interrupted", result.reason)
-                if not (result.out_of_memory and oom_retries > 0):
-                    return failed(
-                        "out_of_memory" if result.out_of_memory else "execution_error", result.reason
-                    )
-                oom_retries -= 1
-                self.client.free()
-                self.client.forget(self.prompt_id)  # so the wait does not read the failed run's entry
-                if (refused := self.queue(workflow)) is not None:
-                    return refused
-                entry = None
+            return self.follow(workflow, events, entry)
+
+    def follow(self, workflow: Workflow, events: Events, entry: dict[str, Any] | None) -> Outcome:
+        """From a queued prompt (or its history entry) to the outcome, running it again once after an OOM."""
+        oom_retries = self.settings.oom_retries
+        while True:
+            if entry is None:
+                s = self.settings
+                waited = wait_for(
+                    self.client,
+                    events,
+                    self.prompt_id,
+                    deadline=self.deadline,
+                    poll_s=s.poll_s,
+                    ready_s=s.ready_s,
+                )
+                if waited.timed_out:
+                    return self.give_up()
+                if waited.entry is None:
+                    return retry_later("comfyui_lost", waited.lost)
+                entry = waited.entry
+            result = read_history(entry)
+            self.gpu_seconds = result.gpu_seconds
+            if result.kind == "success":
+                return self.collect(result.images)
+            if result.kind == "interrupted":
+                return retry_later("interrupted", result.reason)
+            if not (result.out_of_memory and oom_retries > 0):
+                return failed("out_of_memory" if result.out_of_memory else "execution_error", result.reason)
+            oom_retries -= 1
+            self.client.free()
+            self.client.forget(self.prompt_id)  # so the wait does not read the failed run's entry
+            if (refused := self.queue(workflow)) is not None:
+                return refused
+            entry = None
 
 
 def run_row(
