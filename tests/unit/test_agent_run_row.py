@@ -13,9 +13,10 @@ from PIL import Image
 
 from imagepipe.jobstate import FAILED, SUCCEEDED
 from imagepipe_cli.agent.comfyui import ComfyClient, ComfyUnavailable
+from imagepipe_cli.agent.events import Events
 from imagepipe_cli.agent.outcomes import RETRY_LATER
 from imagepipe_cli.agent.runner import RowRequest, RunSettings, prompt_id_for, run_row
-from imagepipe_cli.agent.workflows import WorkflowSet
+from imagepipe_cli.agent.workflows import WorkflowSet, fill, row_values
 from imagepipe_cli.emulators.base import EmulatorConfig, parse_fault
 from imagepipe_cli.emulators.comfyui import ComfyUIEmulator
 from imagepipe_cli.emulators.openai import OpenAIEmulator
@@ -217,6 +218,20 @@ def test_out_of_memory_that_free_cures_succeeds_on_the_retry() -> None:
         assert (outcome.status, outcome.runs, len(outcome.images)) == (SUCCEEDED, 2, 1)
     finally:
         comfy.stop()
+
+
+def test_the_websocket_says_when_our_prompt_ended_and_ignores_others(comfy: ComfyUIEmulator) -> None:
+    client = client_for(comfy)
+    graph = fill(
+        WORKFLOWS.get("txt2img"),
+        row_values("j", "r", {"prompt": "a fox", "width": 64, "height": 64}, {}),
+        "p",
+    )
+    with Events(comfy.base_url, client.client_id) as events:
+        client.submit(graph, "ours")
+        assert events.wait("ours", 20) is True  # True only when ComfyUI's message came (False on timeout)
+        client.submit(graph, "theirs")
+        assert events.wait("not-this-one", 0.5) is False
 
 
 def test_a_silent_websocket_still_completes_through_history() -> None:

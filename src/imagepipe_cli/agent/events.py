@@ -54,10 +54,6 @@ class Events:
         except (OSError, TimeoutError, WebSocketException):
             self._ws = None
 
-    @property
-    def connected(self) -> bool:
-        return self._ws is not None
-
     def wait(self, prompt_id: str, timeout: float) -> bool:
         """Up to timeout seconds; True as soon as ComfyUI says prompt_id ended."""
         end = time.monotonic() + timeout
