@@ -61,6 +61,8 @@ def test_bad_rows_and_api_failures_are_reported_and_the_exit_code_is_1(tmp_path)
     run = imagepipe(
         "run", str(source), "--out", str(out), "--no-progress",
         "--emulator-fault", "refuse=forbidden", "--emulator-fault", "fail=doomed",
+        # 3 calls for a row that always fails, not the template's 8 (whose backoff alone is minutes)
+        "--parameter-overrides", "TaskMaxAttempts=3",
     )  # fmt: skip
 
     assert run.returncode == 1, run.stderr
@@ -69,7 +71,7 @@ def test_bad_rows_and_api_failures_are_reported_and_the_exit_code_is_1(tmp_path)
         "good": ("succeeded", None),
         "tiny": ("rejected", "rejected"),
         "nope": ("failed", "moderation"),
-        "doom": ("failed", "unavailable"),  # after 3 attempts, from the dead-letter queue
+        "doom": ("failed", "unavailable"),  # after its 3 attempts
     }
     assert "row 2 (id 'tiny'): rejected: the width 10 is out of range" in run.stdout
 
