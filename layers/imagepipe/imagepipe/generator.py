@@ -226,22 +226,31 @@ class Batch:
         finally:
             self.outbox.task_ended()
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        """The job record, read once per invocation."""
+    def job(self, job_id: str, provider: str | None = None) -> dict[str, Any]:
+        """The job record, read once per invocation (with `provider`'s stop for the job, in the same
+        request, when that is not known yet either)."""
+        key = f"{job_id}\0{provider}"
         with self._lock:
             if job_id in self._jobs:
                 return self._jobs[job_id]
-        job = self.processor.state.job(job_id) or {}
+            with_stop = provider is not None and key not in self._stops
+        if with_stop:
+            assert provider is not None
+            job, stop = self.processor.state.job_and_stop(job_id, provider)
+            with self._lock:
+                self._stops.setdefault(key, stop)
+        else:
+            job = self.processor.state.job(job_id)
         with self._lock:
-            return self._jobs.setdefault(job_id, job)
+            return self._jobs.setdefault(job_id, job or {})
 
-    def job_stop(self, job_id: str) -> dict[str, str] | None:
+    def job_stop(self, job_id: str, provider: str | None = None) -> dict[str, str] | None:
         """Why the job makes no more paid calls (cancelled, budget spent), read once per invocation.
         The budget counts what was spent and what the paid calls in flight are expected to cost."""
         with self._lock:
             if job_id in self._stops:
                 return self._stops[job_id]
-        job = self.job(job_id)
+        job = self.job(job_id, provider)
         stop = None
         if job.get("cancel_requested"):
             stop = {"type": "cancelled", "message": "the job was cancelled before this row was made"}
@@ -370,7 +379,10 @@ class _Run:
             outcome: Generation | Pending = Pending(task.prediction_id)
             submitted_at = task.submitted_at or self.started
         else:
-            stop = self.batch.job_stop(task.job_id) or self.batch.provider_stop(task.job_id, task.provider)
+            # One request reads the job record and the provider's stop (Batch.job).
+            stop = self.batch.job_stop(task.job_id, task.provider) or self.batch.provider_stop(
+                task.job_id, task.provider
+            )
             # The rate-limit token first, while this delivery holds nothing a crash could leave claimed.
             token = None if stop else self.rate_token()
             # The common case - a task nobody has touched - costs one conditional write, no read (and one

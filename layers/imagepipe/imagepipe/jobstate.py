@@ -376,20 +376,31 @@ class JobState:
 
     def counts(self, job_id: str) -> Counts:
         """The job's finished tasks and cost so far: the sum of its shard counters (one batch read)."""
-        keys = [_count_key(job_id, shard) for shard in range(SHARDS)]
-        items: list[dict[str, Any]] = []
+        return _counts(self._read([_count_key(job_id, shard) for shard in range(SHARDS)]).values())
+
+    def job_and_counts(self, job_id: str) -> tuple[dict[str, Any] | None, Counts]:
+        """The job record and its counts in one request (read side by side: neither before the other)."""
+        items = self._read([_job_key(job_id), *(_count_key(job_id, shard) for shard in range(SHARDS))])
+        job = items.pop(_pair(_job_key(job_id)), None)
+        return (plain(job) if job else None), _counts(items.values())
+
+    def job_and_stop(self, job_id: str, provider: str) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+        """The job record and the provider's stop for the job (see provider_stop), in one request."""
+        items = self._read([_job_key(job_id), _stop_key(job_id, provider)])
+        job, stop = items.get(_pair(_job_key(job_id))), items.get(_pair(_stop_key(job_id, provider)))
+        return (plain(job) if job else None), (_stop_of(stop) if stop else None)
+
+    def _read(self, keys: list[dict[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The items at `keys` that exist, by (pk, sk): strongly consistent, one BatchGetItem (another
+        only for keys DynamoDB left unprocessed). The resource's client speaks plain Python values."""
+        found: dict[tuple[str, str], dict[str, Any]] = {}
         request = {self._table.name: {"Keys": keys, "ConsistentRead": True}}
         while request:
             answer = self._client.batch_get_item(RequestItems=request)
-            items.extend(answer.get("Responses", {}).get(self._table.name, []))
+            for item in answer.get("Responses", {}).get(self._table.name, []):
+                found[(item["pk"], item["sk"])] = item
             request = answer.get("UnprocessedKeys") or {}
-        total = {"succeeded": 0, "failed": 0, "cancelled": 0, "cost": 0.0, "answers_lost": 0, "reserved": 0.0}
-        for item in items:  # the resource's client speaks plain Python values
-            for name in total:
-                value = item.get(name, 0)
-                total[name] += float(value) if name in ("cost", "reserved") else int(value)
-        total["reserved"] = max(0.0, round(total["reserved"], 6))
-        return Counts(**total)
+        return found
 
     def request_cancel(self, job_id: str) -> bool:
         """Ask the job to stop: no more paid calls; its rows not yet made end cancelled."""
@@ -426,10 +437,13 @@ class JobState:
 
     def start_finishing(self, job_id: str) -> bool:
         """True for the one caller that sees the job's last row finish (running -> finishing). A redrive
-        that reopened rows after the counts were read makes the write fail (the job's `redrives` moved)."""
-        job = self.job(job_id)
-        if not job or job.get("status") != RUNNING:
+        that reopened rows after the counts were read makes the write fail (the job's `redrives` moved).
+        One request for a job that is not done (the common case: every batch asks), two for one that is."""
+        job, counts = self.job_and_counts(job_id)
+        if not job or job.get("status") != RUNNING or counts.finished < int(job.get("queued", 0)):
             return False
+        # Those counts were read beside the record, maybe before it: read them again, after it, so that a
+        # redrive the record missed shows in them (one it saw moved `redrives`: the write below fails).
         if self.counts(job_id).finished < int(job.get("queued", 0)):
             return False
         return _conditionally(
@@ -504,9 +518,7 @@ class JobState:
 
     def provider_stop(self, job_id: str, provider: str) -> dict[str, str] | None:
         item = self._table.get_item(Key=_stop_key(job_id, provider), ConsistentRead=True).get("Item")
-        if not item:
-            return None
-        return {"type": str(item["error_type"]), "message": str(item["message"])}
+        return _stop_of(item) if item else None
 
     # ------------------------------------------------------------------ tasks
 
@@ -951,6 +963,25 @@ class JobState:
 
 
 _SWEEP_KEY = {"pk": "SWEEP", "sk": "CURSOR"}
+
+
+def _pair(key: dict[str, str]) -> tuple[str, str]:
+    return key["pk"], key["sk"]
+
+
+def _stop_of(item: dict[str, Any]) -> dict[str, str]:
+    return {"type": str(item["error_type"]), "message": str(item["message"])}
+
+
+def _counts(items: Iterable[dict[str, Any]]) -> Counts:
+    """The sum of a job's shard counters."""
+    total = {"succeeded": 0, "failed": 0, "cancelled": 0, "cost": 0.0, "answers_lost": 0, "reserved": 0.0}
+    for item in items:
+        for name in total:
+            value = item.get(name, 0)
+            total[name] += float(value) if name in ("cost", "reserved") else int(value)
+    total["reserved"] = max(0.0, round(total["reserved"], 6))
+    return Counts(**total)
 
 
 class JobFinishing(Exception):
