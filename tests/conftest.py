@@ -371,3 +371,9 @@ def pipeline_factory(emulator_factory: Callable[..., BaseEmulator]) -> Iterator[
 @pytest.fixture
 def pipeline(pipeline_factory: Callable[..., Pipeline]) -> Pipeline:
     return pipeline_factory()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The proofs first: they are the longest tests by far, so make test's workers start them at once and
+    work off the rest beside them."""
+    items.sort(key=lambda item: not item.path.name.startswith("test_proof"))

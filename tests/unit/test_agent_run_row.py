@@ -315,7 +315,8 @@ def test_comfyui_gone_mid_prompt_is_retry_later() -> None:
     worker.join(30)
     outcome = result["o"]
     assert (outcome.status, outcome.error_type) == (RETRY_LATER, "comfyui_lost")
-    assert "stopped answering" in outcome.reason
+    # A server going down may still answer a last /history without the prompt: that reads as a restart
+    assert "stopped answering" in outcome.reason or "(it restarted)" in outcome.reason
 
 
 def test_comfyui_down_before_the_row_is_retry_later_without_a_traceback() -> None:
