@@ -83,7 +83,7 @@ build: $(SAM_VENV)/.installed
 # file, starts first). PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= 3
 pytest: $(BIN)/.installed
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Issue 11's table, one markdown table for the README (~20 minutes on 2 cores). `build` first: the cold start
 # is measured on what `sam build` makes (without python3.12, on the source tree, and the table says so).
