@@ -115,7 +115,13 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         "--api-url",
         metavar="URL",
         help="the provider's base URL, without the path (e.g. http://127.0.0.1:8000); keys from its "
-        "environment variables. Default: the public API when its keys are set, else the built-in emulator",
+        "environment variables. Default: the built-in emulator (the public API with --live)",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="call the real, paid APIs of the providers whose keys are in the environment (without it, "
+        "keys in the environment are not used and every provider is its built-in emulator)",
     )
     parser.add_argument("--model", metavar="M", help="the model for rows without a model column")
     parser.add_argument(
@@ -217,6 +223,7 @@ def _stack_fields(args: argparse.Namespace) -> dict:
         "template": args.template or default_template(),
         "provider": args.provider,
         "api_url": args.api_url,
+        "live": args.live,
         "model": args.model,
         "concurrency": args.concurrency,
         "batch_size": args.batch_size,

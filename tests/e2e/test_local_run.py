@@ -1,6 +1,7 @@
 """`imagepipe run` as a user runs it: a real process, moto server over HTTP, the emulator over HTTP."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,11 @@ from PIL import Image
 from conftest import EXAMPLES, ROOT
 
 
-def imagepipe(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+def imagepipe(*args: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "imagepipe_cli", *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -44,6 +46,36 @@ def test_the_brief_csv_becomes_one_png_per_row_and_a_results_line_per_row(tmp_pa
         with Image.open(tmp_path / path) as image:
             assert (image.format, image.size) == ("PNG", (1024, 1024))
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["1.png", "2.png", "3.png"]
+
+
+def test_keys_in_the_environment_never_make_the_demo_pay(tmp_path):
+    # Given a user with real-looking keys for every provider exported in their shell
+    keys = {
+        "ATLASCLOUD_API_KEY": "apikey-of-a-real-account",
+        "QIANFAN_API_KEY": "bce-v3/ALTAK-real/secret",
+        "OPENAI_API_KEY": "sk-real",
+        "BAIDU_API_KEY": "real",
+        "BAIDU_SECRET_KEY": "real",
+    }
+
+    # When they run what `make demo` runs (the file with a row for each provider, too)
+    demo = imagepipe(
+        "run", "examples/prompts.csv", "--out", str(tmp_path / "demo"), "--no-progress",
+        env={**os.environ, **keys},
+    )  # fmt: skip
+    every = imagepipe(
+        "run", "examples/providers.csv", "--out", str(tmp_path / "every"), "--no-progress",
+        env={**os.environ, **keys},
+    )  # fmt: skip
+
+    # Then every API was its emulator, the header says so and that the keys were not used, and the rows
+    # were made (this machine has no route to the real APIs: a paid call would have failed its row)
+    assert demo.returncode == 0 and every.returncode == 0, demo.stdout + demo.stderr + every.stderr
+    for run in (demo, every):
+        apis = [line for line in run.stdout.splitlines() if line.startswith("image API ")]
+        assert len(apis) == 4 and all("EMULATOR" in line and "REAL" not in line for line in apis), apis
+        assert all("set but not used: --live calls the real API" in line for line in apis), apis
+    assert "3 succeeded, 0 failed" in demo.stdout and "4 succeeded, 0 failed" in every.stdout
 
 
 def test_bad_rows_and_api_failures_are_reported_and_the_exit_code_is_1(tmp_path):

@@ -48,6 +48,7 @@ class StackOptions:
     template: Path = Path("template.yaml")
     provider: str | None = None  # None: DefaultProvider from the overrides, samconfig.toml or the template
     api_url: str | None = None
+    live: bool = False  # providers whose keys are in the environment are called on their public APIs (paid)
     model: str | None = None
     concurrency: int | None = None
     batch_size: int | None = None
@@ -366,8 +367,9 @@ class _Api:
 
 
 def _api_endpoints(options: StackOptions, cleanup: ExitStack, out: TextIO) -> dict[str, _Api]:
-    """Each provider's API: --api-url for the chosen provider; else its public URL when its keys are in
-    the environment; else its built-in emulator (which a file with a provider column may also use)."""
+    """Each provider's API: --api-url for the chosen provider; else, with --live, its public URL when its
+    keys are in the environment; else its built-in emulator (which a file with a provider column may also
+    use). Keys in the environment alone never make a run pay: a demo stays on the emulators."""
     apis: dict[str, _Api] = {}
     for name in PROVIDER_NAMES:
         cls = provider_class(name)
@@ -379,7 +381,7 @@ def _api_endpoints(options: StackOptions, cleanup: ExitStack, out: TextIO) -> di
                     f"set {' and '.join(cls.key_names)} to call {name} at {options.api_url}"
                 )
             apis[name] = _Api(options.api_url.rstrip("/"), env_keys)
-        elif has_keys:
+        elif has_keys and options.live:
             apis[name] = _Api(cls.public_url, env_keys)
         faults = options.emulator_faults if name == options.provider else []
         if name not in apis:
@@ -393,12 +395,17 @@ def _api_endpoints(options: StackOptions, cleanup: ExitStack, out: TextIO) -> di
         api = apis[name]
         if api.emulator is not None:
             extra = f", faults: {', '.join(faults)}" if faults else ""
+            ignored = (
+                f"; {' and '.join(cls.key_names)} set but not used: --live calls the real API"
+                if has_keys
+                else ""
+            )
             what = (
                 f"the built-in {emulator.title} EMULATOR at {api.base_url} (not the real API; "
-                f"{options.emulator_latency_ms:g} ms per image{extra})"
+                f"{options.emulator_latency_ms:g} ms per image{extra}{ignored})"
             )
         else:
-            what = f"{api.base_url} (keys from {', '.join(cls.key_names)})"
+            what = f"the REAL API at {api.base_url}, which charges (keys from {', '.join(cls.key_names)})"
         default = " (the default)" if name == options.provider else ""
         print(f"image API {name}{default}: {what}", file=out)
     return apis
