@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
-from imagepipe_cli import jobs
+from imagepipe_cli import jobs, keys
 from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stack_options(up_cmd)
     # submit, status, results, cancel, retry, redrive: jobs on a deployed (or `imagepipe up`) stack.
     jobs.add_parsers(commands)
+    keys.add_parser(commands, jobs.stack_option())
     return parser
 
 
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in jobs.COMMANDS:
         return jobs.run_command(args)
+    if args.command == "keys":
+        return keys.run(args)
     if args.command == "up":
         return _up(args)
     if args.command == "emulator":

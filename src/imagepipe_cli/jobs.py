@@ -66,8 +66,8 @@ class JobError(Exception):
 # ---------------------------------------------------------------------------------------- the parsers
 
 
-def add_parsers(commands: Any) -> None:
-    """The job commands, added to `imagepipe`'s subcommands."""
+def stack_option() -> argparse.ArgumentParser:
+    """--stack, for every command that works on a stack."""
     stack = argparse.ArgumentParser(add_help=False)
     stack.add_argument(
         "--stack",
@@ -75,6 +75,12 @@ def add_parsers(commands: Any) -> None:
         help="the CloudFormation stack (default: $IMAGEPIPE_STACK, else imagepipe-local when "
         "AWS_ENDPOINT_URL is set - the stack of `imagepipe up` - else imagepipe)",
     )
+    return stack
+
+
+def add_parsers(commands: Any) -> None:
+    """The job commands, added to `imagepipe`'s subcommands."""
+    stack = stack_option()
     no_progress = argparse.ArgumentParser(add_help=False)
     no_progress.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
 

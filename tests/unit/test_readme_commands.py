@@ -36,8 +36,13 @@ def _commands() -> list[str]:
     return found
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+def _subcommands(
+    parser: argparse.ArgumentParser, required: bool = True
+) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions and not required:
+        return {}
+    (action,) = actions
     return dict(action.choices)
 
 
@@ -70,8 +75,11 @@ def test_each_command_and_flag_in_the_readme_exists(line: str):
             continue  # "| retry JOB" continues the synopsis; anything else after a pipe is a shell pipe
         first = False
         assert name in PARSERS, f"README shows `imagepipe {name}`, which is not a command: {line}"
-        options = set(PARSERS[name]._option_string_actions)
-        for word in piece[1:]:
+        parser, rest = PARSERS[name], piece[1:]
+        while rest and rest[0] in _subcommands(parser, required=False):  # `imagepipe keys set ...`
+            parser, rest = _subcommands(parser)[rest[0]], rest[1:]
+        options = set(parser._option_string_actions)
+        for word in rest:
             flag = re.match(r"\[?(--[a-z][a-z0-9-]*)", word)
             if flag:
                 assert flag.group(1) in options, (
