@@ -22,7 +22,7 @@ from imagepipe_cli.stackref import StackError, describe_aws_error, find_stack
 
 KEY_NAMES = tuple(sorted({key for name in PROVIDER_NAMES for key in provider_class(name).key_names}))
 EXIT_USAGE = 2
-CACHE_NOTE = "the stack's functions cache the secret for up to 5 minutes"
+CACHE_NOTE = "new uploads use them at once"
 
 
 class KeysError(Exception):

@@ -195,3 +195,24 @@ def test_a_split_taken_over_after_its_splitter_died_queues_no_row_twice(pipeline
     assert queued == list(range(1, 46))
     assert (result.status, result.queued) == ("split", 45)
     assert pipeline.job("takeover")["status"] == "running"
+
+
+def test_a_key_stored_after_the_splitter_read_the_secret_is_seen_by_the_next_upload(pipeline_factory):
+    # Given a warm splitter that read the keys secret while it had no OpenAI key (a read it caches for
+    # 5 minutes), so an OpenAI row was rejected
+    pipeline = pipeline_factory(also=("openai",))
+    manager, secret = pipeline.client("secretsmanager"), pipeline.stack.outputs["ProviderKeysSecretName"]
+    keys = json.loads(manager.get_secret_value(SecretId=secret)["SecretString"])
+    openai_key = keys.pop("OPENAI_API_KEY")
+    manager.put_secret_value(SecretId=secret, SecretString=json.dumps(keys))
+    body = b"id,prompt,provider\nlake,a calm lake,openai\n"
+    before = pipeline.split("inbox/before.csv", body)
+    assert [r.status for r in pipeline.split_rows(before["job_id"])] == ["rejected"]
+
+    # When the user stores the key a minute later and uploads again
+    manager.put_secret_value(SecretId=secret, SecretString=json.dumps({**keys, "OPENAI_API_KEY": openai_key}))
+    pipeline.split("inbox/after.csv", body)
+
+    # Then the row is queued: a row whose provider seems to have no key makes the splitter read the secret
+    # again (once an invocation) before it rejects anything
+    assert [json.loads(m["Body"])["row_id"] for m in pipeline.queued_messages()] == ["lake"]

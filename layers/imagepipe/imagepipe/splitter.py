@@ -230,12 +230,20 @@ RowCheck = Callable[[ImageTask], "str | None"]
 
 def provider_check(keys: Keys) -> RowCheck:
     """Why the row's provider cannot serve it - no key configured, or outside what its API takes - or
-    None. Decided here, before any paid call, so such a row is rejected rather than failed."""
-    configured = {
-        name for name in PROVIDER_NAMES if all(keys.get(key) for key in provider_class(name).key_names)
-    }
+    None. Decided here, before any paid call, so such a row is rejected rather than failed. The keys are
+    a cached read (5 minutes): before the first row that seems to have no key, the secret is read again,
+    so a key stored a minute ago does not get a whole upload rejected."""
+
+    def with_keys() -> set[str]:
+        return {name for name in PROVIDER_NAMES if all(keys.get_many(*provider_class(name).key_names))}
+
+    configured, fresh = with_keys(), False
 
     def check(task: ImageTask) -> str | None:
+        nonlocal configured, fresh
+        if task.provider not in configured and not fresh:
+            keys.refresh()
+            configured, fresh = with_keys(), True
         if task.provider not in configured:
             names = " and ".join(provider_class(task.provider).key_names)
             return f"no API key is configured for {task.provider}: store {names} in the stack's keys secret"
