@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
-from imagepipe_cli import jobs, keys
+from imagepipe_cli import destroy, jobs, keys
 from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     # submit, status, results, cancel, retry, redrive: jobs on a deployed (or `imagepipe up`) stack.
     jobs.add_parsers(commands)
     keys.add_parser(commands, jobs.stack_option())
+    destroy.add_parser(commands, jobs.stack_option())
     return parser
 
 
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return jobs.run_command(args)
     if args.command == "keys":
         return keys.run(args)
+    if args.command == "destroy":
+        return destroy.run(args)
     if args.command == "up":
         return _up(args)
     if args.command == "emulator":

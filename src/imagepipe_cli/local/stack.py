@@ -89,6 +89,7 @@ def deploy_stack(
     resolved = _parameter_values(template, parameters)
     _create_unsupported(client, cfn_template, physical, resolved)
     _schedules_match_only_their_own_events(client("events"))
+    _version_buckets(client("s3"), cfn_template, physical)
 
     local = LocalStack(
         name=stack_name,
@@ -188,6 +189,15 @@ def _create_unsupported(
             raise StackError(
                 f"moto cannot create {logical_id} ({kind}) and imagepipe does not create it either"
             )
+
+
+def _version_buckets(s3: Any, cfn_template: dict[str, Any], physical: dict[str, str]) -> None:
+    """moto's CloudFormation makes a bucket without its VersioningConfiguration: apply it, so an upload
+    overwritten or deleted keeps its versions locally as on AWS (and S3 events carry a versionId)."""
+    for logical_id, resource in cfn_template.get("Resources", {}).items():
+        status = resource.get("Properties", {}).get("VersioningConfiguration", {}).get("Status")
+        if resource["Type"] == "AWS::S3::Bucket" and status and logical_id in physical:
+            s3.put_bucket_versioning(Bucket=physical[logical_id], VersioningConfiguration={"Status": status})
 
 
 def _schedules_match_only_their_own_events(events: Any) -> None:
