@@ -373,6 +373,31 @@ def pipeline(pipeline_factory: Callable[..., Pipeline]) -> Pipeline:
     return pipeline_factory()
 
 
+@pytest.fixture
+def cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[int, str, str]]:
+    """run("status", ..., stdin=None) -> (exit code, stdout, stderr), as a user sees them, on the local stack
+    (found the way a user of `imagepipe up` would); never a traceback. `stdin`: what the user types."""
+    import io
+    import sys
+
+    from imagepipe_cli.cli import main
+
+    monkeypatch.setenv("IMAGEPIPE_STACK", "imagepipe-local")
+
+    def run(*argv: Any, stdin: str | None = None) -> tuple[int, str, str]:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()  # what the handlers logged before, not the user's
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, out, err
+
+    return run
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The proofs first: they are the longest tests by far, so make test's workers start them at once and
     work off the rest beside them."""

@@ -258,10 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in jobs.COMMANDS:
         return jobs.run_command(args)
-    if args.command == "keys":
-        return keys.run(args)
-    if args.command == "destroy":
-        return destroy.run(args)
+    if args.command in ("keys", "destroy"):
+        return jobs.guarded(keys.run if args.command == "keys" else destroy.run, args)
     if args.command == "up":
         return _up(args)
     if args.command == "emulator":

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any, TextIO
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError, WaiterError
 
-from imagepipe_cli.stackref import StackError, describe_aws_error, find_stack
+from imagepipe_cli.jobs import EXIT_NOT_OK, JobError
+from imagepipe_cli.stackref import find_stack
 
-EXIT_USAGE, EXIT_NOT_OK = 2, 1
-WAIT_S = 1800.0  # a stack's deletion normally takes a minute or two
+WAIT_DELAY_S, WAIT_ATTEMPTS = 5, 360  # up to 30 minutes; a stack's deletion normally takes a minute or two
 
 
 def add_parser(commands: Any, stack: argparse.ArgumentParser) -> None:
@@ -30,49 +29,44 @@ def add_parser(commands: Any, stack: argparse.ArgumentParser) -> None:
     cmd.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
 
 
-def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run through jobs.guarded: every error one line."""
+    stack = find_stack(args.stack)
+    cfn = stack.client("cloudformation")
+    resources = stack.call(lambda: _resources(cfn, stack.name))
+    buckets = [r["PhysicalResourceId"] for r in resources if r["ResourceType"] == "AWS::S3::Bucket"]
+    secret = stack.outputs.get("ProviderKeysSecretName", "")
+    if not args.yes and not _confirmed(stack.name, buckets, out):
+        print("imagepipe: nothing deleted", file=err)
+        return EXIT_NOT_OK
+    s3 = stack.client("s3")
+    for bucket in buckets:
+        removed = stack.call(lambda b=bucket: _empty(s3, b))
+        print(f"emptied {bucket}: {removed} object version(s) and delete marker(s) removed", file=out)
+    stack.call(lambda: cfn.delete_stack(StackName=stack.name))
+    print(f"deleting stack {stack.name} ...", file=out)
     try:
-        stack = find_stack(args.stack)
-        cfn = stack.client("cloudformation")
-        resources = stack.call(lambda: _resources(cfn, stack.name))
-        buckets = [r["PhysicalResourceId"] for r in resources if r["ResourceType"] == "AWS::S3::Bucket"]
-        secret = stack.outputs.get("ProviderKeysSecretName", "")
-        if not args.yes and not _confirmed(stack.name, buckets, out):
-            print("imagepipe: nothing deleted", file=err)
-            return EXIT_NOT_OK
-        s3 = stack.client("s3")
-        for bucket in buckets:
-            removed = stack.call(lambda b=bucket: _empty(s3, b))
-            print(f"emptied {bucket}: {removed} object version(s) and delete marker(s) removed", file=out)
-        stack.call(lambda: cfn.delete_stack(StackName=stack.name))
-        print(f"deleting stack {stack.name} ...", file=out)
-        status = stack.call(lambda: _wait_deleted(cfn, stack.name))
-        if status != "DELETE_COMPLETE":
-            print(f"imagepipe: error: stack {stack.name} is {status}: see its events", file=err)
-            return EXIT_NOT_OK
-        print(f"stack {stack.name} deleted", file=out)
-        if secret:
-            print(
-                f"the keys secret {secret} is scheduled for deletion and can be restored for a while; "
-                f"a new stack with the same ProviderKeysSecretName fails until it is gone: "
-                f"`aws secretsmanager delete-secret --secret-id {secret} --force-delete-without-recovery` "
-                "frees the name now",
-                file=out,
-            )
-        return 0
-    except StackError as exc:
-        print(f"imagepipe: error: {exc}", file=err)
-    except (BotoCoreError, ClientError) as exc:
-        print(f"imagepipe: error: {describe_aws_error(exc) or exc}", file=err)
-    except KeyboardInterrupt:
-        print("imagepipe: interrupted", file=err)
-    return EXIT_USAGE
+        cfn.get_waiter("stack_delete_complete").wait(
+            StackName=stack.name, WaiterConfig={"Delay": WAIT_DELAY_S, "MaxAttempts": WAIT_ATTEMPTS}
+        )
+    except WaiterError as exc:
+        print(f"imagepipe: error: stack {stack.name} was not deleted ({exc}): see its events", file=err)
+        return EXIT_NOT_OK
+    print(f"stack {stack.name} deleted", file=out)
+    if secret:
+        print(
+            f"the keys secret {secret} is scheduled for deletion and can be restored for a while; "
+            f"a new stack with the same ProviderKeysSecretName fails until it is gone: "
+            f"`aws secretsmanager delete-secret --secret-id {secret} --force-delete-without-recovery` "
+            "frees the name now",
+            file=out,
+        )
+    return 0
 
 
 def _confirmed(name: str, buckets: list[str], out: TextIO) -> bool:
     if not sys.stdin.isatty():
-        raise StackError("destroy deletes every image and result of the stack: pass --yes to confirm")
+        raise JobError("destroy deletes every image and result of the stack: pass --yes to confirm")
     print(f"This deletes stack {name} and everything in {', '.join(buckets) or 'its buckets'}.", file=out)
     return input(f"Type {name} to confirm: ").strip() == name
 
@@ -99,26 +93,10 @@ def _empty(s3: Any, bucket: str) -> int:
                 )
                 if answer.get("Errors"):
                     error = answer["Errors"][0]
-                    raise StackError(f"cannot empty {bucket}: {error.get('Key')}: {error.get('Message')}")
+                    raise JobError(f"cannot empty {bucket}: {error.get('Key')}: {error.get('Message')}")
                 removed += len(keys[start : start + 1000])
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
             return removed
         raise
     return removed
-
-
-def _wait_deleted(cfn: Any, name: str) -> str:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            stacks = cfn.describe_stacks(StackName=name)["Stacks"]
-        except ClientError as exc:
-            if "does not exist" in exc.response.get("Error", {}).get("Message", ""):
-                return "DELETE_COMPLETE"
-            raise
-        status = stacks[0]["StackStatus"] if stacks else "DELETE_COMPLETE"
-        if not status.endswith("_IN_PROGRESS"):
-            return status
-        time.sleep(5)
-    return "DELETE_IN_PROGRESS (still, after 30 minutes)"

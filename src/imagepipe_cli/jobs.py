@@ -164,12 +164,12 @@ def add_parsers(commands: Any) -> None:
 
 
 COMMANDS = ("submit", "status", "results", "cancel", "retry", "redrive")
+Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 def run_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """One job command; every error a user can act on is one line on stderr, never a traceback."""
-    out, err = out or sys.stdout, err or sys.stderr
-    command: Callable[[argparse.Namespace, TextIO, TextIO], int] = {
+    command: Command = {
         "submit": submit,
         "status": status,
         "results": results,
@@ -177,6 +177,15 @@ def run_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
         "retry": retry,
         "redrive": redrive,
     }[args.command]
+    return guarded(command, args, out, err)
+
+
+def guarded(
+    command: Command, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """A command on a stack, its errors one line on stderr (JobError, StackError and AWS's: exit 2;
+    Ctrl-C: 130; anything else, a bug: 3), never a traceback."""
+    out, err = out or sys.stdout, err or sys.stderr
     try:
         return command(args, out, err)
     except (JobError, StackError) as exc:

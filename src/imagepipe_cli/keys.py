@@ -14,19 +14,15 @@ import os
 import sys
 from typing import Any, TextIO
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from imagepipe.contract import PROVIDER_NAMES
 from imagepipe.providers import provider_class
-from imagepipe_cli.stackref import StackError, describe_aws_error, find_stack
+from imagepipe_cli.jobs import JobError
+from imagepipe_cli.stackref import find_stack
 
 KEY_NAMES = tuple(sorted({key for name in PROVIDER_NAMES for key in provider_class(name).key_names}))
-EXIT_USAGE = 2
 CACHE_NOTE = "new uploads use them at once"
-
-
-class KeysError(Exception):
-    """One line for the user."""
 
 
 def add_parser(commands: Any, stack: argparse.ArgumentParser) -> None:
@@ -48,39 +44,33 @@ def add_parser(commands: Any, stack: argparse.ArgumentParser) -> None:
     actions.add_parser("list", parents=[stack], help="the names of the keys stored (never their values)")
 
 
-def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    try:
-        if args.keys_action == "set":
-            values = {name: _value(name) for name in _names(args.names)}  # before touching AWS
-        stack = find_stack(args.stack)
-        secret = stack.output("ProviderKeysSecretName")
-        manager = stack.client("secretsmanager")
-        stored = _stored(manager, secret)
-        if args.keys_action == "list":
-            names = [name for name in sorted(stored) if stored[name]]
-            print(f"{secret}: {', '.join(names) if names else 'no keys'}", file=out)
-            return 0
-        manager.put_secret_value(SecretId=secret, SecretString=json.dumps({**stored, **values}))
-        kept = sorted(set(stored) - set(values))
-        print(
-            f"stored {', '.join(values)} in {secret}"
-            + (f" (kept {', '.join(kept)})" if kept else "")
-            + f"; {CACHE_NOTE}",
-            file=out,
-        )
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """`keys set` / `keys list` (run through jobs.guarded: every error one line)."""
+    if args.keys_action == "set":
+        values = {name: _value(name) for name in _names(args.names)}  # before touching AWS
+    stack = find_stack(args.stack)
+    secret = stack.output("ProviderKeysSecretName")
+    manager = stack.client("secretsmanager")
+    stored = _stored(manager, secret)
+    if args.keys_action == "list":
+        names = [name for name in sorted(stored) if stored[name]]
+        print(f"{secret}: {', '.join(names) if names else 'no keys'}", file=out)
         return 0
-    except (KeysError, StackError) as exc:
-        print(f"imagepipe: error: {exc}", file=err)
-    except (BotoCoreError, ClientError) as exc:
-        print(f"imagepipe: error: {describe_aws_error(exc) or exc}", file=err)
-    return EXIT_USAGE
+    manager.put_secret_value(SecretId=secret, SecretString=json.dumps({**stored, **values}))
+    kept = sorted(set(stored) - set(values))
+    print(
+        f"stored {', '.join(values)} in {secret}"
+        + (f" (kept {', '.join(kept)})" if kept else "")
+        + f"; {CACHE_NOTE}",
+        file=out,
+    )
+    return 0
 
 
 def _names(names: list[str]) -> list[str]:
     unknown = [name for name in names if name not in KEY_NAMES]
     if unknown:
-        raise KeysError(f"unknown key name {', '.join(unknown)}: the names are {', '.join(KEY_NAMES)}")
+        raise JobError(f"unknown key name {', '.join(unknown)}: the names are {', '.join(KEY_NAMES)}")
     return list(dict.fromkeys(names))
 
 
@@ -90,7 +80,7 @@ def _value(name: str) -> str:
         value = getpass.getpass(f"{name}: ") if sys.stdin.isatty() else sys.stdin.readline()
     value = value.strip()
     if not value:
-        raise KeysError(f"no value for {name}: export {name}, or give it on stdin")
+        raise JobError(f"no value for {name}: export {name}, or give it on stdin")
     return value
 
 
@@ -107,7 +97,5 @@ def _stored(manager: Any, secret: str) -> dict[str, str]:
     except json.JSONDecodeError:
         stored = None
     if not isinstance(stored, dict):
-        raise KeysError(
-            f"the secret {secret} does not hold a JSON object: put one there, or delete its value"
-        )
+        raise JobError(f"the secret {secret} does not hold a JSON object: put one there, or delete its value")
     return stored

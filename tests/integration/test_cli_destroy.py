@@ -3,29 +3,15 @@ emptied and the stack is deleted; nothing happens without a confirmation."""
 
 from __future__ import annotations
 
-import io
-import sys
-
 import pytest
 from botocore.exceptions import ClientError
-
-from imagepipe_cli.cli import main
 
 from conftest import EXAMPLES
 
 STACK = "imagepipe-local"
 
 
-def run(capsys, monkeypatch, *argv: str, stdin: str = "") -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
-def test_destroy_empties_the_versioned_buckets_and_deletes_the_stack(pipeline, capsys, monkeypatch):
+def test_destroy_empties_the_versioned_buckets_and_deletes_the_stack(pipeline, cli):
     # Given a stack that ran a job (images, results) and whose input file was overwritten and deleted,
     # leaving old versions and a delete marker behind
     job = pipeline.split("inbox/prompts.csv", (EXAMPLES / "prompts.csv").read_bytes())
@@ -37,7 +23,7 @@ def test_destroy_empties_the_versioned_buckets_and_deletes_the_stack(pipeline, c
     assert versions.get("DeleteMarkers") and len(versions["Versions"]) >= 2
 
     # When the user destroys it
-    code, out, err = run(capsys, monkeypatch, "destroy", "--stack", STACK, "--yes")
+    code, out, err = cli("destroy", "--stack", STACK, "--yes")
 
     # Then both buckets are gone with everything in them, and so is the stack
     assert code == 0, err
@@ -50,10 +36,10 @@ def test_destroy_empties_the_versioned_buckets_and_deletes_the_stack(pipeline, c
     assert {s["StackStatus"] for s in stacks if s["StackName"] == STACK} == {"DELETE_COMPLETE"}
 
 
-def test_destroy_without_a_confirmation_deletes_nothing(pipeline, capsys, monkeypatch):
+def test_destroy_without_a_confirmation_deletes_nothing(pipeline, cli):
     pipeline.split("inbox/prompts.csv", (EXAMPLES / "prompts.csv").read_bytes())
 
-    code, _, err = run(capsys, monkeypatch, "destroy", "--stack", STACK)
+    code, _, err = cli("destroy", "--stack", STACK, stdin="")  # not a terminal
 
     assert code == 2 and "pass --yes" in err
     assert pipeline.client("s3").list_objects_v2(Bucket=pipeline.input_bucket)["KeyCount"] == 1

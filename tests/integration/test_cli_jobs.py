@@ -15,7 +15,7 @@ import botocore.session
 import pytest
 
 from imagepipe_cli import jobs
-from imagepipe_cli.cli import build_parser, main
+from imagepipe_cli.cli import build_parser
 from imagepipe_cli.local.event_sources import lambda_sqs_event
 
 from conftest import load_event
@@ -24,20 +24,10 @@ STACK = "imagepipe-local"
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """run("status", ...) -> (exit code, stdout, stderr), as a user sees them; never a traceback."""
-    # The fixture's stack is the local one; find it the way a user of `imagepipe up` would.
-    monkeypatch.setenv("IMAGEPIPE_STACK", STACK)
+def cli(cli, monkeypatch):
+    """conftest's cli, with --wait polling quickly."""
     monkeypatch.setattr(jobs, "POLL_S", 0.05)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()  # what the handlers logged before, not the user's
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err
-        return code, out, err
-
-    return run
+    return cli
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

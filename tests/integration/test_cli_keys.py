@@ -3,30 +3,7 @@ secret, one name at a time, and no value is ever printed."""
 
 from __future__ import annotations
 
-import io
 import json
-import sys
-
-import pytest
-
-from imagepipe_cli.cli import main
-
-STACK = "imagepipe-local"
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    monkeypatch.setenv("IMAGEPIPE_STACK", STACK)
-
-    def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        capsys.readouterr()
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err
-        return code, out, err
-
-    return run
 
 
 def stored(pipeline) -> dict[str, str]:

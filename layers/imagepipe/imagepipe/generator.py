@@ -187,6 +187,11 @@ def _sqs_delay(delay_s: float) -> int:
     return max(0, min(SQS_MAX_DELAY_S, round(delay_s)))
 
 
+def _provider_key(job_id: str, provider: str | None) -> str:
+    """Where a batch keeps a provider's stop for a job, beside the job's own stops (keyed by job id)."""
+    return f"{job_id}\0{provider}"
+
+
 class Batch:
     """One invocation's tasks: the job checks (cancelled? budget spent?) read once per job, the
     completion check for every job the batch touched, once at its end, and the per-provider metrics."""
@@ -229,7 +234,7 @@ class Batch:
     def job(self, job_id: str, provider: str | None = None) -> dict[str, Any]:
         """The job record, read once per invocation (with `provider`'s stop for the job, in the same
         request, when that is not known yet either)."""
-        key = f"{job_id}\0{provider}"
+        key = _provider_key(job_id, provider)
         with self._lock:
             if job_id in self._jobs:
                 return self._jobs[job_id]
@@ -271,7 +276,7 @@ class Batch:
     def provider_stop(self, job_id: str, provider: str) -> dict[str, str] | None:
         """A provider that stopped the job's calls, read once per invocation (and known at once when a
         task of this batch is the one that stops it)."""
-        key = f"{job_id}\0{provider}"
+        key = _provider_key(job_id, provider)
         with self._lock:
             if key in self._stops:
                 return self._stops[key]
@@ -282,7 +287,7 @@ class Batch:
 
     def stopped(self, job_id: str, provider: str, error: dict[str, str]) -> None:
         with self._lock:
-            self._stops[f"{job_id}\0{provider}"] = error
+            self._stops[_provider_key(job_id, provider)] = error
 
     def scout(self, provider: str, model: str) -> threading.Event | None:
         """The batch's first read of a model's predictions goes alone (None: this one is it; it calls
