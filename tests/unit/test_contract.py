@@ -8,7 +8,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from imagepipe.contract import ImageTask, TaskRecord, safe_name
+from imagepipe.contract import ImageTask, LocalOutcome, LocalOutcomeRecord, TaskRecord, safe_name
 
 from conftest import load_event
 
@@ -238,3 +238,105 @@ def test_an_sqs_record_whose_body_is_not_a_task_is_refused(body):
 
     with pytest.raises(ValidationError):
         TaskRecord.model_validate(record)
+
+
+# --------------------------------------------------------------------------- the local route (issue 12)
+
+LOCAL = {**TASK, "backend": "local", "provider": "comfyui"}
+IMAGE = "s3://imagepipe-input-123/campaign/cat.png"
+
+
+def test_a_queued_task_from_before_the_local_route_still_parses_as_a_cloud_task():
+    # Given a message written by the previous release (no backend, workflow or image fields)
+    record = load_event("sqs_tasks.json")["Records"][0]
+    assert "backend" not in json.loads(record["body"])
+
+    # When parsed
+    task = TaskRecord.model_validate(record).body
+
+    # Then it is a cloud task with nothing of the local route
+    assert (task.version, task.backend, task.workflow, task.images, task.columns) == (
+        2,
+        "cloud",
+        None,
+        {},
+        {},
+    )
+
+
+def test_a_local_task_comes_back_unchanged_from_its_queue_message():
+    task = ImageTask(
+        **LOCAL,
+        workflow="inpaint",
+        init_image=IMAGE,
+        mask_image="s3://imagepipe-input-123/campaign/mask.png",
+        columns={"style": "oil"},
+    )
+
+    again = ImageTask.model_validate_json(task.model_dump_json())
+
+    assert again == task
+    assert again.images == {"init_image": IMAGE, "mask_image": "s3://imagepipe-input-123/campaign/mask.png"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"provider": "atlascloud"},
+        {"backend": "cloud"},
+        {"init_image": "https://example.com/cat.png"},
+        {"init_image": "campaign/cat.png"},
+        {"mask_image": IMAGE},
+        {"control_image": IMAGE},
+        {"controlnet": "canny"},
+    ],
+    ids=[
+        "local-with-cloud-provider",
+        "comfyui-on-cloud",
+        "url",
+        "not-a-uri",
+        "mask-alone",
+        "control-alone",
+        "controlnet-alone",
+    ],
+)
+def test_a_local_task_that_does_not_fit_its_route_is_refused(change):
+    with pytest.raises(ValidationError):
+        ImageTask(**{**LOCAL, **change})
+
+
+@pytest.mark.parametrize(
+    "change", [{"init_image": IMAGE}, {"workflow": "txt2img"}, {"columns": {"style": "oil"}}], ids=str
+)
+def test_a_cloud_task_never_carries_what_only_the_agent_can_use(change):
+    with pytest.raises(ValidationError):
+        ImageTask(**{**TASK, **change})
+
+
+OUTCOME = {"job_id": "spring-campaign", "row_id": "1", "row_number": 1, "status": "succeeded"}
+
+
+def test_an_outcome_record_parses_into_a_local_outcome():
+    body = {
+        **OUTCOME,
+        "images": ["jobs/spring-campaign/images/1.png"],
+        "prompt_id": "p-1",
+        "gpu_seconds": 3.5,
+    }
+    record = {**load_event("sqs_tasks.json")["Records"][0], "body": json.dumps({**body, "agent": "v9"})}
+
+    outcome = LocalOutcomeRecord.model_validate(record).body
+
+    # An agent newer than the stack may add fields: they are ignored, the outcome still counts
+    assert outcome == LocalOutcome(**body)
+    assert (outcome.workflow, outcome.reason, outcome.gpu_seconds) == (None, None, 3.5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"status": "failed"}, {"status": "retry"}, {"gpu_seconds": -1, "images": ["k"]}],
+    ids=["succeeded-without-images", "failed-without-reason", "unknown-status", "negative-gpu-seconds"],
+)
+def test_an_outcome_that_says_too_little_is_refused(change):
+    with pytest.raises(ValidationError):
+        LocalOutcome(**{**OUTCOME, **change})
