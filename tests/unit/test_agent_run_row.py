@@ -141,7 +141,11 @@ def test_a_row_that_needs_an_image_it_was_not_given_fails_naming_the_placeholder
     ("faults", "fields", "named"),
     [
         (("missing-node=KSampler",), {}, "ComfyUI has no node KSampler (node 3)"),
-        ((), {"reference_image": "style.png"}, "ComfyUI has no node IPAdapterUnifiedLoader (node 11"),
+        (
+            ("missing-node=IPAdapterUnifiedLoader",),
+            {"reference_image": "style.png"},
+            "ComfyUI has no node IPAdapterUnifiedLoader (node 11",
+        ),
     ],
 )
 def test_a_missing_node_is_reported_by_name_and_nothing_is_queued(faults, fields, named) -> None:

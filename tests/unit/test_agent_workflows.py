@@ -15,6 +15,7 @@ from imagepipe_cli.agent.workflows import (
     fill,
     row_values,
 )
+from imagepipe_cli.emulators.base import EmulatorConfig, parse_fault
 from imagepipe_cli.emulators.comfyui import ComfyUIEmulator
 
 UI_FORMAT = {
@@ -34,7 +35,7 @@ def invert(prefix: str = "mine") -> dict:
     }
 
 
-def test_the_shipped_workflows_are_api_format_and_all_but_ipadapter_pass_comfyuis_validation() -> None:
+def test_the_shipped_workflows_are_api_format_and_pass_comfyuis_validation() -> None:
     # Given the shipped workflows filled for a row, and the emulator's copy of ComfyUI's object_info
     workflows = WorkflowSet()
     assert set(SHIPPED) <= set(workflows.names())
@@ -56,8 +57,14 @@ def test_the_shipped_workflows_are_api_format_and_all_but_ipadapter_pass_comfyui
     assert verdicts["txt2img"] == (True, None, {})
     assert verdicts["inpaint"] == (True, None, {})
     assert verdicts["controlnet"] == (True, None, {})
-    # and IP-Adapter needs the ComfyUI_IPAdapter_plus custom nodes, which a bare ComfyUI lacks
-    assert verdicts["ipadapter"][1] == "missing_node_type"
+    # and so would a ComfyUI with the ComfyUI_IPAdapter_plus custom nodes the ipadapter one
+    assert verdicts["ipadapter"] == (True, None, {})
+    # which a bare ComfyUI lacks
+    bare = ComfyUIEmulator(
+        EmulatorConfig(faults=(parse_fault("missing-node=IPAdapterAdvanced", ComfyUIEmulator.FAULTS),))
+    )
+    ipadapter = fill(workflows.get("ipadapter"), values, "imagepipe/j/r1")
+    assert bare.validate_prompt(ipadapter)[1]["type"] == "missing_node_type"
 
 
 def test_placeholders_are_filled_typed_and_every_saveimage_gets_the_rows_prefix() -> None:

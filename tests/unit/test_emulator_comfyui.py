@@ -201,18 +201,21 @@ def test_model_nodes_draw_a_placeholder_and_report_progress(comfy: ComfyUIEmulat
         assert (
             info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == comfy.models["checkpoints"]
         )
-        assert "IPAdapterAdvanced" not in info  # a custom node pack, not core
+        # The IP-Adapter custom node pack, which the hybrid route's GPU machine is assumed to have installed
+        assert info["IPAdapterAdvanced"]["python_module"] == "custom_nodes.ComfyUI_IPAdapter_plus"
         assert client.get("/system_stats").json()["devices"][0]["type"] == "cuda"
 
 
-def test_an_unknown_node_is_refused_with_comfyuis_missing_node_type(comfy: ComfyUIEmulator) -> None:
+def test_an_unknown_node_is_refused_with_comfyuis_missing_node_type() -> None:
     workflow = invert_workflow("x.png")
     workflow["2"] = {
         "class_type": "IPAdapterAdvanced",
         "inputs": {},
         "_meta": {"title": "IPAdapter Advanced"},
     }
-    with httpx.Client(base_url=comfy.base_url) as client:
+    # A ComfyUI without the ComfyUI_IPAdapter_plus pack
+    with make("missing-node=IPAdapterAdvanced") as comfy, httpx.Client(base_url=comfy.base_url) as client:
+        assert "IPAdapterAdvanced" not in client.get("/object_info").json()
         r = client.post("/prompt", json={"prompt": workflow})
     assert r.status_code == 400
     # execution.py: a missing class returns (False, error, [], {}): the node is named in the error, and

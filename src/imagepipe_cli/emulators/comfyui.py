@@ -281,14 +281,74 @@ def _object_info() -> dict[str, dict[str, Any]]:
             },
             ["IMAGE"],
         ),
+        *_ipadapter_nodes(),
     ]
     return {n["name"]: n for n in nodes}
 
 
+IPADAPTER_PRESETS = [
+    "LIGHT - SD1.5 only (low strength)",
+    "STANDARD (medium strength)",
+    "VIT-G (medium strength)",
+    "PLUS (high strength)",
+    "PLUS FACE (portraits)",
+    "FULL FACE - SD1.5 only (portraits stronger)",
+]
+IPADAPTER_WEIGHT_TYPES = [
+    "linear",
+    "ease in",
+    "ease out",
+    "ease in-out",
+    "reverse in-out",
+    "weak input",
+    "weak output",
+    "weak middle",
+    "strong middle",
+    "style transfer",
+    "composition",
+    "strong style transfer",
+]
+
+
+def _ipadapter_nodes() -> list[dict[str, Any]]:
+    """The two nodes of the custom node pack ComfyUI_IPAdapter_plus that the shipped ipadapter workflow uses:
+    not core ComfyUI, but what a GPU machine for the hybrid route has installed. `--fault
+    missing-node=IPAdapterAdvanced` plays a ComfyUI without the pack."""
+    module = "custom_nodes.ComfyUI_IPAdapter_plus"
+    return [
+        _node(
+            "IPAdapterUnifiedLoader",
+            "IPAdapter Unified Loader",
+            "ipadapter",
+            {"model": ["MODEL"], "preset": [IPADAPTER_PRESETS]},
+            ["MODEL", "IPADAPTER"],
+            optional={"ipadapter": ["IPADAPTER"]},
+            output_names=["model", "ipadapter"],
+            module=module,
+        ),
+        _node(
+            "IPAdapterAdvanced",
+            "IPAdapter Advanced",
+            "ipadapter",
+            {
+                "model": ["MODEL"],
+                "ipadapter": ["IPADAPTER"],
+                "image": ["IMAGE"],
+                "weight": _float(1.0, -1.0, 5.0, 0.05),
+                "weight_type": [IPADAPTER_WEIGHT_TYPES],
+                "combine_embeds": [["concat", "add", "subtract", "average", "norm average"]],
+                "start_at": _float(0.0, 0.0, 1.0, 0.001),
+                "end_at": _float(1.0, 0.0, 1.0, 0.001),
+                "embeds_scaling": [["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"]],
+            },
+            ["MODEL"],
+            optional={"image_negative": ["IMAGE"], "attn_mask": ["MASK"], "clip_vision": ["CLIP_VISION"]},
+            module=module,
+        ),
+    ]
+
+
 OBJECT_INFO = _object_info()
-# IP-Adapter (IPAdapterUnifiedLoader, IPAdapterAdvanced) is the custom node pack ComfyUI_IPAdapter_plus, not core:
-# it is not in this object_info, so a workflow using it gets ComfyUI's missing_node_type answer, as on a
-# ComfyUI without the pack.
 
 OOM_TIPS = (
     "This error means you ran out of memory on your GPU.\n\n"
@@ -1088,6 +1148,10 @@ class ComfyUIEmulator(BaseEmulator):
         if class_type == "ControlNetApplyAdvanced":
             tag = {"text": f"+controlnet {inp['control_net']['control_net']}"}
             return ([*inp["positive"], tag], inp["negative"]), None
+        if class_type == "IPAdapterUnifiedLoader":
+            return ({"model": f"{inp['model']['model']} +ipadapter"}, {"ipadapter": inp["preset"]}), None
+        if class_type == "IPAdapterAdvanced":
+            return ({"model": inp["model"]["model"]},), None
         if class_type == "KSampler":
             steps = int(inp["steps"])
             shown = min(steps, 5)
