@@ -73,6 +73,8 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
         default_max_cost=settings.default_max_cost,
         time_left=lambda: context.get_remaining_time_in_millis() / 1000,
         continuation_queue_url=settings.split_continuation_queue_url,
+        local_queue_url=settings.local_tasks_queue_url,
+        input_bucket=settings.input_bucket or "",
     )
     jobs = []
     for request in requests:

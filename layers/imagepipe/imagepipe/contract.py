@@ -25,6 +25,8 @@ LOCAL_PROVIDER = "comfyui"
 BACKENDS = ("cloud", "local")
 # The columns that name an input image; each is a full s3:// URI in the input bucket once split.
 IMAGE_COLUMNS = ("init_image", "mask_image", "control_image", "reference_image")
+# A workflow is a file name on the agent's machine (<name>.json): never a path.
+WORKFLOW_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+$"
 MAX_REASON_CHARS = 2000
 
@@ -76,7 +78,7 @@ class ImageTask(BaseModel):
     reserved: float = Field(0.0, ge=0)
     # The local route (issue 12): only on a task for LocalTasksQueue.
     backend: Literal["cloud", "local"] = "cloud"
-    workflow: str | None = Field(None, min_length=1, max_length=200)
+    workflow: str | None = Field(None, pattern=WORKFLOW_PATTERN)
     init_image: str | None = Field(None, pattern=S3_URI_PATTERN, max_length=1100)
     mask_image: str | None = Field(None, pattern=S3_URI_PATTERN, max_length=1100)
     control_image: str | None = Field(None, pattern=S3_URI_PATTERN, max_length=1100)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from imagepipe.contract import (
     DEFAULT_SIDE,
+    LOCAL_PROVIDER,
     MAX_IMAGES_PER_ROW,
     MAX_PROMPT_CHARS,
     MAX_ROW_ID_CHARS,
@@ -32,6 +33,7 @@ from imagepipe.contract import (
     SIDE_STEP,
     ImageTask,
 )
+from imagepipe.localroute import LOCAL_COLUMNS, LocalRoute, LocalRowRejected, backend_of, local_fields
 
 KNOWN_COLUMNS = (
     "id",
@@ -46,6 +48,7 @@ KNOWN_COLUMNS = (
     "steps",
     "guidance",
     "params",
+    *LOCAL_COLUMNS,
 )
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
 FORMAT_LABELS = {"csv": "CSV", "jsonl": "JSONL", "json": "JSON"}
@@ -800,8 +803,11 @@ class RowDefaults:
     model: str | None = None
 
 
-def to_task(job_id: str, row: RawRow, defaults: RowDefaults | None = None) -> ImageTask:
-    """The validated task for a row, or RowRejected with the reason."""
+def to_task(
+    job_id: str, row: RawRow, defaults: RowDefaults | None = None, route: LocalRoute | None = None
+) -> ImageTask:
+    """The validated task for a row, or RowRejected with the reason. `route`: the local route as this
+    file sees it (imagepipe.localroute); without it a row that needs the route is rejected."""
     defaults = defaults or RowDefaults()
     if row.values is None:
         raise RowRejected(row.problem or "the row cannot be read")
@@ -823,8 +829,19 @@ def to_task(job_id: str, row: RawRow, defaults: RowDefaults | None = None) -> Im
             f"the negative_prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}"
         )
     width, height = _side(values.get("width"), "width"), _side(values.get("height"), "height")
-    provider = _text(values.get("provider"), "provider").lower() or defaults.provider
-    if provider not in PROVIDER_NAMES:
+    given = {name: _text(values.get(name), name) for name in LOCAL_COLUMNS}
+    provider = _text(values.get("provider"), "provider").lower()
+    try:
+        extra = {name: value for name, value in values.items() if name not in KNOWN_COLUMNS}
+        local = (
+            local_fields(given, provider, extra, route or LocalRoute())
+            if backend_of(given) == "local"
+            else {}
+        )
+    except LocalRowRejected as exc:
+        raise RowRejected(str(exc)) from None
+    provider = LOCAL_PROVIDER if local else provider or defaults.provider
+    if provider not in PROVIDER_NAMES and not local:
         raise RowRejected(f"the provider {provider!r} is not one of {', '.join(PROVIDER_NAMES)}")
     model = _text(values.get("model"), "model") or (defaults.model if provider == defaults.provider else None)
     try:
@@ -843,6 +860,7 @@ def to_task(job_id: str, row: RawRow, defaults: RowDefaults | None = None) -> Im
             steps=_whole(values.get("steps"), "steps", 1, 200),
             guidance=_number(values.get("guidance"), "guidance", 0, 50),
             params=_params(values.get("params")),
+            **local,
         )
     except ValidationError as exc:  # anything the checks above did not foresee is still this row's problem
         first = exc.errors()[0]

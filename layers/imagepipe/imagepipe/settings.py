@@ -45,6 +45,8 @@ class SplitterSettings(_Common):
     default_max_cost: float | None = Field(None, ge=0)
     # Where a split that runs low on time hands the rest of the file to a later invocation of itself.
     split_continuation_queue_url: str | None = None
+    # LocalTasksQueue: "" when the stack is deployed with HybridMode=disabled (local rows are rejected).
+    local_tasks_queue_url: str = ""
 
 
 class GeneratorSettings(_Common):
@@ -124,6 +126,11 @@ class DeadLetterSettings(_EnvSettings):
     max_generation_seconds: float = Field(1800.0, gt=0)
     # A claim younger than the generator's Timeout and a minute may belong to a live invocation.
     generator_timeout_seconds: float = Field(300.0, gt=0)
+
+
+class LocalOutcomeSettings(_EnvSettings):
+    jobs_table: str
+    finisher_queue_url: str
 
 
 class FinisherSettings(_EnvSettings):

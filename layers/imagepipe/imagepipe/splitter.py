@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagepipe.contract import JOB_ID_PATTERN, PROVIDER_NAMES, ImageTask, job_stem
 from imagepipe.jobstate import JobState, SplitInProgress
 from imagepipe.layout import STATUS_REJECTED, JobLayout
+from imagepipe.localroute import LocalRoute, requested_backend
 from imagepipe.observability import logger
 from imagepipe.providers import Keys, provider_class
 from imagepipe.records import get_json, now_iso, put_json
@@ -156,6 +157,9 @@ class SplitTarget:
     # SplitContinuationQueue; without it a split that runs low on time stops there (its rows go on).
     continuation_queue_url: str | None = None
     send_threads: int = SEND_THREADS
+    # The local route (LocalTasksQueue, "" when the stack has none) and where its rows' images are.
+    local_queue_url: str = ""
+    input_bucket: str = ""
 
 
 def _clip(text: str, limit: int = MAX_RECORD_TEXT) -> str:
@@ -241,6 +245,8 @@ def provider_check(keys: Keys) -> RowCheck:
 
     def check(task: ImageTask) -> str | None:
         nonlocal configured, fresh
+        if task.backend == "local":
+            return None  # the user's own ComfyUI: no key, no API limits
         if task.provider not in configured and not fresh:
             keys.refresh()
             configured, fresh = with_keys(), True
@@ -273,8 +279,15 @@ class RowLog:
     ) -> None:
         line: dict[str, Any] = {"row": row, "id": row_id, "name": name, "status": status, "error": error}
         if task is not None:
-            model = task.model or provider_class(task.provider).default_model
-            line.update(provider=task.provider, model=model, n=task.n, prompt=task.prompt)
+            local = task.backend == "local"
+            model = task.model or (None if local else provider_class(task.provider).default_model)
+            line.update(
+                provider=task.provider, model=model, n=task.n, prompt=task.prompt, backend=task.backend
+            )
+            if task.workflow:
+                line["workflow"] = task.workflow
+        elif raw is not None and raw.values is not None:
+            line["backend"] = requested_backend(raw.values)
         if raw is not None and raw.values is not None:
             # The row's own extra columns, echoed back in the results so users can join on them.
             extra = {k: v for k, v in raw.values.items() if k not in KNOWN_COLUMNS}
@@ -423,6 +436,9 @@ class _Split:
         self.lease = _Lease(target.state, self.job_id, owner, request.through, target.clock)
         self.unknown = UnknownColumns()  # JSON/JSONL keys that are not columns, over the whole file
         self.last_row, self.attempt = request.through, 0
+        self.route = LocalRoute(bool(target.local_queue_url), target.input_bucket).for_file(
+            request.bucket, request.key
+        )
 
     def run(
         self,
@@ -444,6 +460,7 @@ class _Split:
             on_rejected=lambda task, reason: _unqueue(log, task, reason),
             skip_through=through,
             threads=target.send_threads,
+            local_queue_url=target.local_queue_url,
         )
         result = SplitResult(job_id=self.job_id, status=MANIFEST_SPLIT, warnings=self.warnings)
         last_row = int(start["row"])
@@ -467,7 +484,7 @@ class _Split:
                 if raw.number > MAX_ROWS:
                     raise SplitStopped(f"the file has more than {MAX_ROWS:,} rows, the limit a file")
                 last_row = self.last_row = raw.number
-                _split_row(raw, self.job_id, index, log, sender, target)
+                _split_row(raw, self.job_id, index, log, sender, target, self.route)
                 self.lease.tick(sender.through)
                 if stop is None and self._should_stop(log, saved):
                     stop = {}
@@ -795,7 +812,13 @@ def _max_cost(text: str | None, warnings: list[str]) -> float | None:
 
 
 def _split_row(
-    raw: RawRow, job_id: str, index: IdIndex, log: RowLog, sender: TaskSender, target: SplitTarget
+    raw: RawRow,
+    job_id: str,
+    index: IdIndex,
+    log: RowLog,
+    sender: TaskSender,
+    target: SplitTarget,
+    route: LocalRoute | None = None,
 ) -> None:
     def reject(row_id: str | None, reason: str, task: ImageTask | None = None) -> None:
         log.write(
@@ -803,7 +826,7 @@ def _split_row(
         )
 
     try:
-        task = to_task(job_id, raw, target.defaults)
+        task = to_task(job_id, raw, target.defaults, route)
     except RowRejected as exc:
         reject(row_id_of(raw), str(exc))
         return

@@ -1,4 +1,5 @@
-"""Putting tasks on TasksQueue: SendMessageBatch of ten, a few calls in flight on one (thread-safe) client."""
+"""Putting tasks on TasksQueue (a local row's on LocalTasksQueue): SendMessageBatch of ten, a few calls in
+flight on one (thread-safe) client."""
 
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ class _Sent:
 class TaskSender:
     """Sends tasks ten at a time with SendMessageBatch, `threads` batches in flight, resending the entries SQS
     reports as Failed. `through`: every task up to that row is on the queue (batches finish in any order;
-    it moves over a run of finished ones). What SQS refused is handed to on_rejected on the caller's thread."""
+    it moves over a run of finished ones). What SQS refused is handed to on_rejected on the caller's thread.
+
+    A local task goes to `local_queue_url` (the agent's queue). Batches are made in row order whatever
+    the route, and a batch's local and cloud tasks are sent as one call each, so `through` still means
+    every row up to it is queued."""
 
     def __init__(
         self,
@@ -42,8 +47,10 @@ class TaskSender:
         sleep: Callable[[float], None] = time.sleep,
         skip_through: int = 0,
         threads: int = SEND_THREADS,
+        local_queue_url: str = "",
     ) -> None:
-        self._sqs, self._queue_url, self._on_rejected = sqs, queue_url, on_rejected
+        self._sqs, self._on_rejected = sqs, on_rejected
+        self._queue_urls = {"cloud": queue_url, "local": local_queue_url}
         self._max_attempts, self._sleep = max_attempts, sleep
         self._pending: list[ImageTask] = []
         self._batches: deque[tuple[list[ImageTask], Future[_Sent]]] = deque()
@@ -108,13 +115,19 @@ class TaskSender:
         entries = {str(i): task for i, task in enumerate(batch)}
         outcome = _Sent(0, [], [])
         for attempt in range(1, self._max_attempts + 1):
-            response = self._sqs.send_message_batch(
-                QueueUrl=self._queue_url,
-                Entries=[{"Id": i, "MessageBody": t.model_dump_json()} for i, t in entries.items()],
-            )
-            outcome.sent += len(response.get("Successful", []))
+            failures: list[dict[str, Any]] = []
+            for backend, queue_url in self._queue_urls.items():
+                routed = [
+                    {"Id": i, "MessageBody": t.model_dump_json()}
+                    for i, t in entries.items()
+                    if t.backend == backend
+                ]
+                if routed:
+                    response = self._sqs.send_message_batch(QueueUrl=queue_url, Entries=routed)
+                    outcome.sent += len(response.get("Successful", []))
+                    failures += response.get("Failed", [])
             retry: dict[str, ImageTask] = {}
-            for failure in response.get("Failed", []):
+            for failure in failures:
                 task = entries[failure["Id"]]
                 if failure.get("SenderFault"):
                     # Resending cannot help: the row is rejected with SQS's reason.
