@@ -59,6 +59,7 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     except TriggerError as exc:
         # Nothing a retry can fix: say why once, in the log, and do not fail the invocation.
         logger.error("event ignored", extra={"reason": str(exc)})
+        metrics.add_metric(name="EventsIgnored", unit=MetricUnit.Count, value=1)
         return {"jobs": [], "ignored": str(exc)}
     if not requests:
         return {"jobs": []}

@@ -15,7 +15,7 @@ from imagepipe_cli.local.event_sources import lambda_sqs_event
 
 from conftest import EVENTS, REGION
 
-EVENT_BUCKET = "imagepipe-input-123456789012-us-east-1"  # the bucket named in events/
+EVENT_BUCKET = "imagepipe-local-input-123456789012-us-east-1"  # the bucket named in events/
 CSV = b"id,prompt\nlake,a calm lake\nfox,a fox in the snow\n"
 JSONL = b'{"id": "lake", "prompt": "a calm lake"}\n{"id": "fox", "prompt": "a fox in the snow"}\n'
 TRIGGERS = [

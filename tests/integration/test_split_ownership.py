@@ -319,6 +319,21 @@ def test_a_job_request_from_another_source_starts_no_job(pipeline):
     assert pipeline.state.recent_jobs(10) == [] and pipeline.queued_messages() == []
 
 
+def test_a_job_request_for_another_bucket_is_refused_without_failing_the_invocation(pipeline):
+    # Given a request from the stack's own source naming a file in a bucket the splitter may not read
+    event = copy.deepcopy(load_event("job_requested_object.json"))
+    event["detail"]["bucket"] = "someone-elses-bucket"
+
+    # When it reaches the splitter
+    answer = pipeline.splitter.invoke(event)
+
+    # Then the invocation succeeds (nothing for Lambda to retry, nothing in the splitter's DLQ) with the
+    # reason, and no job is started
+    assert answer["jobs"] == []
+    assert "someone-elses-bucket" in answer["ignored"] and pipeline.input_bucket in answer["ignored"]
+    assert pipeline.state.recent_jobs(10) == [] and pipeline.queued_messages() == []
+
+
 def test_the_splitter_rule_takes_only_the_stacks_request_source_from_its_own_account(pipeline):
     events = pipeline.client("events")
     patterns = [json.loads(rule.get("EventPattern") or "{}") for rule in events.list_rules()["Rules"]]

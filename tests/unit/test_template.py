@@ -197,6 +197,8 @@ def statements(template, function):
             f"{function}: {policy} is not an explicit statement list"
         )
         for statement in policy["Statement"]:
+            if "Fn::If" in statement:  # a grant made only under a condition: checked as if it holds
+                statement = statement["Fn::If"][1]
             found.append(
                 {
                     "Effect": statement["Effect"],
@@ -241,6 +243,7 @@ def test_the_roles_sam_makes_have_no_wildcard_action_and_only_sams_managed_polic
         assert managed <= SAM_MANAGED, (name, managed - SAM_MANAGED)
         for policy in role.get("Policies", []):
             for statement in policy["PolicyDocument"]["Statement"]:
+                statement = statement["Fn::If"][1] if "Fn::If" in statement else statement
                 actions = _listed(statement["Action"])
                 assert not [a for a in actions if "*" in a], (name, policy["PolicyName"], actions)
                 assert "*" not in _listed(statement["Resource"]), (name, policy["PolicyName"])
@@ -474,3 +477,41 @@ def test_the_dead_letter_recorder_may_send_a_paid_prediction_back_to_be_resumed(
     env = template.function_property("DeadLetterRecorderFunction", "Environment")["Variables"]
     assert env["TASKS_QUEUE_URL"] == {"Ref": "TasksQueue"}
     assert env["MAX_GENERATION_SECONDS"] == {"Ref": "MaxGenerationSeconds"}
+
+
+def test_a_queue_or_topic_of_s3_events_is_wired_to_the_splitter_only_when_given(template):
+    # Both are optional parameters, empty by default, each a plain ARN
+    for name, service in (("S3EventsQueueArn", "sqs"), ("S3EventsTopicArn", "sns")):
+        parameter = template.parameter(name)
+        assert parameter["Default"] == ""
+        assert f":{service}:" in parameter["AllowedPattern"]
+    conditions = template.body["Conditions"]
+    assert conditions["HasS3EventsQueue"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "S3EventsQueueArn"}, ""]}]}
+    assert conditions["HasS3EventsTopic"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "S3EventsTopicArn"}, ""]}]}
+    # The queue: an event source mapping on the splitter, one upload per invocation, made only when set,
+    # and the three actions Lambda's poller needs on that queue - under the same condition
+    mapping = template.resources["S3EventsQueueMapping"]
+    assert mapping["Condition"] == "HasS3EventsQueue"
+    assert mapping["Properties"]["EventSourceArn"] == {"Ref": "S3EventsQueueArn"}
+    assert mapping["Properties"]["FunctionName"] == {"Ref": "CsvSplitterFunction"}
+    assert mapping["Properties"]["BatchSize"] == 1
+    policy = template.resources["CsvSplitterFunction"]["Properties"]["Policies"][0]["Statement"]
+    (conditional,) = [s["Fn::If"] for s in policy if "Fn::If" in s]
+    assert conditional[0] == "HasS3EventsQueue" and conditional[2] == {"Ref": "AWS::NoValue"}
+    assert sorted(conditional[1]["Action"]) == [
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:ReceiveMessage",
+    ]
+    assert conditional[1]["Resource"] == {"Ref": "S3EventsQueueArn"}
+    # The topic: a subscription of the splitter and SNS's permission to invoke it, for that topic only
+    subscription = template.resources["S3EventsTopicSubscription"]
+    permission = template.resources["S3EventsTopicPermission"]
+    assert subscription["Condition"] == permission["Condition"] == "HasS3EventsTopic"
+    assert subscription["Properties"]["Protocol"] == "lambda"
+    assert subscription["Properties"]["Endpoint"] == {"Fn::GetAtt": ["CsvSplitterFunction", "Arn"]}
+    assert permission["Properties"]["Principal"] == "sns.amazonaws.com"
+    assert permission["Properties"]["SourceArn"] == {"Ref": "S3EventsTopicArn"}
+    # Whatever delivers them, only the input bucket's objects are split (the splitter checks the bucket)
+    env = template.function_property("CsvSplitterFunction", "Environment")["Variables"]
+    assert env["INPUT_BUCKET"] == {"Fn::Sub": "${AWS::StackName}-input-${AWS::AccountId}-${AWS::Region}"}

@@ -22,8 +22,8 @@ from imagepipe.triggers import (
 )
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
-BUCKET = "imagepipe-input-123456789012-us-east-1"
-LOCAL_BUCKET = "imagepipe-local-input-123456789012-us-east-1"  # s3_put_csv.json
+# Every event in events/ names the local stack's input bucket (`imagepipe up`, the tests' stack).
+BUCKET = LOCAL_BUCKET = "imagepipe-local-input-123456789012-us-east-1"
 KEY = "inbox/spring campaign.csv"
 ETAG = "0f343b0931126a20f133d67c2b018a3b"
 SAMPLES = [
@@ -48,6 +48,8 @@ class FakeLogger:
 
     def info(self, message: str, extra: dict | None = None) -> None:
         self.lines.append((message, extra or {}))
+
+    warning = info
 
 
 @pytest.fixture
@@ -292,6 +294,40 @@ def test_a_job_request_for_an_object_carries_its_job_id_and_cost_cap():
     assert job_requests(load_event("job_requested_object.json")) == [
         ObjectRequest(BUCKET, KEY, None, None, "request", job_id="spring-campaign-2026", max_cost=12.5)
     ]
+
+
+def test_a_job_request_for_another_bucket_is_refused_with_the_reason():
+    # Given an "ImageJob Requested" naming a bucket that is not the stack's input bucket (the only one the
+    # splitter may read: it would fail with AccessDenied on every retry and end in the DLQ)
+    event = job_event({"bucket": "someone-elses-bucket", "key": "inbox/x.csv"})
+
+    # When it is read by the stack's splitter
+    message = error_of(event, default_bucket=BUCKET)
+
+    # Then it is refused, saying which bucket is taken and what to do
+    assert message.startswith("\"ImageJob Requested\" for bucket 'someone-elses-bucket' refused")
+    assert BUCKET in message and "copy the file there" in message
+    # ... and naming the input bucket itself is fine
+    [request] = job_requests(job_event({"bucket": BUCKET, "key": "inbox/x.csv"}), default_bucket=BUCKET)
+    assert request.bucket == BUCKET
+
+
+@pytest.mark.parametrize("name", ["sqs_wrapped_s3.json", "sns_wrapped_s3.json", "sqs_sns_wrapped_s3.json"])
+def test_wrapped_s3_events_of_another_bucket_are_skipped_and_logged(name: str, log: FakeLogger):
+    # Given a queue or topic that also carries another bucket's uploads
+    event = json.loads(json.dumps(load_event(name)).replace(BUCKET, "someone-elses-bucket"))
+
+    # When the stack's splitter reads it
+    requests = job_requests(event, default_bucket=BUCKET)
+
+    # Then nothing is asked for (no error: the rest of a batch goes on), and the log says why
+    assert requests == []
+    assert (
+        "skipping object: not in this stack's input bucket",
+        {"bucket": "someone-elses-bucket", "key": KEY, "input_bucket": BUCKET},
+    ) in log.lines
+    # ... while the same events for the input bucket ask for their objects
+    assert job_requests(load_event(name), default_bucket=BUCKET)
 
 
 def test_a_job_request_without_a_bucket_uses_the_default_bucket():

@@ -14,8 +14,11 @@ TriggerError with a short reason instead of a KeyError deep in the handler:
   events:PutEvents on the bus with that source (an IAM condition on events:source).
 
 S3 events that call for no job - s3:TestEvent, events other than object creation, keys that are not
-.csv/.jsonl/.json - are skipped and logged, not errors: bucket filters and EventBridge rules may be broader
-than ours, and failing on them would only send harmless events to retries and the DLQ.
+.csv/.jsonl/.json, objects in a bucket other than the stack's input bucket (a topic or queue shared with
+other buckets) - are skipped and logged, not errors: bucket filters and EventBridge rules may be broader
+than ours, and failing on them would only send harmless events to retries and the DLQ. An "ImageJob
+Requested" naming another bucket is refused with its reason: the splitter may read only the input bucket,
+so it would fail with AccessDenied on every retry and end in the DLQ.
 """
 
 from __future__ import annotations
@@ -149,7 +152,8 @@ def job_requests(
 ) -> list[Request]:
     """The jobs `event` asks for, in order ([] when it asks for none), or TriggerError.
 
-    `default_bucket` is where an ImageJob Requested detail's key lives when it names no bucket. An
+    `default_bucket` is the stack's input bucket: where an ImageJob Requested detail's key lives when it
+    names no bucket, and the only bucket an object may be split from (None: any). An
     ImageJob Requested event is taken only with `source` request_source and (when given) from `account`."""
     return _requests(event, (), _Accepts(default_bucket, request_source, account))
 
@@ -171,7 +175,7 @@ def _requests(event: Any, via: tuple[str, ...], accepts: _Accepts) -> list[Reque
         kinds = [r.get("eventSource", r.get("EventSource")) for r in records]
         kind = kinds[0] if kinds.count(kinds[0]) == len(kinds) else None
         if kind == "aws:s3":
-            return _from_s3(event, via)
+            return _from_s3(event, via, accepts)
         if kind == "aws:sqs" and not via:
             sqs = _parse(event, SqsModel, "SQS event")
             messages = [(f"SQS message {_short(r.messageId)}", r.body) for r in sqs.Records]
@@ -206,7 +210,7 @@ def _unwrap(messages: list[tuple[str, Any]], via: tuple[str, ...], accepts: _Acc
     return found
 
 
-def _from_s3(event: dict, via: tuple[str, ...]) -> list[Request]:
+def _from_s3(event: dict, via: tuple[str, ...], accepts: _Accepts) -> list[Request]:
     found = []
     for record in _parse(event, S3Model, "S3 notification").Records:
         obj = record.s3.object or record.s3.get_object
@@ -215,7 +219,7 @@ def _from_s3(event: dict, via: tuple[str, ...]) -> list[Request]:
             continue
         # S3 notifications URL-encode keys ("spring campaign.csv" arrives as "spring+campaign.csv").
         found.append((record.s3.bucket.name, unquote_plus(obj.key), obj.eTag, obj.versionId))
-    return _objects(found, via[0] if via else "s3")
+    return _objects(found, via[0] if via else "s3", accepts.default_bucket)
 
 
 def _from_eventbridge(event: dict, via: tuple[str, ...], accepts: _Accepts) -> list[Request]:
@@ -237,7 +241,9 @@ def _from_eventbridge(event: dict, via: tuple[str, ...], accepts: _Accepts) -> l
         s3 = _parse(event, S3EventNotificationEventBridgeModel, "S3 Object Created event")
         obj = s3.detail.object  # EventBridge keys are literal: no decoding
         return _objects(
-            [(s3.detail.bucket.name, obj.key, obj.etag, obj.version_id)], via[0] if via else "eventbridge"
+            [(s3.detail.bucket.name, obj.key, obj.etag, obj.version_id)],
+            via[0] if via else "eventbridge",
+            accepts.default_bucket,
         )
     if source == "aws.s3":
         logger.info("skipping S3 event: not an object creation", extra={"detail_type": str(detail_type)})
@@ -253,12 +259,28 @@ def _job(detail: JobDetail, default_bucket: str | None) -> Request:
         raise TriggerError(
             f'the "{JOB_REQUESTED}" detail names no bucket and there is no default: add "bucket"'
         )
+    if default_bucket and bucket != default_bucket:
+        raise TriggerError(
+            f'"{JOB_REQUESTED}" for bucket {_name(bucket)} refused: this stack splits files only from its '
+            f"input bucket {default_bucket!r} (the only one it may read): copy the file there, or leave "
+            '"bucket" out'
+        )
     return ObjectRequest(bucket, detail.key or "", None, None, "request", detail.job_id, detail.max_cost)
 
 
-def _objects(found: list[tuple[str, str, str | None, str | None]], source: str) -> list[Request]:
+def _objects(
+    found: list[tuple[str, str, str | None, str | None]], source: str, input_bucket: str | None
+) -> list[Request]:
     requests: list[Request] = []
     for bucket, key, etag, version_id in found:
+        if input_bucket and bucket != input_bucket:
+            # A topic or queue of S3 events may carry other buckets' uploads: not ours to split (and not
+            # readable: the splitter's role reads the input bucket only).
+            logger.warning(
+                "skipping object: not in this stack's input bucket",
+                extra={"bucket": bucket, "key": key, "input_bucket": input_bucket},
+            )
+            continue
         if not key.lower().endswith(JOB_SUFFIXES):
             logger.info(
                 "skipping object: not a .csv, .jsonl or .json file", extra={"bucket": bucket, "key": key}

@@ -99,6 +99,8 @@ def deploy_stack(
     )
     lam, sqs = client("lambda"), client("sqs")
     for logical_id in template.resources_of_type("AWS::Serverless::Function"):
+        if logical_id not in physical:
+            continue  # a function whose Condition does not hold: not made, on AWS either
         config = lam.get_function_configuration(FunctionName=physical[logical_id])
         local.functions[logical_id] = DeployedFunction(
             logical_id=logical_id,
@@ -164,9 +166,12 @@ def _create_unsupported(
 ) -> None:
     """moto's CloudFormation skips some resource types; create those from the template's own
     Properties so the local stack still has every resource the template declares."""
+    conditions = cfn_template.get("Conditions", {})
     for logical_id, resource in cfn_template.get("Resources", {}).items():
         if logical_id in physical:
             continue
+        if "Condition" in resource and not _holds(conditions, resource["Condition"], params):
+            continue  # not made on AWS either (e.g. S3EventsQueueMapping without S3EventsQueueArn)
         kind, props = resource["Type"], resource.get("Properties", {})
         if kind == "AWS::S3::BucketPolicy":
             # Deliberately not made locally: the policies deny requests without TLS, and the local AWS is
@@ -218,6 +223,31 @@ def _schedules_match_only_their_own_events(events: Any) -> None:
                 State=rule.get("State", "ENABLED"),
                 **({"Description": rule["Description"]} if rule.get("Description") else {}),
             )
+
+
+def _holds(conditions: dict[str, Any], name: str, params: dict[str, str]) -> bool:
+    """A template condition's value for these parameters (the functions conditions may use on parameters)."""
+
+    def value(node: Any) -> Any:
+        if isinstance(node, dict) and len(node) == 1:
+            ((fn, arg),) = node.items()
+            if fn == "Ref":
+                return params[arg]
+            if fn == "Condition":
+                return value(conditions[arg])
+            if fn == "Fn::Equals":
+                return str(value(arg[0])) == str(value(arg[1]))
+            if fn == "Fn::Not":
+                return not value(arg[0])
+            if fn == "Fn::And":
+                return all(value(a) for a in arg)
+            if fn == "Fn::Or":
+                return any(value(a) for a in arg)
+        if isinstance(node, dict):
+            raise StackError(f"condition {name}: cannot evaluate {node!r} locally")
+        return node
+
+    return bool(value(conditions[name]))
 
 
 def _resolve(value: Any, params: dict[str, str], logical_id: str) -> str:
