@@ -406,7 +406,13 @@ def test_every_dead_letter_queue_has_an_alarm_on_messages_waiting_in_it(template
         for a in alarms(template).values()
         if a["Properties"]["Namespace"] == "AWS/SQS"
     }
-    assert watched == {"TasksDeadLetterQueue", "SplitterDeadLetterQueue", "FinisherDeadLetterQueue"}
+    assert watched == {
+        "TasksDeadLetterQueue",
+        "SplitterDeadLetterQueue",
+        "FinisherDeadLetterQueue",
+        "LocalTasksDeadLetterQueue",
+        "LocalOutcomesDeadLetterQueue",
+    }
     for alarm in alarms(template).values():
         p = alarm["Properties"]
         if p["Namespace"] == "AWS/SQS":
