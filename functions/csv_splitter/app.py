@@ -67,7 +67,7 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     target = SplitTarget(
         queue_url=settings.tasks_queue_url,
         output_bucket=settings.output_bucket,
-        state=JobState(aws.table(settings.jobs_table)),
+        state=JobState(aws.table(settings.jobs_table), retention_days=settings.job_retention_days),
         finisher_queue_url=settings.finisher_queue_url,
         check=provider_check(settings.keys()),
         defaults=RowDefaults(provider=settings.default_provider, model=settings.default_model),

@@ -37,7 +37,7 @@ _threads = ThreadPoolExecutor(max_workers=10, thread_name_prefix="task")
 _RESERVE_S = 20.0
 
 
-def _per_thread(table_name: str):
+def _per_thread(table_name: str, retention_days: int):
     """A JobState per thread: boto3 resources (the Table) are not thread-safe, so each task thread
     makes its own - from one session, one at a time. A session per thread loads botocore's service
     models once per thread: ten threads doing that at once held a cold batch for seconds (billed), where
@@ -50,7 +50,7 @@ def _per_thread(table_name: str):
         if getattr(local, "state", None) is None:
             with lock:
                 table = session.resource("dynamodb", config=aws.config()).Table(table_name)
-            local.state = JobState(table)
+            local.state = JobState(table, retention_days=retention_days)
         return local.state
 
     return state
@@ -76,7 +76,7 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
         providers=provider,
         s3=aws.client("s3"),
         sqs=aws.client("sqs"),
-        states=_per_thread(settings.jobs_table),
+        states=_per_thread(settings.jobs_table, settings.job_retention_days),
         limiter=(
             RateLimiter(aws.client("dynamodb"), settings.jobs_table, settings.rate_limits())
             if settings.shared_rate_limiter

@@ -18,8 +18,8 @@ processor = BatchProcessor(event_type=EventType.SQS, model=FinishRecord)
 
 
 @cache
-def _clients(table: str) -> tuple[Any, Any, JobState]:
-    return aws.client("s3"), aws.client("events"), JobState(aws.table(table))
+def _clients(table: str, retention_days: int) -> tuple[Any, Any, JobState]:
+    return aws.client("s3"), aws.client("events"), JobState(aws.table(table), retention_days=retention_days)
 
 
 @logger.inject_lambda_context
@@ -27,7 +27,7 @@ def _clients(table: str) -> tuple[Any, Any, JobState]:
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     settings = FinisherSettings.from_env()
-    s3, events, state = _clients(settings.jobs_table)
+    s3, events, state = _clients(settings.jobs_table, settings.job_retention_days)
 
     def finish(record: FinishRecord) -> None:
         finish_job(

@@ -14,8 +14,8 @@ from imagepipe.sweeper import SweeperSettings, sweep
 
 
 @cache
-def _clients(table: str) -> tuple[Any, JobState]:
-    return aws.client("sqs"), JobState(aws.table(table))
+def _clients(table: str, retention_days: int) -> tuple[Any, JobState]:
+    return aws.client("sqs"), JobState(aws.table(table), retention_days=retention_days)
 
 
 @logger.inject_lambda_context
@@ -23,7 +23,7 @@ def _clients(table: str) -> tuple[Any, JobState]:
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     settings = SweeperSettings.from_env()
-    sqs, state = _clients(settings.jobs_table)
+    sqs, state = _clients(settings.jobs_table, settings.job_retention_days)
     stuck = sweep(
         state, sqs, settings.options(), time_left_s=lambda: context.get_remaining_time_in_millis() / 1000
     )

@@ -76,8 +76,15 @@ def aws_errors(region: str | None = None) -> Iterator[None]:
 class Stack:
     """A stack's Outputs and clients for its resources, all through one boto3 session."""
 
-    def __init__(self, name: str, outputs: dict[str, str], session: boto3.session.Session) -> None:
+    def __init__(
+        self,
+        name: str,
+        outputs: dict[str, str],
+        session: boto3.session.Session,
+        parameters: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.outputs, self._session = name, outputs, session
+        self.parameters = parameters or {}
         self._clients: dict[str, Any] = {}
         self._resources: dict[str, Any] = {}
 
@@ -107,7 +114,10 @@ class Stack:
 
     @cached_property
     def state(self) -> JobState:
-        return JobState(self.resource("dynamodb").Table(self.output("JobsTableName")))
+        # The records it writes (retry, redrive, cancel) are kept as long as the functions' (JobRetentionDays).
+        days = self.parameters.get("JobRetentionDays")
+        table = self.resource("dynamodb").Table(self.output("JobsTableName"))
+        return JobState(table, retention_days=int(days)) if days else JobState(table)
 
     def call(self, fn: Callable[[], T]) -> T:
         """fn() with AWS errors as StackError."""
@@ -140,4 +150,5 @@ def find_stack(name: str | None = None, session: boto3.session.Session | None = 
     if not stacks:
         raise StackError(f"stack {name!r} not found in region {region}")
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
-    return Stack(name, outputs, session)
+    parameters = {p["ParameterKey"]: p.get("ParameterValue", "") for p in stacks[0].get("Parameters", [])}
+    return Stack(name, outputs, session, parameters)

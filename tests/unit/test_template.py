@@ -521,3 +521,12 @@ def test_a_queue_or_topic_of_s3_events_is_wired_to_the_splitter_only_when_given(
     # Whatever delivers them, only the input bucket's objects are split (the splitter checks the bucket)
     env = template.function_property("CsvSplitterFunction", "Environment")["Variables"]
     assert env["INPUT_BUCKET"] == {"Fn::Sub": "${AWS::StackName}-input-${AWS::AccountId}-${AWS::Region}"}
+
+
+def test_job_records_are_kept_as_long_as_the_files_by_the_same_parameter(template):
+    # The buckets' lifecycle and every function's record TTL (imagepipe.jobstate) read JobRetentionDays
+    env = template.body["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["JOB_RETENTION_DAYS"] == {"Ref": "JobRetentionDays"}
+    for function in functions(template):
+        own = (template.resources[function]["Properties"].get("Environment") or {}).get("Variables", {})
+        assert "JOB_RETENTION_DAYS" not in own, f"{function} overrides the retention"

@@ -36,7 +36,11 @@ COMPLETED, COMPLETED_WITH_FAILURES = "completed", "completed_with_failures"
 JOB_FINAL = (COMPLETED, COMPLETED_WITH_FAILURES, FAILED, CANCELLED)
 # ":c1".. ":c4": the final statuses, for conditions written `#s IN (:c1, :c2, :c3, :c4)`.
 _FINAL_VALUES = {f":c{i}": status for i, status in enumerate(JOB_FINAL, start=1)}
-RECORD_TTL_S = 60 * 24 * 3600  # longer than any job: state outlives every redelivery
+# Job records are kept as long as the job's files (template parameter JobRetentionDays, 0: forever), so
+# `status` and `retry` work for as long as the results are there - and never less than MIN_RECORD_DAYS:
+# longer than any job, so state outlives every redelivery (queues keep a message 14 days).
+DEFAULT_RETENTION_DAYS = 90
+MIN_RECORD_DAYS = 60
 
 
 class SplitInProgress(Exception):
@@ -196,12 +200,21 @@ class Counts:
 
 
 class JobState:
-    def __init__(self, table: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        table: Any,
+        clock: Callable[[], float] = time.time,
+        *,
+        retention_days: int = DEFAULT_RETENTION_DAYS,
+    ) -> None:
         self._table, self._clock = table, clock
         self._client = table.meta.client
+        self._keep_s = max(retention_days, MIN_RECORD_DAYS) * 24 * 3600 if retention_days else None
 
-    def _ttl(self) -> int:
-        return int(self._clock()) + RECORD_TTL_S
+    def _ttl(self) -> int | None:
+        """When a record written now expires (DynamoDB TTL on expires_at). None when the job's files are
+        kept forever: stored as NULL, which TTL never expires (it only reads numbers)."""
+        return None if self._keep_s is None else int(self._clock()) + self._keep_s
 
     def _now(self) -> Decimal:
         return Decimal(str(round(self._clock(), 3)))

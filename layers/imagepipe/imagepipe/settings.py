@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagepipe import aws
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
+from imagepipe.jobstate import DEFAULT_RETENTION_DAYS
 from imagepipe.providers import Action, Keys, ProviderError
 from imagepipe.ratelimit import parse_rate_limits
 
@@ -20,6 +21,9 @@ SECRET_MAX_AGE_S = 300
 
 class _EnvSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+    # JobRetentionDays: how long job records are kept, like the job's files (imagepipe.jobstate).
+    job_retention_days: int = Field(DEFAULT_RETENTION_DAYS, ge=0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
