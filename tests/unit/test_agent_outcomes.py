@@ -92,3 +92,20 @@ def test_prompt_refusals_read_as_the_node_and_what_is_wrong() -> None:
     )
     bare = rejection({"error": {"type": "invalid_prompt", "message": "Invalid prompt", "details": "bad"}})
     assert (bare.error_type, bare.reason) == ("invalid_prompt", "Invalid prompt: bad")
+
+
+def test_an_older_comfyuis_missing_node_reads_as_a_missing_node() -> None:
+    # What a real ComfyUI 0.3.64 answers (newer ones say missing_node_type)
+    old = rejection(
+        {
+            "error": {
+                "type": "invalid_prompt",
+                "message": "Cannot execute because node IPAdapterAdvanced does not exist.",
+                "details": "Node ID '#12'",
+                "extra_info": {},
+            },
+            "node_errors": {},
+        }
+    )
+    assert old.error_type == "missing_node"
+    assert old.reason.startswith("ComfyUI has no node IPAdapterAdvanced (node 12)")

@@ -458,3 +458,74 @@ def test_composite_through_a_mask_and_scale(comfy: ComfyUIEmulator) -> None:
         out = Image.open(io.BytesIO(client.get("/view", params=image).content)).convert("RGB")
         assert out.size == (40, 40)
         assert out.getpixel((2, 20)) == (0, 0, 255) and out.getpixel((38, 20)) == (255, 0, 0)
+
+
+# The answers below were read off a real ComfyUI 0.3.64 (python main.py --cpu) and compared with the emulator's.
+
+
+def test_a_node_that_raises_ends_the_prompt_in_execution_error(comfy: ComfyUIEmulator) -> None:
+    # A real ComfyUI turns any exception in a node into execution_error (full type name, f"{ex}\n{tips}"); a
+    # prompt must never vanish from queue and history, or the agent reads it as a restart and retries forever.
+    with httpx.Client(base_url=comfy.base_url) as client:
+        upload(client, "broken.png", b"not a png at all", overwrite="true")
+        r = client.post("/prompt", json={"prompt": invert_workflow("broken.png")})
+        assert r.status_code == 200  # LoadImage's validation only checks that the file exists
+        entry = wait_history(client, r.json()["prompt_id"])
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {} and entry["meta"] == {}
+    kind, error = entry["status"]["messages"][-1]
+    assert kind == "execution_error"
+    assert (error["node_id"], error["node_type"]) == ("1", "LoadImage")
+    assert error["exception_type"] == "PIL.UnidentifiedImageError"
+    assert error["exception_message"].startswith("cannot identify image file")
+    assert error["exception_message"].endswith("\n")
+    assert error["current_inputs"] == {"image": ["broken.png"]}
+
+
+def test_refusals_read_as_a_real_comfyui_writes_them(comfy: ComfyUIEmulator) -> None:
+    with httpx.Client(base_url=comfy.base_url) as client:
+        upload(client, "a.png", png((8, 8), (0, 0, 0)))
+        bad = {
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 99999, "height": 8, "batch_size": 0, "color": 0},
+            },
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+        }
+        r = client.post("/prompt", json={"prompt": bad})
+        deep = invert_workflow("a.png")
+        deep["2"]["inputs"]["image"] = ["7", 0]
+        r_deep = client.post("/prompt", json={"prompt": deep})
+        free = client.post("/free")
+    # The reasons are upstream of the output: the error's details are empty, node_errors says it all, and
+    # input_config is (type, options) with only the options the node declares (batch_size has no step).
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "type": "prompt_outputs_failed_validation",
+        "message": "Prompt outputs failed validation",
+        "details": "",
+        "extra_info": {},
+    }
+    errors = {e["type"]: e for e in r.json()["node_errors"]["1"]["errors"]}
+    assert errors["value_smaller_than_min"]["extra_info"] == {
+        "input_name": "batch_size",
+        "input_config": ["INT", {"default": 1, "min": 1, "max": 4096}],
+        "received_value": 0,
+    }
+    assert errors["value_bigger_than_max"]["message"] == "Value 99999 bigger than max of 16384"
+    # A link to a node that does not exist, one node up from the output: recorded on the linked node.
+    (inner,) = r_deep.json()["node_errors"]["2"]["errors"]
+    assert (inner["type"], inner["details"]) == ("exception_during_inner_validation", "'7'")
+    assert inner["extra_info"]["exception_type"] == "KeyError"
+    assert inner["extra_info"]["linked_node"] == ["2", 0]
+    # server.py reads /free's body with request.json(): none is aiohttp's 500
+    assert free.status_code == 500
+
+
+def test_not_found_answers_have_empty_bodies(comfy: ComfyUIEmulator) -> None:
+    with httpx.Client(base_url=comfy.base_url) as client:
+        answers = [
+            client.get("/view", params={"filename": "none.png"}),
+            client.get("/models/no_such_folder"),
+            client.post("/upload/image", data={"subfolder": "x"}),
+        ]
+    assert [(a.status_code, a.content) for a in answers] == [(404, b""), (404, b""), (400, b"")]

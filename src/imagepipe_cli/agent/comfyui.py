@@ -3,6 +3,7 @@ uploads, /prompt, /history, /queue, /view, /free, /interrupt. Its WebSocket is i
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,9 @@ MODEL_INPUTS: dict[tuple[str, str], str] = {
     ("UNETLoader", "unet_name"): "diffusion_models",
     ("IPAdapterModelLoader", "ipadapter_file"): "ipadapter",
 }
+
+
+OLD_MISSING_NODE = re.compile(r"^Cannot execute because node (.+) does not exist\.$")
 
 
 class ComfyUnavailable(Exception):
@@ -66,6 +70,12 @@ def rejection(body: Any) -> PromptRejected:
         return PromptRejected(
             "missing_node",
             f"ComfyUI has no node {cls} (node {info.get('node_id', '?')}): {error.get('message')}",
+        )
+    # ComfyUI up to 0.3.64 says it as invalid_prompt: "Cannot execute because node X does not exist."
+    if old := OLD_MISSING_NODE.match(str(error.get("message") or "")):
+        node = str(error.get("details") or "").removeprefix("Node ID '#").removesuffix("'") or "?"
+        return PromptRejected(
+            "missing_node", f"ComfyUI has no node {old.group(1)} (node {node}): {error.get('message')}"
         )
     if listed:
         return PromptRejected(

@@ -63,24 +63,71 @@ MODEL_INPUTS = {
     ("ControlNetLoader", "control_net_name"): "controlnet",
 }
 UPLOAD_INPUTS = {("LoadImage", "image"), ("LoadImageMask", "image")}
+# KSampler's lists as a real ComfyUI 0.3.64 gives them (comfy/samplers.py), so a workflow the real one takes is taken.
 SAMPLERS = [
     "euler",
+    "euler_cfg_pp",
     "euler_ancestral",
+    "euler_ancestral_cfg_pp",
     "heun",
+    "heunpp2",
     "dpm_2",
-    "dpmpp_2m",
+    "dpm_2_ancestral",
+    "lms",
+    "dpm_fast",
+    "dpm_adaptive",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp",
     "dpmpp_sde",
+    "dpmpp_sde_gpu",
+    "dpmpp_2m",
+    "dpmpp_2m_cfg_pp",
     "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
+    "ddpm",
     "lcm",
+    "ipndm",
+    "ipndm_v",
+    "deis",
+    "res_multistep",
+    "res_multistep_cfg_pp",
+    "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation",
+    "gradient_estimation_cfg_pp",
+    "er_sde",
+    "seeds_2",
+    "seeds_3",
+    "sa_solver",
+    "sa_solver_pece",
     "ddim",
     "uni_pc",
+    "uni_pc_bh2",
 ]
-SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal"]
+SCHEDULERS = [
+    "simple",
+    "sgm_uniform",
+    "karras",
+    "exponential",
+    "ddim_uniform",
+    "beta",
+    "normal",
+    "linear_quadratic",
+    "kl_optimal",
+]
 MAX_RES = 16384
 
 
-def _int(default: int, lo: int, hi: int, step: int = 1, **extra: Any) -> list[Any]:
-    return ["INT", {"default": default, "min": lo, "max": hi, "step": step, **extra}]
+def _int(default: int, lo: int, hi: int, step: int | None = 1, **extra: Any) -> list[Any]:
+    # Some nodes declare no step (batch_size, seed, steps): their object_info entry has none either.
+    return [
+        "INT",
+        {"default": default, "min": lo, "max": hi, **({} if step is None else {"step": step}), **extra},
+    ]
 
 
 def _float(default: float, lo: float, hi: float, step: float, **extra: Any) -> list[Any]:
@@ -152,7 +199,7 @@ def _object_info() -> dict[str, dict[str, Any]]:
             {
                 "width": _int(512, 16, MAX_RES, 8),
                 "height": _int(512, 16, MAX_RES, 8),
-                "batch_size": _int(1, 1, 4096),
+                "batch_size": _int(1, 1, 4096, None),
             },
             ["LATENT"],
         ),
@@ -162,8 +209,8 @@ def _object_info() -> dict[str, dict[str, Any]]:
             "sampling",
             {
                 "model": ["MODEL"],
-                "seed": _int(0, 0, 0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                "steps": _int(20, 1, 10000),
+                "seed": _int(0, 0, 0xFFFFFFFFFFFFFFFF, None, control_after_generate=True),
+                "steps": _int(20, 1, 10000, None),
                 "cfg": _float(8.0, 0.0, 100.0, 0.1, round=0.01),
                 "sampler_name": [SAMPLERS],
                 "scheduler": [SCHEDULERS],
@@ -276,7 +323,7 @@ def _object_info() -> dict[str, dict[str, Any]]:
             {
                 "width": _int(512, 1, MAX_RES),
                 "height": _int(512, 1, MAX_RES),
-                "batch_size": _int(1, 1, 4096),
+                "batch_size": _int(1, 1, 4096, None),
                 "color": _int(0, 0, 0xFFFFFF, display="color"),
             },
             ["IMAGE"],
@@ -367,9 +414,10 @@ class _ValidationException(Exception):
 
 
 class _NodeFailure(Exception):
-    def __init__(self, exception_type: str, message: str) -> None:
+    def __init__(self, exception_type: str, message: str, tips: str = "") -> None:
         super().__init__(message)
-        self.exception_type, self.message = exception_type, message
+        # execution.py writes exception_message as f"{ex}\n{tips}" (tips only for out-of-memory errors)
+        self.exception_type, self.message = exception_type, f"{message}\n{tips}"
 
 
 def _now_ms() -> int:
@@ -386,6 +434,29 @@ def _error(
     type_: str, message: str, details: str = "", extra_info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     return {"type": type_, "message": message, "details": details, "extra_info": extra_info or {}}
+
+
+# aiohttp's answer when a handler raises: server.py reads most bodies with `await request.json()` unguarded, so a
+# body that is not JSON (or none, on POST /free) gets this, not a 400.
+AIOHTTP_500 = b"500 Internal Server Error\n\nServer got itself in trouble"
+
+
+def _json_or_500(request: Request) -> Any:
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        raise Reply(500, raw=AIOHTTP_500, content_type="text/plain; charset=utf-8") from None
+
+
+def _format_value(value: Any) -> Any:
+    # execution.py format_value: what execution_error's current_inputs shows of each input
+    return value if value is None or isinstance(value, int | float | bool | str) else str(value)
+
+
+def full_type_name(exc: BaseException) -> str:
+    # execution.py full_type_name: PIL.UnidentifiedImageError, torch.OutOfMemoryError, RuntimeError
+    module = type(exc).__module__
+    return type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
 
 
 def _is_link(value: Any) -> bool:
@@ -455,7 +526,7 @@ class ComfyUIEmulator(BaseEmulator):
             ("GET", r"/(?:api/)?models/(?P<folder>[^/]+)", self._models),
             ("GET", r"/(?:api/)?system_stats", self._system_stats),
             ("POST", r"/(?:api/)?interrupt", self._post_interrupt),
-            ("POST", r"/(?:api/)?free", lambda r: Reply(200, raw=b"", content_type="text/plain")),
+            ("POST", r"/(?:api/)?free", self._post_free),
         ]
 
     def error_body(self, status: int, code: str, message: str) -> Any:
@@ -488,7 +559,7 @@ class ComfyUIEmulator(BaseEmulator):
     def _models(self, request: Request) -> Any:
         folder = request.match["folder"] if request.match else ""
         if folder not in self.models:
-            return Reply(404, raw=b"404: Not Found", content_type="text/plain")
+            return Reply(404, raw=b"", content_type="text/plain")
         return self.model_files(folder)
 
     def _system_stats(self, request: Request) -> Any:
@@ -525,16 +596,7 @@ class ComfyUIEmulator(BaseEmulator):
     # ---- /prompt and validation (execution.py validate_prompt / validate_inputs)
 
     def _post_prompt(self, request: Request) -> Any:
-        try:
-            data = json.loads(request.body or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            return Reply(
-                400,
-                {
-                    "error": _error("invalid_prompt", "Invalid JSON", "request body is not JSON"),
-                    "node_errors": {},
-                },
-            )
+        data = _json_or_500(request)
         if not isinstance(data, dict):
             data = {}
         with self.lock:
@@ -593,41 +655,47 @@ class ComfyUIEmulator(BaseEmulator):
             return False, _error("prompt_no_outputs", "Prompt has no outputs"), [], {}
         node_errors: dict[str, Any] = {}
         good: list[str] = []
-        checked: dict[str, list[dict[str, Any]]] = {}
+        own: list[str] = []  # the failed outputs' own reasons: all that the refusal's details holds
+        validated: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
         for out in outputs:
             try:
-                failed = self._validate_node(prompt, info, out, checked, set())
+                valid, reasons = self._validate_node(prompt, info, out, validated, set())
             except _ValidationException as ex:
-                checked[out] = [
-                    _error(
-                        "exception_during_validation",
-                        "Exception when validating node",
-                        ex.message,
-                        {"exception_type": ex.exception_type, "traceback": []},
-                    )
-                ]
-                failed = [out]
-            if failed:
-                # execution.py lists every validated node with reasons so far under each failed output.
-                for node_id, reasons in checked.items():
-                    if not reasons:
-                        continue
-                    entry = node_errors.setdefault(
-                        node_id,
-                        {
-                            "errors": reasons,
-                            "dependent_outputs": [],
-                            "class_type": prompt[node_id]["class_type"],
-                        },
-                    )
-                    entry["dependent_outputs"].append(out)
-            else:
+                valid, reasons = (
+                    False,
+                    [
+                        _error(
+                            "exception_during_validation",
+                            "Exception when validating node",
+                            ex.message,
+                            {"exception_type": ex.exception_type, "traceback": []},
+                        )
+                    ],
+                )
+                validated[out] = (False, reasons)
+            if valid:
                 good.append(out)
+                continue
+            own += [f"{e['message']}: {e['details']}" for e in reasons]
+            # execution.py lists every node validated so far that has reasons of its own under each failed
+            # output; a node that failed only because of one upstream is left out.
+            for node_id, (ok, node_reasons) in validated.items():
+                if ok or not node_reasons:
+                    continue
+                entry = node_errors.setdefault(
+                    node_id,
+                    {
+                        "errors": node_reasons,
+                        "dependent_outputs": [],
+                        "class_type": prompt[node_id]["class_type"],
+                    },
+                )
+                entry["dependent_outputs"].append(out)
         if not good:  # execution.py: refused only when no output is left; else queued with node_errors
-            details = "\n".join(
-                f"{e['message']}: {e['details']}" for n in node_errors.values() for e in n["errors"]
+            # A real ComfyUI's details are empty when the reasons are upstream of the outputs (the usual case).
+            err = _error(
+                "prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(own)
             )
-            err = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
             return False, err, good, node_errors
         return True, None, good, node_errors
 
@@ -636,20 +704,24 @@ class ComfyUIEmulator(BaseEmulator):
         prompt: dict[str, Any],
         info: dict[str, Any],
         node_id: str,
-        checked: dict[str, list[Any]],
+        validated: dict[str, tuple[bool, list[dict[str, Any]]]],
         path: set[str],
-    ) -> list[str]:
-        """The ids of nodes that failed validation on the way to node_id (itself included when it failed)."""
-        if node_id in checked:
-            return [node_id] if checked[node_id] else []
+    ) -> tuple[bool, list[dict[str, Any]]]:
+        """execution.py validate_inputs: (valid, this node's own reasons); a node is invalid when it has reasons
+        or anything upstream is invalid. A link to a missing node or slot raises _ValidationException, which
+        the caller records (on the linked node, or on the output when the link is the output's own)."""
+        if node_id in validated:
+            return validated[node_id]
         node = prompt[node_id]
         spec = info[node["class_type"]]
         inputs = node.get("inputs") or {}
         errors: list[dict[str, Any]] = []
-        failed: list[str] = []
+        valid = True
         required = spec["input"]["required"]
         optional = spec["input"].get("optional", {})
         for name, conf in {**required, **optional}.items():
+            config = [conf[0], conf[1] if len(conf) > 1 else {}]  # execution.py's input_config: (type, extra)
+            kind = conf[0]
             if name not in inputs:
                 if name in required:
                     errors.append(
@@ -659,55 +731,77 @@ class ComfyUIEmulator(BaseEmulator):
                     )
                 continue
             value = inputs[name]
-            kind = conf[0]
-            if _is_link(value):
-                if len(value) != 2:
-                    errors.append(
-                        _error(
-                            "bad_linked_input",
-                            "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                            name,
-                            {"input_name": name, "input_config": conf, "received_value": value},
-                        )
+            if not _is_link(value):
+                errors += self._check_value(node["class_type"], name, config, value)
+                continue
+            if len(value) != 2:
+                errors.append(
+                    _error(
+                        "bad_linked_input",
+                        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                        name,
+                        {"input_name": name, "input_config": config, "received_value": value},
                     )
-                    continue
-                # execution.py validate_inputs reads prompt[o_id] and RETURN_TYPES[slot] outside its inner try: a
-                # link to a missing node or slot fails the whole output with exception_during_validation.
-                if value[0] not in prompt:
-                    raise _ValidationException("KeyError", repr(value[0]))
-                src = value[0]
-                src_outputs = info[prompt[src]["class_type"]]["output"]
-                slot = value[1]
-                if not isinstance(slot, int) or not -len(src_outputs) <= slot < len(src_outputs):
-                    raise _ValidationException("IndexError", "list index out of range")
-                received = src_outputs[slot]
-                if received != kind:
-                    errors.append(
+                )
+                continue
+            src, slot = value
+            if src not in prompt:
+                raise _ValidationException("KeyError", repr(src))
+            src_outputs = info[prompt[src]["class_type"]]["output"]
+            if not isinstance(slot, int):
+                raise _ValidationException(
+                    "TypeError", f"tuple indices must be integers or slices, not {type(slot).__name__}"
+                )
+            if not -len(src_outputs) <= slot < len(src_outputs):
+                raise _ValidationException("IndexError", "tuple index out of range")
+            received = src_outputs[slot]
+            if received != kind:
+                errors.append(
+                    _error(
+                        "return_type_mismatch",
+                        "Return type mismatch between linked nodes",
+                        f"{name}, received_type({received}) mismatch input_type({kind})",
+                        {
+                            "input_name": name,
+                            "input_config": config,
+                            "received_type": received,
+                            "linked_node": value,
+                        },
+                    )
+                )
+                continue
+            if src in path:
+                errors.append(_error("dependency_cycle", "Dependency cycle detected", src))
+                continue
+            try:
+                if not self._validate_node(prompt, info, src, validated, path | {node_id})[0]:
+                    valid = False
+            except _ValidationException as ex:
+                valid = False
+                validated[src] = (
+                    False,
+                    [
                         _error(
-                            "return_type_mismatch",
-                            "Return type mismatch between linked nodes",
-                            f"{name}, received_type({received}) mismatch input_type({kind})",
+                            "exception_during_inner_validation",
+                            "Exception when validating inner node",
+                            ex.message,
                             {
                                 "input_name": name,
-                                "input_config": conf,
-                                "received_type": received,
+                                "input_config": config,
+                                "exception_message": ex.message,
+                                "exception_type": ex.exception_type,
+                                "traceback": [],
                                 "linked_node": value,
                             },
                         )
-                    )
-                    continue
-                if src in path:
-                    errors.append(_error("dependency_cycle", "Dependency cycle detected", src))
-                    continue
-                failed += self._validate_node(prompt, info, src, checked, path | {node_id})
-                continue
-            errors += self._check_value(node["class_type"], name, conf, value)
-        checked[node_id] = errors
-        return failed + ([node_id] if errors else [])
+                    ],
+                )
+        result = (valid and not errors, errors)
+        validated[node_id] = result
+        return result
 
-    def _check_value(self, class_type: str, name: str, conf: list[Any], value: Any) -> list[dict[str, Any]]:
-        kind, opts = conf[0], (conf[1] if len(conf) > 1 else {})
-        extra = {"input_name": name, "input_config": conf, "received_value": value}
+    def _check_value(self, class_type: str, name: str, config: list[Any], value: Any) -> list[dict[str, Any]]:
+        kind, opts = config
         if (class_type, name) in UPLOAD_INPUTS:  # LoadImage's VALIDATE_INPUTS: the file must exist
             sub, _, fname = str(value).rpartition("/")
             if ("input", sub, fname) not in self.files:
@@ -720,18 +814,6 @@ class ComfyUIEmulator(BaseEmulator):
                     )
                 ]
             return []
-        if isinstance(kind, list):
-            if value not in kind:
-                # execution.py: long lists (scanned model files) are not sent back
-                listed = f"(list of length {len(kind)})" if len(kind) > 20 else str(kind)
-                config = None if len(kind) > 20 else conf
-                details = f"{name}: '{value}' not in {listed}"
-                return [
-                    _error(
-                        "value_not_in_list", "Value not in list", details, {**extra, "input_config": config}
-                    )
-                ]
-            return []
         if kind in ("INT", "FLOAT"):
             try:
                 num = int(value) if kind == "INT" else float(value)
@@ -741,24 +823,33 @@ class ComfyUIEmulator(BaseEmulator):
                         "invalid_input_type",
                         f"Failed to convert an input value to a {kind} value",
                         f"{name}, {value}, {ex}",
-                        {**extra, "exception_message": str(ex)},
+                        {
+                            "input_name": name,
+                            "input_config": config,
+                            "received_value": value,
+                            "exception_message": str(ex),
+                        },
                     )
                 ]
+            # received_value is the converted number, as execution.py reports it
+            extra = {"input_name": name, "input_config": config, "received_value": num}
             if "min" in opts and num < opts["min"]:
-                return [
-                    _error(
-                        "value_smaller_than_min",
-                        f"Value {num} smaller than min of {opts['min']}",
-                        name,
-                        extra,
-                    )
-                ]
+                message = f"Value {num} smaller than min of {opts['min']}"
+                return [_error("value_smaller_than_min", message, name, extra)]
             if "max" in opts and num > opts["max"]:
-                return [
-                    _error(
-                        "value_bigger_than_max", f"Value {num} bigger than max of {opts['max']}", name, extra
-                    )
-                ]
+                message = f"Value {num} bigger than max of {opts['max']}"
+                return [_error("value_bigger_than_max", message, name, extra)]
+        if isinstance(kind, list) and value not in kind:
+            # execution.py: long lists (scanned model files) are not sent back
+            listed = f"(list of length {len(kind)})" if len(kind) > 20 else str(kind)
+            extra = {
+                "input_name": name,
+                "input_config": None if len(kind) > 20 else config,
+                "received_value": value,
+            }
+            return [
+                _error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {listed}", extra)
+            ]
         return []
 
     # ---- history and queue
@@ -777,7 +868,7 @@ class ComfyUIEmulator(BaseEmulator):
         return copy.deepcopy(dict(items))
 
     def _post_history(self, request: Request) -> Any:
-        data = json.loads(request.body or b"{}")
+        data = _json_or_500(request)
         with self.lock:
             if data.get("clear"):
                 self._history.clear()
@@ -792,7 +883,7 @@ class ComfyUIEmulator(BaseEmulator):
         return copy.deepcopy({"queue_running": running, "queue_pending": pending})
 
     def _post_queue(self, request: Request) -> Any:
-        data = json.loads(request.body or b"{}")
+        data = _json_or_500(request)
         with self.lock:
             if data.get("clear"):
                 self._queue.clear()
@@ -806,6 +897,10 @@ class ComfyUIEmulator(BaseEmulator):
     def _queue_remaining(self) -> int:
         with self.lock:
             return len(self._queue) + (1 if self._running else 0)
+
+    def _post_free(self, request: Request) -> Any:
+        _json_or_500(request)  # server.py: an empty body is a 500, {"unload_models": true, ...} sets flags
+        return Reply(200, raw=b"", content_type="text/plain")
 
     def _post_interrupt(self, request: Request) -> Any:
         # server.py: a prompt_id that is not the running one is ignored; no body interrupts whatever runs.
@@ -824,15 +919,15 @@ class ComfyUIEmulator(BaseEmulator):
         self.count("views")
         filename = request.query.get("filename")
         if not filename:
-            return Reply(404, raw=b"404: Not Found", content_type="text/plain")
+            return Reply(404, raw=b"", content_type="text/plain")
         if filename.startswith("/") or ".." in filename:
-            return Reply(400, raw=b"400: Bad Request", content_type="text/plain")
+            return Reply(400, raw=b"", content_type="text/plain")
         kind = request.query.get("type", "output")
         sub = request.query.get("subfolder", "")
         with self.lock:
             data = self.files.get((kind, sub, filename))
         if data is None:
-            return Reply(404, raw=b"404: Not Found", content_type="text/plain")
+            return Reply(404, raw=b"", content_type="text/plain")
         return Reply(
             200, raw=data, content_type="image/png", headers={"Content-Disposition": f'filename="{filename}"'}
         )
@@ -841,12 +936,12 @@ class ComfyUIEmulator(BaseEmulator):
         self.count("uploads")
         fields, files = _multipart(request)
         if "image" not in files:
-            return Reply(400, raw=b"400: Bad Request", content_type="text/plain")
+            return Reply(400, raw=b"", content_type="text/plain")
         filename, data = files["image"]
         kind = fields.get("type") or "input"
         sub = fields.get("subfolder", "")
         if not filename or kind not in ("input", "temp", "output") or ".." in sub or ".." in filename:
-            return Reply(400, raw=b"400: Bad Request", content_type="text/plain")
+            return Reply(400, raw=b"", content_type="text/plain")
         filename = os.path.basename(filename)
         with self.lock:
             if fields.get("overwrite") not in ("true", "1"):
@@ -954,12 +1049,18 @@ class ComfyUIEmulator(BaseEmulator):
         order = _execution_order(prompt, outputs)
         status_str, completed = "success", True
         current: str | None = None
+        current_inputs: dict[str, list[Any]] = {}
         try:
             restart = self.flaky(text, "restart")
             for node_id in order:
                 current = node_id
                 self._check(stop, epoch)
                 node = prompt[node_id]
+                inputs = {
+                    k: (values[str(v[0])][v[1]] if _is_link(v) else v)
+                    for k, v in (node.get("inputs") or {}).items()
+                }
+                current_inputs = {k: [_format_value(v)] for k, v in inputs.items()}
                 with self.lock:
                     self._last_node = node_id
                 self.send_sync(
@@ -974,27 +1075,28 @@ class ComfyUIEmulator(BaseEmulator):
                     threading.Thread(target=self.restart, name="comfyui-restart", daemon=True).start()
                     stop.wait(5)
                     raise _Interrupted
-                inputs = {
-                    k: (values[str(v[0])][v[1]] if _is_link(v) else v)
-                    for k, v in (node.get("inputs") or {}).items()
-                }
 
                 def progress(v, m, nid=node_id):
                     return self.send_sync(
                         "progress", {"value": v, "max": m, "prompt_id": prompt_id, "node": nid}, sid
                     )
 
-                result, ui = self._run_node(node["class_type"], inputs, progress)
+                try:
+                    result, ui = self._run_node(node["class_type"], inputs, progress)
+                except (_Interrupted, _NodeFailure):
+                    raise
+                except Exception as exc:  # any exception in a node is the prompt's execution_error
+                    raise _NodeFailure(full_type_name(exc), str(exc)) from exc
                 values[node_id] = result
                 executed.append(node_id)
-                meta[node_id] = {
-                    "node_id": node_id,
-                    "display_node": node_id,
-                    "parent_node": None,
-                    "real_node_id": node_id,
-                }
-                if ui is not None:
+                if ui is not None:  # history's meta lists only the nodes with UI output
                     ui_outputs[node_id] = ui
+                    meta[node_id] = {
+                        "node_id": node_id,
+                        "display_node": node_id,
+                        "parent_node": None,
+                        "real_node_id": node_id,
+                    }
                     self.send_sync(
                         "executed",
                         {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": prompt_id},
@@ -1031,7 +1133,7 @@ class ComfyUIEmulator(BaseEmulator):
                         '  File "execution.py", line 496, in execute\n',
                         f"{failure.exception_type}: {failure.message}\n",
                     ],
-                    "current_inputs": {k: [repr(v)] for k, v in (node.get("inputs") or {}).items()},
+                    "current_inputs": current_inputs,
                     "current_outputs": list(executed),
                 },
                 False,
@@ -1077,7 +1179,8 @@ class ComfyUIEmulator(BaseEmulator):
             raise _NodeFailure(
                 "torch.OutOfMemoryError",
                 "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 11.99 GiB of which "
-                f"1.02 GiB is free. (emulator fault {fault})\n{OOM_TIPS}",
+                f"1.02 GiB is free. (emulator fault {fault})",
+                OOM_TIPS,
             )
         if fault := self.prompt_fault("execution-error", text):
             raise _NodeFailure(
