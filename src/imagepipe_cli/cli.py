@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
-from imagepipe_cli import destroy, jobs, keys
+from imagepipe_cli import destroy, envvars, jobs, keys
 from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_parsers(commands)
     keys.add_parser(commands, jobs.stack_option())
     destroy.add_parser(commands, jobs.stack_option())
+    envvars.add_parser(commands, jobs.stack_option())
     return parser
 
 
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in jobs.COMMANDS:
         return jobs.run_command(args)
-    if args.command in ("keys", "destroy"):
-        return jobs.guarded(keys.run if args.command == "keys" else destroy.run, args)
+    stack_commands = {"keys": keys.run, "destroy": destroy.run, "env-vars": envvars.run}
+    if args.command in stack_commands:
+        return jobs.guarded(stack_commands[args.command], args)
     if args.command == "up":
         return _up(args)
     if args.command == "emulator":
