@@ -35,8 +35,8 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     sqs, state = _clients(settings.jobs_table)
     jobs: set[str] = set()
 
-    def record(item: LocalOutcomeRecord) -> None:
-        outcome = item.body
+    def keep(record: LocalOutcomeRecord) -> None:  # Powertools passes it as `record`
+        outcome = record.body
         jobs.add(
             outcome.job_id
         )  # a duplicate too: the delivery that recorded it may have died before the hand-off
@@ -46,7 +46,7 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
             metrics.add_metric(name="LocalGpuSeconds", unit=MetricUnit.Seconds, value=outcome.gpu_seconds)
 
     response = process_partial_response(
-        event=event, record_handler=record, processor=processor, context=context
+        event=event, record_handler=keep, processor=processor, context=context
     )
     for job_id in state.hand_to_finisher(sqs, settings.finisher_queue_url, jobs):
         logger.info("job's last row finished: handed to the finisher", extra={"job_id": job_id})

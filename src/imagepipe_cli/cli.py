@@ -9,6 +9,7 @@ from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
 from imagepipe_cli import destroy, envvars, jobs, keys
+from imagepipe_cli.agent import command as agent_command
 from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault, serve
@@ -23,6 +24,8 @@ from imagepipe_cli.local.runner import (
 )
 from imagepipe_cli.local.runtime import RuntimeSetupError
 from imagepipe_cli.local.up import DEFAULT_PORT, UpOptions, up
+
+EMULATED = (*PROVIDER_NAMES, "comfyui")  # `imagepipe emulator --provider`: the image APIs and ComfyUI
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "emulator", help="serve an image API's emulator on loopback until Ctrl-C", description=_faults_help()
     )
     emu.add_argument(
-        "--provider", choices=PROVIDER_NAMES, default=DEFAULT_PROVIDER, help="which API to emulate"
+        "--provider", choices=EMULATED, default=DEFAULT_PROVIDER, help="which API (or comfyui) to emulate"
     )
     emu.add_argument("--port", type=port, default=8790, help="port (default: 8790; 0 picks a free one)")
     emu.add_argument(
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(commands, jobs.stack_option())
     destroy.add_parser(commands, jobs.stack_option())
     envvars.add_parser(commands, jobs.stack_option())
+    agent_command.add_parser(commands, jobs.stack_option())
     return parser
 
 
@@ -173,6 +177,7 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         "GeneratorTimeoutSeconds=60 ProviderHttpTimeoutSeconds=10); over samconfig.toml's, under the flags "
         "above. Put INPUT before this flag",
     )
+    agent_command.comfyui_option(parser)
     parser.add_argument(
         "--config-env",
         default="default",
@@ -214,7 +219,7 @@ CHAOS_EPILOG = (
 
 def _faults_help() -> str:
     lines = ["Faults each emulator can inject (WORD matches inside the prompt):"]
-    for name in PROVIDER_NAMES:
+    for name in EMULATED:
         kinds = emulator_class(name).FAULTS
         lines.append(f"  {name}: " + ", ".join(f"{k}={shape}" if shape else k for k, shape in kinds.items()))
     return "\n".join(lines)
@@ -237,6 +242,8 @@ def _stack_fields(args: argparse.Namespace) -> dict:
         "max_attempts": args.max_attempts,
         "parameter_overrides": args.parameter_overrides,
         "config_env": args.config_env,
+        "comfyui": args.comfyui,
+        "workflows": args.workflows,
     }
 
 
@@ -259,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in jobs.COMMANDS:
         return jobs.run_command(args)
-    stack_commands = {"keys": keys.run, "destroy": destroy.run, "env-vars": envvars.run}
+    stack_commands = {
+        "keys": keys.run,
+        "destroy": destroy.run,
+        "env-vars": envvars.run,
+        "agent": agent_command.run,
+    }
     if args.command in stack_commands:
-        return jobs.guarded(stack_commands[args.command], args)
+        command = stack_commands[args.command]
+        return jobs.guarded(command, args)
     if args.command == "up":
         return _up(args)
     if args.command == "emulator":

@@ -309,6 +309,30 @@ def report_file(tmp_path_factory) -> Path:
 
 
 @needs_chromium
+def test_each_card_shows_its_rows_backend_and_a_local_rows_workflow_prompt_id_and_gpu_time(tmp_path):
+    rows = [
+        make_row(1, provider="atlascloud", model="m1", backend="cloud"),
+        make_row(
+            2,
+            provider="comfyui",
+            model=None,
+            backend="local",
+            workflow="inpaint",
+            prompt_id="imagepipe-hat-1",
+            gpu_seconds=12.5,
+            cost=0.0,
+        ),
+    ]
+    page = tmp_path / "report.html"
+    page.write_text(render_report(make_job(), rows), encoding="utf-8")
+
+    text = Page(chromium("--dump-dom", url=page.as_uri())).visible
+
+    assert "cloud · atlascloud · m1" in text
+    assert "local ComfyUI · inpaint" in text and "prompt imagepipe-hat-1" in text and "12.5 GPU s" in text
+
+
+@needs_chromium
 def test_chromium_renders_the_first_page_of_cards(report_file):
     page = Page(chromium("--dump-dom", url=report_file.as_uri()))
     assert len(page.cards) == 100

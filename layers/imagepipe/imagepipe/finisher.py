@@ -43,6 +43,11 @@ RESULT_FIELDS = (
     "seconds",
     "answers_lost",
     "prompt",
+    "backend",
+    # Only a local row's (ComfyUI on the user's GPU): its workflow, ComfyUI's prompt id, the GPU time.
+    "workflow",
+    "prompt_id",
+    "gpu_seconds",
 )
 LOST = {
     "type": "lost",
@@ -179,7 +184,10 @@ def _result_rows(
             "seconds": None,
             "answers_lost": 0,
             "prompt": entry.get("prompt"),
+            "backend": entry.get("backend") or "cloud",  # rows split before the local route were cloud
         }
+        if result["backend"] == "local":
+            result.update(workflow=entry.get("workflow"), prompt_id=None, gpu_seconds=0.0)
         if entry["status"] != STATUS_REJECTED:
             outcome = outcomes.get(entry.get("name") or "")
             if outcome is None:
@@ -196,6 +204,12 @@ def _result_rows(
                     seconds=outcome.get("seconds"),
                     answers_lost=int(outcome.get("answers_lost") or 0),
                 )
+                if result["backend"] == "local":
+                    result.update(
+                        workflow=outcome.get("workflow") or result["workflow"],
+                        prompt_id=outcome.get("prompt_id"),
+                        gpu_seconds=float(outcome.get("gpu_seconds") or 0.0),
+                    )
         if entry.get("extra"):
             result["extra"] = entry["extra"]
         yield result

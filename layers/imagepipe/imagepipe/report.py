@@ -528,8 +528,12 @@ _JS = r"""
       b.appendChild(x);
     }
     var m = el("div", "meta");
-    var eng = [str(r.provider), str(r.model)].filter(Boolean).join(" · ");
-    if (eng) m.appendChild(el("span", "", eng));
+    var local = r.backend === "local";
+    var eng = (local ? ["local ComfyUI", str(r.workflow)] : ["cloud", str(r.provider), str(r.model)])
+      .filter(Boolean).join(" · ");
+    if (eng) m.appendChild(el("span", "backend", eng));
+    if (local && r.prompt_id) m.appendChild(el("span", "mono", "prompt " + str(r.prompt_id)));
+    if (local && Number(r.gpu_seconds) > 0) m.appendChild(el("span", "", Number(r.gpu_seconds).toFixed(1) + " GPU s"));
     var tries = Number(r.attempts);
     if (tries > 1) m.appendChild(el("span", "", tries + " attempts"));
     var cs = cost(r.cost);
