@@ -45,6 +45,7 @@ from imagepipe_cli.local.runner import (
 from imagepipe_cli.local.template import load_template
 from imagepipe_cli.progress import Progress
 from imagepipe_cli.stackref import Stack, StackError, describe_aws_error, find_stack
+from imagepipe_cli.uploads import upload_input
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 POLL_S = 2.0  # how often --wait reads the job record (tests shorten it)
@@ -234,10 +235,11 @@ def submit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.max_cost is not None:
         metadata["max-cost"] = f"{args.max_cost:g}"
     s3 = stack.client("s3")
-    stack.call(lambda: s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": metadata}))
+    images = stack.call(lambda: upload_input(s3, bucket, path, key, {"Metadata": metadata}))
     print(job_id, file=out, flush=True)
+    beside = f" (and {len(images.files)} image(s) its rows name, beside it)" if images.files else ""
     print(
-        f"uploaded {path} to s3://{bucket}/{key}; follow it with: imagepipe status {job_id}{_stack_flag(args)}",
+        f"uploaded {path} to s3://{bucket}/{key}{beside}; follow it with: imagepipe status {job_id}{_stack_flag(args)}",
         file=err,
     )
     if not args.wait:

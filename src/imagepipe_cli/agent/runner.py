@@ -182,6 +182,23 @@ class _RowRun:
             entry = None
 
 
+def unusable_workflows(client: ComfyClient, workflows: WorkflowSet, settings: RunSettings) -> list[str]:
+    """The workflows this ComfyUI cannot run with the default values (a node class or model file it lacks),
+    one line each naming what is missing: what the agent reports once at start."""
+    problems = []
+    for name in workflows.names():
+        workflow = workflows.get(name)
+        values = row_values("check", "check", {}, settings.defaults)
+        probe = {key: values.get(key, "probe") for key in workflow.placeholders()}
+        try:
+            missing = client.missing(fill(workflow, probe, settings.folder))
+        except WorkflowError:
+            continue  # a value a row must give: checked per row
+        if missing:
+            problems.append(f"{name} cannot run on this ComfyUI: {missing[1]}")
+    return problems
+
+
 def run_row(
     client: ComfyClient, workflows: WorkflowSet, row: RowRequest, settings: RunSettings | None = None
 ) -> Outcome:

@@ -10,10 +10,14 @@ def emulator_class(provider: str) -> type[BaseEmulator]:
     """The emulator of a provider, by the provider's name."""
     from imagepipe_cli.emulators.atlascloud import AtlasCloudEmulator
     from imagepipe_cli.emulators.baidu_oauth import BaiduOAuthEmulator
+    from imagepipe_cli.emulators.comfyui import ComfyUIEmulator
     from imagepipe_cli.emulators.openai import OpenAIEmulator
     from imagepipe_cli.emulators.qianfan import QianfanEmulator
 
-    classes = {c.name: c for c in (AtlasCloudEmulator, QianfanEmulator, OpenAIEmulator, BaiduOAuthEmulator)}
+    classes = {
+        c.name: c
+        for c in (AtlasCloudEmulator, QianfanEmulator, OpenAIEmulator, BaiduOAuthEmulator, ComfyUIEmulator)
+    }
     try:
         return classes[provider]
     except KeyError:

@@ -35,6 +35,7 @@ from imagepipe_cli.local.runtime import (
 )
 from imagepipe_cli.local.template import load_template
 from imagepipe_cli.progress import Progress as _Progress
+from imagepipe_cli.uploads import input_images, upload_input
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
 SPLIT_START_TIMEOUT_S = 120
@@ -82,16 +83,14 @@ def run(options: RunOptions, out: TextIO | None = None, err: TextIO | None = Non
     logs = options.out / "logs"
     logs.mkdir(exist_ok=True)
     job_id = new_job_id(options.input)
+    # A file with local rows gets the local route (ComfyUI: --comfyui, else the built-in emulator).
+    options.hybrid = options.hybrid or input_images(options.input).local_rows > 0
     with _runtime_errors(), LocalRuntime(template, options, logs, out) as runtime:
         stack, s3 = runtime.stack, runtime.client("s3")
         # S3 suffix filters are case-sensitive: name the object so that the template's filter matches.
         key = f"inbox/{options.input.stem}{options.input.suffix.lower()}"
-        s3.upload_file(
-            str(options.input),
-            stack.outputs["InputBucketName"],
-            key,
-            ExtraArgs={"Metadata": {"job-id": job_id}},
-        )
+        bucket = stack.outputs["InputBucketName"]
+        upload_input(s3, bucket, options.input, key, {"Metadata": {"job-id": job_id}})
         progress = _Progress(err, enabled=options.progress)
         job = _wait_for_job(runtime, job_id, options, progress)
         progress.done()

@@ -18,9 +18,12 @@ from botocore.config import Config
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
 from imagepipe.jobstate import JobState
 from imagepipe.providers import provider_class
+from imagepipe_cli.agent.loop import Agent
 from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault
+from imagepipe_cli.emulators.comfyui import ComfyUIEmulator
 from imagepipe_cli.local.event_sources import Chaos, Delivery, EventBridgeRules, S3Notifications, SqsPoller
+from imagepipe_cli.local.hybrid import hybrid_parameters, start_agent
 from imagepipe_cli.local.lambda_runtime import ProcessFunction
 from imagepipe_cli.local.moto_server import MotoServer
 from imagepipe_cli.local.stack import LocalStack, deploy_stack
@@ -61,6 +64,11 @@ class StackOptions:
     max_attempts: int | None = None  # the stack's TaskMaxAttempts
     parameter_overrides: list[str] = field(default_factory=list)  # K=V, as `sam deploy --parameter-overrides`
     config_env: str = "default"  # samconfig.toml's [<env>.deploy.parameters] parameter_overrides
+    # The local route (HybridMode=enabled, the agent beside the generator): with --comfyui, for a file with
+    # local rows (hybrid), or when the parameters enable it; ComfyUI is the built-in emulator without --comfyui.
+    comfyui: str | None = None
+    workflows: Path | None = None
+    hybrid: bool = False
 
 
 class RuntimeSetupError(Exception):
@@ -77,6 +85,8 @@ class LocalRuntime:
     ) -> None:
         self.template, self.options, self.logs, self.out, self.port = template, options, logs, out, port
         self._cleanup = ExitStack()
+        self.agent: Agent | None = None
+        self.comfyui_emulator: ComfyUIEmulator | None = None
 
     def __enter__(self) -> LocalRuntime:
         try:
@@ -92,6 +102,8 @@ class LocalRuntime:
     def _start(self) -> None:
         cleanup = self._cleanup
         parameters = stack_parameters(self.template, self.options)
+        if self.options.comfyui or self.options.hybrid:
+            parameters = {**parameters, **hybrid_parameters(self.template)}
         # The provider the stack defaults to, wherever it was set (flag, overrides, samconfig.toml, template).
         self.options = options = replace(
             self.options, provider=parameters.get("DefaultProvider", DEFAULT_PROVIDER)
@@ -178,6 +190,8 @@ class LocalRuntime:
             poller.start()
             cleanup.callback(poller.stop)
         cleanup.callback(self._stop_polling)
+        if parameters.get("HybridMode") == "enabled":
+            self.agent = start_agent(self, cleanup)
         self.state = JobState(_resource("dynamodb", self.moto.url).Table(self.stack.outputs["JobsTableName"]))
         # AWS's faults only now that the stack is deployed and set up: they are the run's, not the set-up's.
         if self.chaos.aws_spec():
@@ -219,6 +233,16 @@ class LocalRuntime:
             file=self.out,
         )
 
+    def _agent_stats(self) -> dict[str, Any] | None:
+        """The agent's tasks, and the prompts the built-in ComfyUI ran (how many times each: once)."""
+        if self.agent is None:
+            return None
+        stats: dict[str, Any] = dict(vars(self.agent.stats))
+        if self.comfyui_emulator is not None:
+            counters = self.comfyui_emulator.stats()
+            stats["comfyui_emulator"] = {k: v for k, v in counters.items() if ":" not in k}
+        return stats
+
     def pump(self) -> list[Delivery]:
         """Deliver pending S3 events to their function (Lambda's asynchronous invocation, with its
         retries); raise RuntimeFailure if the splitter kept failing or a poller stopped."""
@@ -251,9 +275,10 @@ class LocalRuntime:
     def drained(self) -> bool:
         """No task can still arrive: a received message stays 'not visible' until it is deleted or
         returned, so empty counters mean nothing is waiting, in flight or due for a retry."""
-        for mapping in self.stack.queue_mappings:
+        local = [self.stack.outputs["LocalTasksQueueUrl"]] if self.agent is not None else []
+        for queue_url in [*(m.queue_url for m in self.stack.queue_mappings), *local]:
             attrs = self.sqs.get_queue_attributes(
-                QueueUrl=mapping.queue_url,
+                QueueUrl=queue_url,
                 AttributeNames=[
                     "ApproximateNumberOfMessages",
                     "ApproximateNumberOfMessagesNotVisible",
@@ -299,6 +324,7 @@ class LocalRuntime:
             "emulators": {
                 name: api.emulator.stats() for name, api in self.apis.items() if api.emulator is not None
             },
+            "agent": self._agent_stats(),
         }
         for api in stats["emulators"].values():  # per-prompt counters, apart: what each prompt was billed
             api["paid_by_prompt"] = {k[5:]: api.pop(k) for k in [k for k in api if k.startswith("paid:")]}
