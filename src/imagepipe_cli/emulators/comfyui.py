@@ -47,15 +47,29 @@ MAX_UPLOAD_BYTES = 64 << 20
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 COMFYUI_VERSION = "0.3.68"
 
+# GET /models lists a real ComfyUI 0.3.64's folders (folder_paths.py), plus the IP-Adapter pack's "ipadapter".
 DEFAULT_MODELS: dict[str, list[str]] = {
     "checkpoints": ["sd_xl_base_1.0.safetensors", "v1-5-pruned-emaonly.safetensors"],
-    "controlnet": ["control_v11p_sd15_canny.pth", "diffusers_xl_canny_full.safetensors"],
-    "vae": ["sdxl_vae.safetensors"],
+    "configs": [],
     "loras": [],
+    "vae": ["sdxl_vae.safetensors"],
+    "text_encoders": [],
+    "diffusion_models": [],
     "clip_vision": ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],
-    "ipadapter": ["ip-adapter_sdxl_vit-h.safetensors"],
-    "upscale_models": [],
+    "style_models": [],
     "embeddings": [],
+    "diffusers": [],
+    "vae_approx": [],
+    "controlnet": ["control_v11p_sd15_canny.pth", "diffusers_xl_canny_full.safetensors"],
+    "gligen": [],
+    "upscale_models": [],
+    "custom_nodes": [],
+    "hypernetworks": [],
+    "photomaker": [],
+    "classifiers": [],
+    "model_patches": [],
+    "audio_encoders": [],
+    "ipadapter": ["ip-adapter_sdxl_vit-h.safetensors"],
 }
 # Which model folder a combo input lists (the rest of the combos are fixed lists).
 MODEL_INPUTS = {
@@ -571,6 +585,8 @@ class ComfyUIEmulator(BaseEmulator):
                 "ram_free": 24 * gib,
                 "comfyui_version": COMFYUI_VERSION,
                 "required_frontend_version": "1.28.8",
+                "installed_templates_version": "0.2.4",
+                "required_templates_version": "0.2.4",
                 "python_version": sys.version,
                 "pytorch_version": "2.8.0+cu128 (imagepipe emulator: no torch)",
                 "embedded_python": False,
