@@ -16,7 +16,7 @@ PY312_DIR := $(patsubst %/,%,$(dir $(PY312)))
 AWS_OFFLINE := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=testing \
 	AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 
-.PHONY: demo test lint template checkov build browser pytest bench clean
+.PHONY: demo test lint template checkov build browser pytest bench clean deploy destroy stack-given
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imagepipe needs Python 3.11 or newer; found " + sys.version.split()[0] + " (set PYTHON=...)")'
@@ -89,6 +89,27 @@ pytest: $(BIN)/.installed
 # is measured on what `sam build` makes (without python3.12, on the source tree, and the table says so).
 bench: $(BIN)/.installed build
 	$(BIN)/python bench/run_bench.py
+
+# `make deploy STACK=name [REGION=...] [PARAMS="K=V ..."]`: `imagepipe deploy-check` first (AWS credentials,
+# the SAM CLI, python3.12 or Docker, bucket names within 63 characters, a secret name no other stack holds,
+# PARAMS against the template), then sam build and sam deploy - in the region the imagepipe commands use
+# (REGION, else boto3's: AWS_REGION or your profile), not samconfig.toml's. Nothing is built if the check fails.
+deploy: stack-given $(BIN)/.installed $(SAM_VENV)/.installed
+	@region="$(REGION)"; \
+	if [ -z "$$region" ]; then region=$$($(BIN)/python -c 'import boto3; print(boto3.session.Session().region_name or "")'); fi; \
+	if [ -z "$$region" ]; then echo "make deploy: no region: REGION=..., or AWS_REGION, or a region in your profile"; exit 2; fi; \
+	PATH="$(PY312_DIR):$$PATH" $(BIN)/imagepipe deploy-check --stack "$(STACK)" --region "$$region" --sam $(SAM) \
+		$(if $(PARAMS),--parameter-overrides $(PARAMS)) && \
+	SAM_CLI_TELEMETRY=0 PATH="$(PY312_DIR):$$PATH" $(SAM) build $(if $(PY312),,--use-container) && \
+	SAM_CLI_TELEMETRY=0 $(SAM) deploy --stack-name "$(STACK)" --region "$$region" \
+		$(if $(PARAMS),--parameter-overrides "$(PARAMS)")
+
+# `make destroy STACK=name [REGION=...]`: empties the stack's versioned buckets (after asking) and deletes it.
+destroy: stack-given $(BIN)/.installed
+	$(if $(REGION),AWS_REGION=$(REGION) AWS_DEFAULT_REGION=$(REGION)) $(BIN)/imagepipe destroy --stack "$(STACK)"
+
+stack-given:
+	@if [ -z "$(STACK)" ]; then echo 'usage: make deploy STACK=name [REGION=...] [PARAMS="K=V ..."] | make destroy STACK=name'; exit 2; fi
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) .aws-sam output bench/out

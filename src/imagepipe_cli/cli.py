@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from imagepipe.contract import DEFAULT_PROVIDER, PROVIDER_NAMES
-from imagepipe_cli import destroy, envvars, jobs, keys
+from imagepipe_cli import deploycheck, destroy, envvars, jobs, keys
 from imagepipe_cli.agent import command as agent_command
 from imagepipe_cli.argtypes import non_negative, port, positive_int
 from imagepipe_cli.emulators import EmulatorConfig, emulator_class
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(commands, jobs.stack_option())
     destroy.add_parser(commands, jobs.stack_option())
     envvars.add_parser(commands, jobs.stack_option())
+    deploycheck.add_parser(commands)
     agent_command.add_parser(commands, jobs.stack_option())
     return parser
 
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": keys.run,
         "destroy": destroy.run,
         "env-vars": envvars.run,
+        "deploy-check": deploycheck.run,
         "agent": agent_command.run,
     }
     if args.command in stack_commands:
