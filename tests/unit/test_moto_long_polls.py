@@ -4,6 +4,7 @@ holding up anyone else's requests while it waits; messages still come back when 
 from __future__ import annotations
 
 import threading
+import time
 
 import boto3
 import pytest
@@ -81,3 +82,54 @@ def test_stopping_long_polls_answers_a_waiting_poll_empty_before_its_wait_ends(m
     assert [m["Body"] for m in sqs.receive_message(QueueUrl=url, WaitTimeSeconds=WAIT_S)["Messages"]] == [
         "late"
     ]
+
+
+def test_a_batch_of_three_wakes_three_of_ten_waiting_polls_each_with_one_message(sqs):
+    url = sqs.create_queue(QueueName="fan-out")["QueueUrl"]
+    answers: list = []
+    threads = [long_poll(sqs, url, answers) for _ in range(10)]
+
+    sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": f"t{i}"} for i in range(3)])
+    deadline = time.monotonic() + WAIT_S / 2
+    while sum(thread.is_alive() for thread in threads) > 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    # As SQS: each message goes to one poll; the other seven polls still wait (for more, or the end).
+    assert sorted(m["Body"] for m in answers) == ["t0", "t1", "t2"]
+    assert sum(thread.is_alive() for thread in threads) == 7
+    sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": f"u{i}"} for i in range(7)])
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 10
+
+
+def test_a_delayed_message_reaches_a_poll_that_was_already_waiting(sqs):
+    url = sqs.create_queue(QueueName="delayed")["QueueUrl"]
+    answers: list = []
+    thread = long_poll(sqs, url, answers)
+
+    sqs.send_message(QueueUrl=url, MessageBody="later", DelaySeconds=2)
+    thread.join()
+
+    assert [m["Body"] for m in answers] == ["later"]
+
+
+def test_a_message_moved_to_the_dead_letter_queue_reaches_a_poll_waiting_there(sqs):
+    # moto moves it during a receive on the source queue: no send on the dead-letter queue announces it.
+    dlq = sqs.create_queue(QueueName="dead")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    source = sqs.create_queue(
+        QueueName="source",
+        Attributes={"RedrivePolicy": f'{{"deadLetterTargetArn": "{dlq_arn}", "maxReceiveCount": "1"}}'},
+    )["QueueUrl"]
+    sqs.send_message(QueueUrl=source, MessageBody="poison")
+    sqs.receive_message(QueueUrl=source, VisibilityTimeout=1)
+    answers: list = []
+    thread = long_poll(sqs, dlq, answers)
+
+    time.sleep(1.5)  # its visibility timeout ends: the next receive moves it
+    again = sqs.receive_message(QueueUrl=source).get("Messages", [])
+    thread.join()
+
+    assert [m["Body"] for m in answers] == ["poison"]
+    assert again == []

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -178,8 +179,15 @@ class SqsPoller:
         self._chaos = chaos or Chaos()
         self._rng = random.Random(self._chaos.seed)
         self._rng_lock = threading.Lock()
+        # Messages done, for the deleter thread (started with the slots; poll_once alone deletes at once).
+        self._deleter: threading.Thread | None = None
+        self._deletes: list[dict] = []
+        self._deletes_ready = threading.Condition()
+        self._deleter_stop = False
 
     def start(self) -> None:
+        self._deleter = threading.Thread(target=self._run_deletes, name="sqs-deletes", daemon=True)
+        self._deleter.start()
         for index in range(self.concurrency):
             thread = threading.Thread(target=self._run, name=f"sqs-poller-{index}", daemon=True)
             thread.start()
@@ -193,28 +201,74 @@ class SqsPoller:
         self._stop.set()
         for thread in self._threads:
             thread.join()
+        if self._deleter is not None:
+            with self._deletes_ready:
+                self._deleter_stop = True
+                self._deletes_ready.notify()
+            self._deleter.join()
 
     def _run(self) -> None:
+        """One of `concurrency` invocation slots. As Lambda's pollers do, the slot's next batch is received
+        while the current one runs, and its messages are deleted by the deleter thread, so neither SQS
+        call stands between one invocation and the next (a message received ahead waits at most one
+        invocation, its visibility timeout running, as in a poller's buffer on AWS)."""
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqs-receive")
         try:
+            next_batch: Future[list[dict]] | None = None
             while not self._stop.is_set():
-                if not self.poll_once() and not self._wait_s:
-                    self._stop.wait(self._idle_sleep_s)
+                messages = next_batch.result() if next_batch is not None else self._receive()
+                next_batch = None
+                if not messages:
+                    if not self._wait_s:
+                        self._stop.wait(self._idle_sleep_s)
+                    continue
+                if not self._stop.is_set():
+                    next_batch = ahead.submit(self._receive)
+                self._invoke(messages)
         except Exception as exc:  # the runner stops the job with this reason instead of waiting for it
             with self.stats.lock:
                 self.stats.fatal = f"{type(exc).__name__}: {exc}"
+        finally:
+            ahead.shutdown(wait=True)
 
     def poll_once(self) -> int:
         """Receive one batch and invoke the function with it; returns how many messages it had."""
-        messages = self._sqs.receive_message(
+        messages = self._receive()
+        if messages:
+            self._invoke(messages)
+        return len(messages)
+
+    def _receive(self) -> list[dict]:
+        return self._sqs.receive_message(
             QueueUrl=self._mapping.queue_url,
             MaxNumberOfMessages=self.batch_size,
             WaitTimeSeconds=self._wait_s,
             MessageSystemAttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])
-        if messages:
-            self._invoke(messages)
-        return len(messages)
+
+    def _run_deletes(self) -> None:
+        """The slots' deletes, up to ten per DeleteMessageBatch, sent as soon as there are any (the last
+        ones when the poller stops)."""
+        while True:
+            with self._deletes_ready:
+                self._deletes_ready.wait_for(lambda: self._deletes or self._deleter_stop)
+                entries, self._deletes = self._deletes[:10], self._deletes[10:]
+                if not entries:
+                    return
+            self._delete(entries)
+
+    def _delete(self, messages: list[dict]) -> None:
+        try:
+            self._sqs.delete_message_batch(
+                QueueUrl=self._mapping.queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+            )
+        except ClientError:
+            # SQS kept failing the delete (--chaos sqs-error, after botocore's retries): as with Lambda, the
+            # messages come back after the visibility timeout and are delivered again (at-least-once).
+            with self.stats.lock:
+                self.stats.deletes_failed += len(messages)
 
     def _chance(self, probability: float) -> bool:
         if not probability:
@@ -250,17 +304,12 @@ class SqsPoller:
                     self.stats.acks_lost += 1
         done = [m for m in messages if m["MessageId"] not in failed]
         back = [m for m in messages if m["MessageId"] in failed]
-        if done:
-            try:
-                self._sqs.delete_message_batch(
-                    QueueUrl=self._mapping.queue_url,
-                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
-                )
-            except ClientError:
-                # SQS kept failing the delete (--chaos sqs-error, after botocore's retries): as with Lambda, the
-                # messages come back after the visibility timeout and are delivered again (at-least-once).
-                with self.stats.lock:
-                    self.stats.deletes_failed += len(done)
+        if done and self._deleter is not None:
+            with self._deletes_ready:
+                self._deletes.extend(done)
+                self._deletes_ready.notify()
+        elif done:
+            self._delete(done)
         # The failed ones (`back`) stay in flight until the queue's VisibilityTimeout ends: then SQS hands
         # them out again, their receive count one higher (or moves them to the dead-letter queue).
         with self.stats.lock:

@@ -8,8 +8,8 @@ answers:
   lock anyway, so serialising costs little (several locks would let no more of moto run at once).
 - ReceiveMessage with WaitTimeSeconds (a long poll, as Lambda's pollers make) is answered as SQS does,
   but waits outside that lock: moto is asked without waiting, and asked again when the queue gets a
-  message or a visibility change, every LONG_POLL_RECHECK_S (for messages whose delay or visibility
-  timeout ends), and at the end of the wait.
+  message or a visibility change (one waiting poll per message), when its next delayed or in-flight
+  message is due (one poll per queue), and at the end of the wait.
 - moto 5.2.5's SQS work grows with queue depth: every SendMessage and every received message
   recounts the whole queue, reading a slow clock once per message (ReceiveMessage took 1 s at a
   depth of 1,000 here). `speed_up_moto_sqs` reads the clock once per count, reads the retention
@@ -135,9 +135,14 @@ class _OneAtATime:
 
     def __init__(self, app: Any, write_log: str | None = None) -> None:
         self._app, self._lock = app, threading.Lock()
-        # Long polls wait on this, outside the lock; a count per queue name says which to wake.
-        self._changed = threading.Condition()
-        self._wakes: dict[str | None, int] = {}
+        # Long polls wait on this, outside the lock (see _long_poll): per queue, the polls waiting in the
+        # order they came, and the turns to look again that sends gave them; and how often the runtime stopped.
+        # One condition per queue (on one lock), so a send wakes only that queue's polls.
+        self._waits_lock = threading.Lock()
+        self._changed: dict[str, threading.Condition] = {}
+        self._waiting: dict[str, list[object]] = {}
+        self._tickets: dict[str, int] = {}
+        self._stops = 0
         self._write_log = open(write_log, "a", buffering=1) if write_log else None  # noqa: SIM115 - lives as long as the server
         self.chaos = AwsChaos()
 
@@ -173,41 +178,87 @@ class _OneAtATime:
                 start_response(status, headers)
                 answer = [body]
         if request.service == "sqs" and request.operation in SQS_MAKES_VISIBLE:
-            self._wake(request.queue())
+            self._wake(request.queue(), len(request.json().get("Entries") or [None]))
         return answer
 
     def _long_poll(self, poll: _LongPoll, environ: dict, start_response: Any) -> Any:
         """ReceiveMessage with WaitTimeSeconds, as SQS answers it: at once when messages are there, else
-        as soon as some arrive (a send or visibility change on the queue wakes it; messages whose delay or
-        visibility timeout ends are looked for every LONG_POLL_RECHECK_S), else empty at the end of the
-        wait. moto itself would sleep holding the lock; here it is asked without waiting, and the wait
-        happens outside the lock."""
-        with self._changed:
-            woken = self._wakes.get(poll.queue, 0), self._wakes.get(None, 0)
+        as soon as some arrive, else empty at the end of the wait. moto itself would sleep holding the lock;
+        here it is asked without waiting, and the wait happens outside the lock.
+
+        Who asks again, and when: a send or a visibility change gives as many waiting polls of the queue a
+        turn as it has messages (a "ticket" each); the queue's longest-waiting poll alone looks again when
+        moto says its next delayed or in-flight message becomes receivable, at least every
+        LONG_POLL_IDLE_RECHECK_S (for what moto moves to a dead-letter queue, which no send announces), and
+        when it finds a full batch then, gives one more poll a turn (more may have come due). Ten idle pollers of a queue thus cost moto what one
+        does, not ten receives at every send and every LONG_POLL_RECHECK_S."""
+        queue, me = poll.queue, object()
+        changed = self._changed_for(queue)
+        with changed:
+            stops = self._stops
+            self._waiting.setdefault(queue, []).append(me)
         # Once the runtime is stopping, no receive waits (nor one that arrives just after).
-        deadline = time.monotonic() + (0.0 if woken[1] else poll.wait_s)
-        while True:
-            captured, capture = _capturing()
-            body = b"".join(self._once(poll.environ(environ), capture))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not captured[0].startswith("200") or poll.has_messages(body):
-                start_response(captured[0], captured[1])
-                return [body]
-            with self._changed:
-                now = self._wakes.get(poll.queue, 0), self._wakes.get(None, 0)
-                if now == woken:
-                    self._changed.wait(min(remaining, LONG_POLL_RECHECK_S))
-                    now = self._wakes.get(poll.queue, 0), self._wakes.get(None, 0)
-                if now[1] != woken[1]:  # the runtime is stopping: answer empty now
+        deadline = time.monotonic() + (0.0 if stops else poll.wait_s)
+        looked_on_time = False  # this receive is the leader's, when a message came due
+        try:
+            while True:
+                captured, capture = _capturing()
+                body = b"".join(self._once(poll.environ(environ), capture))
+                received = poll.received(body)
+                if looked_on_time and received is not None and received >= poll.max_messages:
+                    self._wake(queue)  # more may have come due at once: no send announced them
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not captured[0].startswith("200") or received != 0:
                     start_response(captured[0], captured[1])
                     return [body]
-                woken = now
+                recheck_s = self._receivable_in(queue)
+                with changed:
+                    leader = self._waiting[queue][0] is me
 
-    def _wake(self, queue: str | None) -> None:
-        """A long poll on `queue` looks again now (None: every long poll ends, empty, and none waits again)."""
-        with self._changed:
-            self._wakes[queue] = self._wakes.get(queue, 0) + 1
-            self._changed.notify_all()
+                    def turn(was_leader: bool = leader) -> bool:
+                        return (
+                            self._stops != stops
+                            or self._tickets.get(queue, 0) > 0
+                            or (not was_leader and self._waiting[queue][0] is me)  # now the leader
+                        )
+
+                    changed.wait_for(turn, min(remaining, recheck_s) if leader else remaining)
+                    if self._stops != stops:  # the runtime is stopping: answer empty now
+                        start_response(captured[0], captured[1])
+                        return [body]
+                    looked_on_time = self._tickets.get(queue, 0) == 0
+                    if not looked_on_time:
+                        self._tickets[queue] -= 1
+        finally:
+            with changed:
+                self._waiting[queue].remove(me)
+                self._tickets[queue] = min(self._tickets.get(queue, 0), len(self._waiting[queue]))
+                changed.notify_all()  # the next in line may be the leader now
+
+    def _changed_for(self, queue: str) -> threading.Condition:
+        with self._waits_lock:
+            return self._changed.setdefault(queue, threading.Condition(self._waits_lock))
+
+    def _receivable_in(self, queue: str) -> float:
+        """Seconds until the leading long poll of `queue` looks again (see _long_poll)."""
+        with self._lock:
+            due = next_receivable_at(queue)
+        wait_s = LONG_POLL_RECHECK_S if due is None else due - time.time()
+        # Due already, yet the receive found nothing (a send would have given a turn): look as before.
+        return min(LONG_POLL_IDLE_RECHECK_S, wait_s if wait_s > 0 else LONG_POLL_RECHECK_S)
+
+    def _wake(self, queue: str | None, turns: int = 1) -> None:
+        """`turns` long polls waiting on `queue` look again now (None: every long poll ends, empty, and none
+        waits again)."""
+        with self._waits_lock:
+            if queue is None:
+                self._stops += 1
+                for changed in self._changed.values():
+                    changed.notify_all()
+            elif queue in self._changed:
+                waiting = len(self._waiting.get(queue, ()))
+                self._tickets[queue] = min(self._tickets.get(queue, 0) + turns, waiting)
+                self._changed[queue].notify(self._tickets[queue])
 
     def _control(self, environ: dict, start_response: Any) -> Any:
         """POST a JSON object {"ddb-conflict": P, ...} to set the chaos (an empty one turns it off); GET the
@@ -249,7 +300,8 @@ def _capturing() -> tuple[list[Any], Any]:
 CHAOS_PATH = "/_imagepipe/chaos"
 # POST: every long poll answers now and none waits from then on (the local runtime is stopping).
 WAKE_PATH = "/_imagepipe/stop-long-polls"
-LONG_POLL_RECHECK_S = 0.2
+LONG_POLL_RECHECK_S = 0.2  # when moto's model cannot say when a queue's next message is due
+LONG_POLL_IDLE_RECHECK_S = 1.0
 # Calls that may make messages receivable at once (a delete or a receive never does).
 SQS_MAKES_VISIBLE = {
     "SendMessage",
@@ -333,12 +385,20 @@ class _LongPoll:
         """The request once more, as a receive that does not wait."""
         return {**environ, "wsgi.input": io.BytesIO(self._payload), "CONTENT_LENGTH": str(len(self._payload))}
 
-    @staticmethod
-    def has_messages(body: bytes) -> bool:
+    @property
+    def max_messages(self) -> int:
         try:
-            return bool(json.loads(body or b"{}").get("Messages"))
-        except (ValueError, AttributeError):
-            return True  # not an answer to wait on
+            return int(self.body.get("MaxNumberOfMessages") or 1)
+        except (TypeError, ValueError):
+            return 1
+
+    @staticmethod
+    def received(body: bytes) -> int | None:
+        """How many messages an answer holds (None: not an answer to wait on)."""
+        try:
+            return len(json.loads(body or b"{}").get("Messages") or [])
+        except (ValueError, AttributeError, TypeError):
+            return None
 
 
 class AwsChaos:
@@ -533,6 +593,24 @@ def _written_keys(operation: str, request: dict) -> list[tuple[str, str]]:
 
 
 COUNT_TTL_S = 0.1
+
+
+def next_receivable_at(queue_name: str) -> float | None:
+    """Epoch seconds at which the first of `queue_name`'s delayed or in-flight messages becomes receivable
+    (now, if one is receivable already; inf if it has none), read from moto 5.2.5's model; None when this moto
+    cannot say. Called under the server's lock."""
+    import moto
+    from moto.sqs.models import sqs_backends
+
+    if moto.__version__ != "5.2.5":
+        return None
+    due_ms = float("inf")
+    for account in list(sqs_backends.values()):
+        for backend in list(account.values()):
+            queue = backend.queues.get(queue_name)
+            for message in list(queue._messages) if queue is not None else ():
+                due_ms = min(due_ms, max(message.visible_at, message.delayed_until))
+    return due_ms / 1000.0
 
 
 def speed_up_moto_sqs() -> None:
