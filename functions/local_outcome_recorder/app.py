@@ -23,8 +23,8 @@ processor = BatchProcessor(
 
 
 @cache
-def _clients(table: str) -> tuple[Any, JobState]:
-    return aws.client("sqs"), JobState(aws.table(table))
+def _clients(table: str, retention_days: int) -> tuple[Any, JobState]:
+    return aws.client("sqs"), JobState(aws.table(table), retention_days=retention_days)
 
 
 @logger.inject_lambda_context
@@ -32,7 +32,7 @@ def _clients(table: str) -> tuple[Any, JobState]:
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     settings = LocalOutcomeSettings.from_env()
-    sqs, state = _clients(settings.jobs_table)
+    sqs, state = _clients(settings.jobs_table, settings.job_retention_days)
     jobs: set[str] = set()
 
     def keep(record: LocalOutcomeRecord) -> None:  # Powertools passes it as `record`

@@ -31,6 +31,7 @@ FUNCTION_OF = {
     "sqs_dead_letters.json": "DeadLetterRecorderFunction",
     "sqs_finisher.json": "JobFinisherFunction",
     "scheduled_sweep.json": "JobSweeperFunction",
+    "sqs_local_outcomes.json": "LocalOutcomeRecorderFunction",  # HybridMode=enabled
 }
 # The upload events/s3_put_csv.json announces, made so the splitter queues exactly events/sqs_tasks.json.
 CAMPAIGN = b"id,prompt,width,height,seed\n1,a cat on a table,,,\n2,a dog in a garden,1376,768,7\n3,a bird in a tree,,,\n"
@@ -119,3 +120,27 @@ def test_one_job_through_the_events_of_every_other_function(pipeline_factory):
     # ... and the sweeper's schedule finds nothing stuck (events/scheduled_sweep.json)
     sweeper = InlineFunction(pipeline.stack.functions["JobSweeperFunction"], REGION)
     assert sweeper.invoke(load_event("scheduled_sweep.json")) == {"stuck": []}
+
+
+def test_the_agents_outcome_of_a_local_row_is_recorded(pipeline_factory):
+    # Given a stack with the local route, and a job whose row runs on the user's ComfyUI (a workflow)
+    pipeline = pipeline_factory(parameters={"HybridMode": "enabled"})
+    pipeline.client("s3").put_object(
+        Bucket=pipeline.input_bucket,
+        Key="inbox/foxes.csv",
+        Body=b"id,prompt,workflow\nfox,a fox in the snow,txt2img\n",
+        Metadata={"job-id": "spring-local"},
+    )
+    event = load_event("s3_put_csv.json")
+    event["Records"][0]["s3"]["object"]["key"] = "inbox/foxes.csv"
+    assert pipeline.splitter.invoke(event)["jobs"][0]["queued"] == 1
+
+    # When the agent's outcome (events/sqs_local_outcomes.json) reaches LocalOutcomeRecorderFunction
+    recorder = InlineFunction(pipeline.stack.functions["LocalOutcomeRecorderFunction"], REGION)
+    answer = recorder.invoke(load_event("sqs_local_outcomes.json"))
+
+    # Then the row is recorded succeeded with its image, and its job, now done, goes to the finisher
+    assert answer == {"batchItemFailures": []}
+    outcome = pipeline.outcome("spring-local", "fox")
+    assert outcome["status"] == "succeeded" and outcome["images"] == ["jobs/spring-local/images/fox.png"]
+    assert pipeline.job("spring-local")["status"] == "finishing"
