@@ -27,10 +27,13 @@ class Agent:
         self.pipeline, self.sqs = pipeline, pipeline.client("sqs")
         self.tasks_url = pipeline.stack.outputs["LocalTasksQueueUrl"]
         self.outcomes_url = pipeline.stack.outputs["LocalOutcomesQueueUrl"]
-        recorder = InlineFunction(pipeline.stack.functions["LocalOutcomeRecorderFunction"], REGION)
-        self.poller = SqsPoller(
-            self.sqs, pipeline.mapping("LocalOutcomeRecorderFunction"), recorder, region=REGION
-        )
+        self.poller = self.poller_for(self.outcomes_url)
+
+    def poller_for(self, queue_url: str) -> SqsPoller:
+        """Lambda's poller for one of LocalOutcomeRecorderFunction's queues."""
+        function = InlineFunction(self.pipeline.stack.functions["LocalOutcomeRecorderFunction"], REGION)
+        mapping = next(m for m in self.pipeline.stack.queue_mappings if m.queue_url == queue_url)
+        return SqsPoller(self.sqs, mapping, function, region=REGION)
 
     def take(self) -> dict[str, ImageTask]:
         messages = self.pipeline.queued_messages(self.tasks_url)
@@ -178,3 +181,44 @@ def test_images_that_are_not_the_rows_own_keys_fail_the_row(hybrid):
 
     row = {row.id: row for row in hybrid.results(job_id).rows}["hat"]
     assert (row.status, row.error["type"], row.images) == ("failed", "bad_outcome", [])
+
+
+def test_a_local_task_no_agent_finished_fails_its_row_so_its_job_finishes(hybrid):
+    # Given a local task that went to LocalTasksDeadLetterQueue (received 10 times, never finished)
+    job_id = hybrid.split("campaign/mixed.csv", MIXED)["job_id"]
+    agent = Agent(hybrid)
+    hat = agent.take()["hat"]
+    dead_url = hybrid.stack.outputs["LocalTasksDeadLetterQueueUrl"]
+    agent.sqs.send_message(QueueUrl=dead_url, MessageBody=hat.model_dump_json())
+
+    # When Lambda's poller for that queue delivers it to the recorder
+    assert agent.poller_for(dead_url).poll_once() == 1
+
+    # Then the row failed saying so, and the job finished with the cloud row's image
+    results = hybrid.results(job_id)
+    rows = {row.id: row for row in results.rows}
+    assert results.status == "completed_with_failures"
+    assert (rows["hat"].status, rows["hat"].backend, rows["hat"].error["type"]) == (
+        "failed",
+        "local",
+        "dead_letter",
+    )
+    assert "no agent finished this row" in rows["hat"].error["message"]
+    assert rows["plain"].status == "succeeded"
+    assert hybrid.queued_messages(dead_url) == []  # settled: not left for the alarm
+
+
+def test_an_agents_late_outcome_after_its_task_was_dead_lettered_is_a_duplicate(hybrid):
+    job_id = hybrid.split("campaign/mixed.csv", MIXED)["job_id"]
+    agent = Agent(hybrid)
+    hat = agent.take()["hat"]
+    agent.send(hat, status="failed", reason="first", error_type="execution_error")
+    agent.record()
+
+    # A dead-lettered copy of the same task, after the row already has its outcome
+    dead_url = hybrid.stack.outputs["LocalTasksDeadLetterQueueUrl"]
+    agent.sqs.send_message(QueueUrl=dead_url, MessageBody=hat.model_dump_json())
+    assert agent.poller_for(dead_url).poll_once() == 1
+
+    assert hybrid.outcome(job_id, "hat")["error"] == {"type": "execution_error", "message": "first"}
+    assert hybrid.state.counts(job_id).failed == 1

@@ -109,9 +109,11 @@ def test_the_outcome_recorder_keeps_the_job_books_and_nothing_more(template):
         *((f"dynamodb:{a}", json.dumps(table)) for a in ("GetItem", "UpdateItem", "BatchGetItem")),
         ("sqs:SendMessage", json.dumps(finisher)),
     }
-    event = recorder["Events"]["Outcomes"]["Properties"]
-    assert event["Queue"] == {"Fn::GetAtt": ["LocalOutcomesQueue", "Arn"]}
-    assert event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    # It takes the agents' outcomes, and the local tasks no agent finished (to record them failed)
+    queues = {name: e["Properties"]["Queue"]["Fn::GetAtt"][0] for name, e in recorder["Events"].items()}
+    assert queues == {"Outcomes": "LocalOutcomesQueue", "DeadTasks": "LocalTasksDeadLetterQueue"}
+    for event in recorder["Events"].values():
+        assert event["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
 # --------------------------------------------------------------------------- the local runtime
@@ -146,6 +148,9 @@ def test_the_local_stack_has_the_route_exactly_when_hybrid_mode_is_enabled(mode)
     assert splitter["LOCAL_TASKS_QUEUE_URL"] == stack.outputs["LocalTasksQueueUrl"]
     assert stack.outputs["AgentPolicyArn"].startswith("arn:aws:iam::")
     # Lambda's poller for the recorder is played by the runtime like any other SQS event source
-    assert [(m.queue_url, m.report_batch_item_failures) for m in recorder] == [
-        (stack.outputs["LocalOutcomesQueueUrl"], True)
-    ]
+    assert sorted((m.queue_url, m.report_batch_item_failures) for m in recorder) == sorted(
+        [
+            (stack.outputs["LocalOutcomesQueueUrl"], True),
+            (stack.outputs["LocalTasksDeadLetterQueueUrl"], True),
+        ]
+    )

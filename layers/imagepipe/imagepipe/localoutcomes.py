@@ -4,7 +4,8 @@ and counts it in its shard in one conditional transaction, so the first outcome 
 duplicate (the agent's resend, SQS's redelivery) changes nothing; JobState.hand_to_finisher then hands a
 job whose last row this was to the finisher, exactly once.
 
-The agent's credentials reach no JobsTable: only this function writes there, and it takes from the
+A local task that reached LocalTasksDeadLetterQueue (no agent finished it) is recorded failed the same
+way (dead_task_outcome), so its job still finishes. The agent's credentials reach no JobsTable: only this function writes there, and it takes from the
 message only what the row's record needs, with the images checked to be that row's own keys."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from imagepipe.contract import LOCAL_PROVIDER, LocalOutcome, safe_name
+from imagepipe.contract import LOCAL_PROVIDER, ImageTask, LocalOutcome, safe_name
 from imagepipe.jobstate import FAILED, SUCCEEDED, JobState
 from imagepipe.layout import JobLayout
 from imagepipe.observability import logger
@@ -72,6 +73,23 @@ def record_outcome(state: JobState, outcome: LocalOutcome) -> bool:
         "local row recorded", extra={**log, "prompt_id": outcome.prompt_id, "images": record["images"]}
     )
     return True
+
+
+def dead_task_outcome(task: ImageTask, receives: int) -> LocalOutcome:
+    """The failure recorded for a local task that reached LocalTasksDeadLetterQueue: no agent finished it
+    in its deliveries. An outcome the agent sends after all is then a duplicate (the first one won)."""
+    return LocalOutcome(
+        job_id=task.job_id,
+        row_id=task.row_id,
+        row_number=task.row_number,
+        status=FAILED,
+        error_type="dead_letter",
+        workflow=task.workflow,
+        reason=(
+            f"no agent finished this row in {receives} deliveries (an agent crashed on it, or ComfyUI kept "
+            "going away while it ran): see the agent's log for this row"
+        ),
+    )
 
 
 def _owned(job_id: str, name: str, key: str) -> bool:

@@ -135,6 +135,7 @@ class DeadLetterSettings(_EnvSettings):
 class LocalOutcomeSettings(_EnvSettings):
     jobs_table: str
     finisher_queue_url: str
+    local_tasks_dead_letter_queue_arn: str = ""
 
 
 class FinisherSettings(_EnvSettings):
