@@ -12,6 +12,9 @@ workflow needs the custom node pack ComfyUI_IPAdapter_plus, which a fresh ComfyU
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 
@@ -23,7 +26,7 @@ from imagepipe_cli.agent.comfyui import ComfyClient
 from imagepipe_cli.agent.runner import RowRequest, RunSettings, run_row
 from imagepipe_cli.agent.workflows import WorkflowSet
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, ROOT
 
 URL = os.environ.get("IMAGEPIPE_COMFYUI_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="set IMAGEPIPE_COMFYUI_URL to run against a real ComfyUI")
@@ -163,3 +166,72 @@ def test_a_row_over_its_hard_limit_is_interrupted_on_the_real_comfyui(comfy: Com
         time.sleep(0.1)
     assert entry is not None and entry["status"]["messages"][-1][0] == "execution_interrupted"
     assert not comfy.queued(outcome.prompt_id)
+
+
+# A workflow of a custom node pack (ComfyUI-Impact-Pack) that a fresh ComfyUI does not have
+FACE_DETAILER = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "{{init_image}}"}},
+    "2": {
+        "class_type": "FaceDetailer",
+        "inputs": {"image": ["1", 0], "guide_size": 512},
+        "_meta": {"title": "Face"},
+    },
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "imagepipe"}},
+}
+
+
+def test_a_mixed_file_through_imagepipe_run_with_the_real_comfyui(tmp_path) -> None:
+    """`imagepipe run FILE --comfyui URL --workflows DIR`, as a user runs it: plain rows to the cloud API's
+    emulator, the others through the agent to the real ComfyUI, each in results.jsonl with its backend."""
+    workflows = tmp_path / "workflows"
+    shutil.copytree(CORE_WORKFLOWS, workflows)
+    (workflows / "facedetailer.json").write_text(json.dumps(FACE_DETAILER))
+    Image.new("RGB", (128, 128), RED).save(tmp_path / "house.png")
+    Image.open(io.BytesIO(right_half_white((64, 64)))).save(tmp_path / "door-mask.png")
+    Image.new("RGB", (50, 50), BLUE).save(tmp_path / "edges.png")
+    (tmp_path / "mixed.csv").write_text(
+        "id,prompt,width,height,init_image,mask_image,control_image,controlnet,reference_image,workflow,backend\n"
+        "plain-1,a lighthouse at dawn,,,,,,,,,\n"
+        "plain-2,a red fox in the snow,,,,,,,,,\n"
+        "inpaint,a green door,256,128,house.png,door-mask.png,,,,,\n"
+        "controlnet,a skyline at night,128,64,,,edges.png,canny,,,\n"
+        "local,a plain local one,64,64,,,,,,,local\n"
+        "ipadapter,a cat in this style,256,256,,,,,house.png,,\n"
+        "faces,a portrait,256,256,house.png,,,,,facedetailer,\n"
+    )
+    out = tmp_path / "out"
+
+    run = subprocess.run(
+        [sys.executable, "-m", "imagepipe_cli", "run", str(tmp_path / "mixed.csv"), "--comfyui", URL,
+         "--workflows", str(workflows), "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    print(run.stdout)
+
+    # Exit 1: the job completed with failures (the two rows ComfyUI cannot run)
+    assert run.returncode == 1, run.stderr
+    assert f"agent on ComfyUI at {URL}" in run.stdout
+    results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert {i: (r["status"], r["backend"]) for i, r in results.items()} == {
+        "plain-1": ("succeeded", "cloud"),
+        "plain-2": ("succeeded", "cloud"),
+        "inpaint": ("succeeded", "local"),
+        "controlnet": ("succeeded", "local"),
+        "local": ("succeeded", "local"),
+        "ipadapter": ("failed", "local"),
+        "faces": ("failed", "local"),
+    }
+    assert results["plain-1"]["provider"] == "atlascloud"
+    inpaint = results["inpaint"]
+    assert (inpaint["workflow"], inpaint["cost"]) == ("inpaint", 0.0) and inpaint["prompt_id"]
+    with Image.open(out / inpaint["images"][0]) as image:
+        image = image.convert("RGB")
+        assert image.size == (256, 128)
+        assert near(image.getpixel((20, 64)), RED) and near(image.getpixel((236, 64)), inverted(RED))
+    with Image.open(out / results["controlnet"]["images"][0]) as image:
+        assert image.size == (128, 64) and near(image.convert("RGB").getpixel((64, 32)), inverted(BLUE))
+    # The rows whose workflow needs a node this ComfyUI lacks fail naming it
+    assert results["ipadapter"]["error"]["type"] == "missing_node"
+    assert "IPAdapterUnifiedLoader" in results["ipadapter"]["error"]["message"]
+    assert results["faces"]["error"]["type"] == "missing_node"
+    assert "ComfyUI has no node FaceDetailer (node 2, 'Face')" in results["faces"]["error"]["message"]

@@ -11,15 +11,18 @@ from imagepipe.contract import ImageTask
 from imagepipe_cli.agent.comfyui import ComfyClient, ComfyUnavailable
 from imagepipe_cli.agent.outcomes import Outcome, failed, retry_later
 from imagepipe_cli.agent.runner import RowRequest
-from imagepipe_cli.agent.workflows import DEFAULTS
+from imagepipe_cli.agent.workflows import DEFAULTS, WorkflowError, WorkflowSet, choose_workflow
 
 MAX_IMAGE_BYTES = 50 << 20  # an input image; ComfyUI's own upload limit is about this size
 MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
-def row_request(task: ImageTask, s3: Any, input_bucket: str, client: ComfyClient) -> RowRequest | Outcome:
+def row_request(
+    task: ImageTask, s3: Any, input_bucket: str, client: ComfyClient, workflows: WorkflowSet | None = None
+) -> RowRequest | Outcome:
     """The request for run_row, or the outcome of a row that cannot run: a missing image fails it naming the
-    file; ComfyUI away while its ControlNet model is looked up hands it back."""
+    file; ComfyUI away while its ControlNet model is looked up hands it back. The model is looked up only when
+    the row's workflow (in workflows, when given) has a {{controlnet_model}} placeholder."""
     images: dict[str, bytes] = {}
     for column, uri in task.images.items():
         data = _read_image(s3, input_bucket, column, uri)
@@ -41,7 +44,11 @@ def row_request(task: ImageTask, s3: Any, input_bucket: str, client: ComfyClient
         "controlnet": task.controlnet,
         **task.images,  # they choose the workflow; each placeholder gets the name ComfyUI gave its upload
     }
-    if task.controlnet and not task.columns.get("controlnet_model"):
+    if (
+        task.controlnet
+        and not task.columns.get("controlnet_model")
+        and _uses(workflows, fields, "controlnet_model")
+    ):
         try:
             model = controlnet_model(client, task.controlnet)
         except ComfyUnavailable as exc:
@@ -50,6 +57,17 @@ def row_request(task: ImageTask, s3: Any, input_bucket: str, client: ComfyClient
             return model
         fields["controlnet_model"] = model
     return RowRequest(task.job_id, task.row_id, fields, images)
+
+
+def _uses(workflows: WorkflowSet | None, fields: dict[str, Any], placeholder: str) -> bool:
+    # A workflow that names its ControlNet model itself (or uses none, like a stand-in made of core nodes)
+    # must not fail for want of a model file matching the row's controlnet word.
+    if workflows is None:
+        return True
+    try:
+        return placeholder in workflows.get(choose_workflow(fields)).placeholders()
+    except WorkflowError:
+        return False  # run_row fails the row saying why
 
 
 def _read_image(s3: Any, input_bucket: str, column: str, uri: str) -> bytes | Outcome:

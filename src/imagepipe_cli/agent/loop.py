@@ -228,7 +228,7 @@ class Agent:
             return None
         with self._lock:
             self._slots[number] = _Slot(receipt, prompt_id_for(task.job_id, task.row_id))
-        request = row_request(task, self.s3, self.endpoints.input_bucket, client)
+        request = row_request(task, self.s3, self.endpoints.input_bucket, client, self.workflows)
         outcome = (
             request
             if isinstance(request, Outcome)
