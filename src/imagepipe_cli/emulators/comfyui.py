@@ -657,6 +657,8 @@ class ComfyUIEmulator(BaseEmulator):
                 return False, err, [], {}
             class_type = node["class_type"]
             if class_type not in info:
+                # As newer ComfyUIs answer; 0.3.64 (checked) said invalid_prompt "Cannot execute because node
+                # X does not exist." with empty extra_info. The agent reads both.
                 title = (node.get("_meta") or {}).get("title", class_type)
                 err = _error(
                     "missing_node_type",
