@@ -303,3 +303,16 @@ def test_sigterm_mid_task_interrupts_it_hands_it_back_and_exits_0(aws: SimpleNam
     aws.sqs.delete_message(QueueUrl=aws.endpoints.tasks_queue_url, ReceiptHandle=messages[0]["ReceiptHandle"])
     none = aws.sqs.receive_message(QueueUrl=aws.endpoints.outcomes_queue_url, WaitTimeSeconds=1)
     assert none.get("Messages", []) == []
+
+
+def test_a_task_running_longer_than_its_visibility_timeout_is_not_delivered_again(
+    aws: SimpleNamespace,
+) -> None:
+    # Given tasks invisible only 3 s past their last extension, a prompt that takes 6 s, and a second free slot
+    with comfyui("slow=6") as comfy, agent(aws, comfy.base_url, visibility_s=3, concurrency=2) as running:
+        send(aws, task("r-long"))
+        (outcome,) = outcomes(aws, 1)
+    # Then the agent kept extending it: the other slot never received it
+    assert outcome.status == "succeeded"
+    assert running.stats.received == 1
+    assert comfy.stats()["prompts_queued"] == 1
