@@ -34,11 +34,16 @@ class Endpoints:
     output_bucket: str
 
 
+DEFAULT_VISIBILITY_S = 300  # LocalTasksQueue's in template.yaml
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     concurrency: int = 1  # tasks at once: ComfyUI runs one prompt at a time, more only queue there
     receive_wait_s: int = 10  # SQS long poll; also how long a stop may wait for an idle slot
-    visibility_s: int = 300  # a running task stays invisible this long past its last extension
+    # A running task stays invisible this long past its last extension; None: the queue's VisibilityTimeout
+    # (the template's, which is also how soon a dead agent's task returns).
+    visibility_s: int | None = None
     grace_s: float = 30.0  # on stop: how long a running task may finish before it is interrupted and released
     run: RunSettings = field(default_factory=RunSettings)
 
@@ -79,6 +84,7 @@ class Agent:
         self.settings = settings or AgentSettings()
         self.comfyui_url, self.out = comfyui_url, out
         self.stats = AgentStats()
+        self.visibility_s = self.settings.visibility_s or DEFAULT_VISIBILITY_S  # the queue's, once read
         self.ready = threading.Event()  # ComfyUI answered and the workflows were checked
         self._stopping = threading.Event()  # no new task
         self._stopped = threading.Event()  # nothing runs any more
@@ -149,10 +155,21 @@ class Agent:
             pass  # gone again during the check: the slots wait for it before their first task
         finally:
             client.close()
+        self.visibility_s = self.settings.visibility_s or self._queue_visibility()
         self.ready.set()
         self._spawn(self._heartbeat, "agent-heartbeat")
         for number in range(self.settings.concurrency):
             self._spawn(self._work, f"agent-slot-{number}", number)
+
+    def _queue_visibility(self) -> int:
+        try:
+            attributes = self.sqs.get_queue_attributes(
+                QueueUrl=self.endpoints.tasks_queue_url, AttributeNames=["VisibilityTimeout"]
+            )["Attributes"]
+            return max(3, int(attributes["VisibilityTimeout"]))
+        except Exception as exc:
+            self.say(f"cannot read the tasks queue's visibility timeout ({exc}): {DEFAULT_VISIBILITY_S} s")
+            return DEFAULT_VISIBILITY_S
 
     def _wait_for_comfyui(self, client: ComfyClient, first: bool = False) -> bool:
         """True once ComfyUI answers /system_stats; False if the agent is stopped first."""
@@ -207,7 +224,7 @@ class Agent:
                 QueueUrl=self.endpoints.tasks_queue_url,
                 MaxNumberOfMessages=1,
                 WaitTimeSeconds=self.settings.receive_wait_s,
-                VisibilityTimeout=self.settings.visibility_s,
+                VisibilityTimeout=self.visibility_s,
             ).get("Messages", [])
         except Exception as exc:
             self.say(f"cannot receive from the tasks queue: {exc}")
@@ -287,7 +304,7 @@ class Agent:
 
     def _heartbeat(self) -> None:
         """Every third of the visibility timeout, each running task's timeout starts again."""
-        period = self.settings.visibility_s / 3
+        period = self.visibility_s / 3
         while not self._stopped.wait(period):
             with self._lock:
                 receipts = [slot.receipt for slot in self._slots.values() if not slot.abandoned]
@@ -296,7 +313,7 @@ class Agent:
                     self.sqs.change_message_visibility(
                         QueueUrl=self.endpoints.tasks_queue_url,
                         ReceiptHandle=receipt,
-                        VisibilityTimeout=self.settings.visibility_s,
+                        VisibilityTimeout=self.visibility_s,
                     )
                 except Exception as exc:
                     self.say(f"could not extend a running task's visibility: {exc}")
