@@ -49,7 +49,9 @@ def test_a_handler_run_with_the_file_and_an_event_from_events_dir_starts_the_job
 
     # When the splitter's handler runs with only the file's environment (as in sam local invoke)
     function = replace(pipeline.stack.functions["CsvSplitterFunction"], env={})
-    answer = InlineFunction(function, REGION, env["CsvSplitterFunction"]).invoke(load_event("s3_put_csv.json"))
+    answer = InlineFunction(function, REGION, env["CsvSplitterFunction"]).invoke(
+        load_event("s3_put_csv.json")
+    )
 
     # Then the job is split onto the stack's queue
     assert code == 0 and [job["status"] for job in answer["jobs"]] == ["split"]
