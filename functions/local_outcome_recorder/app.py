@@ -27,8 +27,8 @@ dead_tasks = BatchProcessor(event_type=EventType.SQS, model=TaskRecord, raise_on
 
 
 @cache
-def _clients(table: str) -> tuple[Any, JobState]:
-    return aws.client("sqs"), JobState(aws.table(table))
+def _clients(table: str, retention_days: int) -> tuple[Any, JobState]:
+    return aws.client("sqs"), JobState(aws.table(table), retention_days=retention_days)
 
 
 @logger.inject_lambda_context
@@ -36,7 +36,7 @@ def _clients(table: str) -> tuple[Any, JobState]:
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     settings = LocalOutcomeSettings.from_env()
-    sqs, state = _clients(settings.jobs_table)
+    sqs, state = _clients(settings.jobs_table, settings.job_retention_days)
     jobs: set[str] = set()
 
     def keep(outcome: LocalOutcome) -> None:

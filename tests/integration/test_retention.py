@@ -4,7 +4,11 @@ are there (they used to expire after 60 days while the files were kept 90)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from conftest import ROOT
 
 DAY_S = 24 * 3600
 
@@ -39,3 +43,12 @@ def test_files_kept_forever_keep_their_job_records_forever(pipeline_factory):
     # DynamoDB's TTL expires only numbers: no number, no expiry
     assert job["status"] == "completed" and job.get("expires_at") is None
     assert all(o.get("expires_at") is None for o in pipeline.state.outcomes("kept"))
+
+
+def test_every_function_keeps_its_records_for_the_stacks_retention():
+    # A function that builds its JobState without the setting would write records that expire after the
+    # default (90 days) whatever JobRetentionDays says.
+    for app in sorted(Path(ROOT, "functions").glob("*/app.py")):
+        text = app.read_text(encoding="utf-8")
+        if "JobState(" in text:
+            assert "retention_days=" in text and "job_retention_days" in text, app.parent.name
