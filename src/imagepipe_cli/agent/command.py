@@ -82,7 +82,10 @@ def load_workflows(directory: Path | None) -> WorkflowSet:
     try:
         return WorkflowSet(directory)
     except WorkflowError as exc:
-        raise AgentError(f"--workflows: {exc}") from None
+        message = str(exc)
+        raise AgentError(
+            message if message.startswith("--workflows") else f"--workflows: {message}"
+        ) from None
 
 
 def endpoints(name: str, outputs: Mapping[str, str]) -> Endpoints:

@@ -79,8 +79,12 @@ class Agent:
         workflows: WorkflowSet,
         settings: AgentSettings | None = None,
         out: TextIO | None = None,
+        notices: TextIO | None = None,
     ) -> None:
+        """out: every line the agent says; notices (when it runs inside `imagepipe run`/`up`, whose log is
+        out): also the lines a user must see - ComfyUI unreachable, a workflow that cannot run."""
         self.sqs, self.s3, self.endpoints, self.workflows = sqs, s3, endpoints, workflows
+        self.notices = notices
         self.settings = settings or AgentSettings()
         self.comfyui_url, self.out = comfyui_url, out
         self.stats = AgentStats()
@@ -92,10 +96,10 @@ class Agent:
         self._slots: dict[int, _Slot] = {}
         self._threads: list[threading.Thread] = []
 
-    def say(self, line: str) -> None:
-        if self.out is not None:
-            with self._lock:
-                print(f"agent: {line}", file=self.out, flush=True)
+    def say(self, line: str, notice: bool = False) -> None:
+        with self._lock:
+            for stream in {self.out, self.notices if notice else None} - {None}:
+                print(f"agent: {line}", file=stream, flush=True)
 
     # ---- lifecycle
 
@@ -150,7 +154,7 @@ class Agent:
             if not self._wait_for_comfyui(client, first=True):
                 return
             for problem in unusable_workflows(client, self.workflows, self.settings.run):
-                self.say(f"workflow {problem} - its rows will fail until that is installed")
+                self.say(f"workflow {problem} - its rows will fail until that is installed", notice=True)
         except ComfyUnavailable:
             pass  # gone again during the check: the slots wait for it before their first task
         finally:
@@ -181,12 +185,12 @@ class Agent:
                 return False
             except ComfyUnavailable as exc:
                 if not said:
-                    self.say(f"waiting for ComfyUI: {exc}")
+                    self.say(f"waiting for ComfyUI: {exc}", notice=True)
                     said = True
                 continue
             version = (stats.get("system") or {}).get("comfyui_version", "?")
             if first or said:
-                self.say(f"ComfyUI {version} at {client.base_url} is ready")
+                self.say(f"ComfyUI {version} at {client.base_url} is ready", notice=said)
             return True
         return False
 

@@ -58,6 +58,7 @@ def start_agent(runtime: LocalRuntime, cleanup: ExitStack) -> Agent:
         workflows,
         AgentSettings(receive_wait_s=5, grace_s=STOP_GRACE_S, run=RunSettings(poll_s=0.5)),
         log,
+        notices=runtime.out,
     )
     agent.start()
 

@@ -23,6 +23,7 @@ from imagepipe.jobstate import COMPLETED, JOB_FINAL
 from imagepipe.layout import STATUS_REJECTED, STATUS_SUCCEEDED
 from imagepipe.records import get_json
 from imagepipe.rows import FORMATS
+from imagepipe_cli.agent.command import AgentError, check_comfyui_url, load_workflows
 from imagepipe_cli.emulators import emulator_class
 from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import Chaos
@@ -156,6 +157,12 @@ def check_stack_options(options: StackOptions) -> None:
             parse_fault(fault, emulator_class(provider).FAULTS)
         except ValueError as exc:
             raise RunError(f"--emulator-fault: {exc}") from None
+    try:  # before the stack is set up: a typo in --comfyui or a bad workflow file costs no wait
+        if options.comfyui:
+            check_comfyui_url(options.comfyui)
+        load_workflows(options.workflows)
+    except AgentError as exc:
+        raise RunError(str(exc)) from None
     if options.api_url and not re.match(r"^https?://[^\s/]+", options.api_url):
         raise RunError(f"--api-url {options.api_url!r} must start with http:// or https:// and name a host")
 
