@@ -128,8 +128,13 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out,
     )
     stop = threading.Event()
+
+    def stopping(*_: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once, exit 130
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stopping)
     agent.say(
         f"stack {stack.name}: tasks from {agent.endpoints.tasks_queue_url}, ComfyUI at {url}, "
         f"workflows {', '.join(workflows.names())}, {args.concurrency} at a time; Ctrl-C to stop"

@@ -289,7 +289,8 @@ class Agent:
             row_number=task.row_number,
             status="succeeded" if outcome.status == SUCCEEDED else "failed",
             images=keys,
-            reason=outcome.reason or None,
+            reason=outcome.reason
+            or (None if outcome.status == SUCCEEDED else outcome.error_type or "failed"),
             error_type=outcome.error_type or None,
             prompt_id=outcome.prompt_id or None,
             workflow=outcome.workflow or None,
