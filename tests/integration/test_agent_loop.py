@@ -210,6 +210,22 @@ def test_node_errors_fail_the_row_naming_the_node(aws: SimpleNamespace, tmp_path
     assert tasks_left(aws) == 0
 
 
+def test_a_workflow_needing_a_missing_node_is_reported_once_and_its_rows_fail_naming_it(
+    aws: SimpleNamespace, tmp_path: Path
+) -> None:
+    # Given a user's workflow with a node from a custom node pack this ComfyUI does not have
+    shipped = (ROOT / "src/imagepipe_cli/workflows/txt2img.json").read_text()
+    (tmp_path / "fancy.json").write_text(shipped.replace('"KSampler"', '"KSamplerAdvancedPlus"'))
+    with comfyui() as comfy, agent(aws, comfy.base_url, WorkflowSet(tmp_path)) as running:
+        send(aws, task("r-fancy-1", workflow="fancy"), task("r-fancy-2", workflow="fancy"))
+        reasons = {outcome.reason for outcome in outcomes(aws, 2)}
+    # Then the agent said so once, at start, and each of its rows failed naming the node; nothing ran
+    said = [line for line in running.out.getvalue().splitlines() if "workflow fancy cannot run" in line]
+    assert len(said) == 1 and "KSamplerAdvancedPlus" in said[0]
+    assert len(reasons) == 1 and "ComfyUI has no node KSamplerAdvancedPlus" in reasons.pop()
+    assert comfy.stats().get("prompts_queued", 0) == 0
+
+
 def test_an_execution_error_fails_the_row_with_comfyuis_message(aws: SimpleNamespace) -> None:
     with comfyui("execution-error=boom") as comfy, agent(aws, comfy.base_url):
         send(aws, task("r-boom", prompt="a boom box"))
