@@ -31,7 +31,7 @@ def test_local_rows_go_to_the_agents_queue_and_plain_rows_to_the_generators(hybr
     cloud = [json.loads(m["Body"]) for m in hybrid.queued_messages()]
     local_queue = hybrid.stack.outputs["LocalTasksQueueUrl"]
     local = {t["row_id"]: t for t in (json.loads(m["Body"]) for m in hybrid.queued_messages(local_queue))}
-    assert [t["row_id"] for t in cloud] == ["plain"] and cloud[0]["backend"] == "cloud"
+    assert [t["row_id"] for t in cloud] == ["plain"] and "backend" not in cloud[0]  # cloud: the default
     assert sorted(local) == ["custom", "edges", "inpaint", "styled"]
     assert {t["provider"] for t in local.values()} == {"comfyui"}
 

@@ -340,3 +340,13 @@ def test_an_outcome_record_parses_into_a_local_outcome():
 def test_an_outcome_that_says_too_little_is_refused(change):
     with pytest.raises(ValidationError):
         LocalOutcome(**{**OUTCOME, **change})
+
+
+def test_a_cloud_task_message_leaves_out_the_local_route_fields_so_an_older_generator_parses_it():
+    from imagepipe.contract import LOCAL_FIELDS
+
+    task = ImageTask(job_id="j1", row_id="r1", row_number=1, prompt="a mug", provider="qianfan")
+    body = json.loads(task.body())
+
+    assert not set(LOCAL_FIELDS) & set(body)
+    assert ImageTask.model_validate_json(task.body()) == task

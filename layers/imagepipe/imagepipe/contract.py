@@ -27,6 +27,8 @@ BACKENDS = ("cloud", "local")
 IMAGE_COLUMNS = ("init_image", "mask_image", "control_image", "reference_image")
 # A workflow is a file name on the agent's machine (<name>.json): never a path.
 WORKFLOW_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
+# The fields only a local task sets (see ImageTask.body).
+LOCAL_FIELDS = ("backend", "workflow", *IMAGE_COLUMNS, "controlnet", "columns")
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+$"
 MAX_REASON_CHARS = 2000
 
@@ -103,6 +105,11 @@ class ImageTask(BaseModel):
     @property
     def image_name(self) -> str:
         return safe_name(self.row_id)
+
+    def body(self) -> str:
+        """The task as an SQS message body. A cloud task leaves the local route's fields out (they are at
+        their defaults), so a generator deployed before them still parses it during a rolling deploy."""
+        return self.model_dump_json(exclude=set(LOCAL_FIELDS) if self.backend == "cloud" else None)
 
     @property
     def images(self) -> dict[str, str]:

@@ -176,7 +176,7 @@ class TaskProcessor:
         try:
             self.sqs.send_message(
                 QueueUrl=self.options.queue_url,
-                MessageBody=task.model_dump_json(),
+                MessageBody=task.body(),
                 DelaySeconds=_sqs_delay(delay_s),
             )
         except (ClientError, BotoCoreError) as exc:
@@ -584,7 +584,7 @@ class _Run:
         assert self.p.times is not None
         due_in = submitted_at + self.p.times.delay(self.task.provider, self.model) - self.p.clock()
         delay = math.ceil(due_in) if due_in > 0 else self.p.options.poll_delay_s
-        error = self.batch.outbox.send(later.model_dump_json(), _sqs_delay(delay))
+        error = self.batch.outbox.send(later.body(), _sqs_delay(delay))
         if error is not None:
             raise SendFailed(f"the prediction could not be handed back ({error})", delay)
         self.batch.handed_back(self.task.job_id)

@@ -118,9 +118,7 @@ class TaskSender:
             failures: list[dict[str, Any]] = []
             for backend, queue_url in self._queue_urls.items():
                 routed = [
-                    {"Id": i, "MessageBody": t.model_dump_json()}
-                    for i, t in entries.items()
-                    if t.backend == backend
+                    {"Id": i, "MessageBody": t.body()} for i, t in entries.items() if t.backend == backend
                 ]
                 if routed:
                     response = self._sqs.send_message_batch(QueueUrl=queue_url, Entries=routed)
