@@ -16,9 +16,10 @@ from typing import Any, TextIO
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
-from imagepipe.contract import JOB_ID_PATTERN
+from imagepipe.contract import IMAGE_COLUMNS, JOB_ID_PATTERN, LOCAL_PROVIDER
 from imagepipe.jobstate import CANCELLED, COMPLETED, FAILED, JOB_FINAL, SPLITTING, JobFinishing, TaskState
 from imagepipe.layout import JobLayout
+from imagepipe.localroute import LocalRoute
 from imagepipe.providers import provider_class
 from imagepipe.rows import (
     FORMATS,
@@ -53,6 +54,7 @@ SPLIT_START_TIMEOUT_S = 120  # an upload the stack has not turned into a job by 
 SHOWN_REJECTS = 20
 READ_CHUNK = 256 * 1024
 DRY_RUN_JOB = "dry-run"  # any valid job id: to_task needs one, nothing is sent
+DRY_RUN_BUCKET = "your-input-bucket"
 MAX_JOB_ID = 80  # JOB_ID_PATTERN's limit
 
 
@@ -347,7 +349,7 @@ def dry_run(path: Path, template_path: Path, out: TextIO) -> int:
         print(f"  ... and {len(rejected) - SHOWN_REJECTS} more", file=out)
     images: Counter[str] = Counter()
     for verdict in verdicts:
-        if not verdict.reason and verdict.provider:
+        if not verdict.reason and verdict.provider and verdict.provider != LOCAL_PROVIDER:
             images[verdict.provider] += verdict.images
     parts, total = [], 0.0
     for name, count in sorted(images.items()):
@@ -365,6 +367,13 @@ def dry_run(path: Path, template_path: Path, out: TextIO) -> int:
         "price a provider reports (Atlas Cloud) apply",
         file=out,
     )
+    local = sum(1 for v in verdicts if not v.reason and v.provider == LOCAL_PROVIDER)
+    if local:
+        print(
+            f"note: {local} row(s) go to the local ComfyUI route: the stack needs HybridMode=enabled and an "
+            "`imagepipe agent` beside ComfyUI (cost $0 API, GPU time on your machine)",
+            file=out,
+        )
     if report.ignored_columns:
         print(
             f"note: extra column(s) echoed back in the results: {', '.join(report.ignored_columns)}", file=out
@@ -388,7 +397,7 @@ def _verdicts(rows: Iterable[RawRow], defaults: RowDefaults) -> Iterator[_Verdic
     seen: dict[str, int] = {}
     for raw in rows:
         try:
-            task = to_task(DRY_RUN_JOB, raw, defaults)
+            task = to_task(DRY_RUN_JOB, raw, defaults, _dry_run_route(raw))
         except RowRejected as exc:
             yield _Verdict(raw.number, row_id_of(raw), str(exc))
             continue
@@ -398,8 +407,22 @@ def _verdicts(rows: Iterable[RawRow], defaults: RowDefaults) -> Iterator[_Verdic
                 raw.number, task.row_id, f"duplicate id {task.row_id!r}: row {first} already uses it"
             )
             continue
+        if task.backend == "local":  # ComfyUI's own checks are the agent's (its nodes and models)
+            yield _Verdict(raw.number, task.row_id, None, task.provider, task.n)
+            continue
         reason = provider_class(task.provider).check(task)
         yield _Verdict(raw.number, task.row_id, reason or None, task.provider, task.n)
+
+
+def _dry_run_route(raw: RawRow) -> LocalRoute:
+    """The local route as a dry run sees it: enabled (the stack is not known here: without HybridMode=enabled
+    the splitter rejects these rows), the file at the bucket's top, and an s3:// image taken to be in the
+    stack's input bucket (the only bucket the splitter accepts)."""
+    named = [
+        v for k in IMAGE_COLUMNS if isinstance(v := (raw.values or {}).get(k), str) and v.startswith("s3://")
+    ]
+    bucket = named[0].removeprefix("s3://").partition("/")[0] if named else DRY_RUN_BUCKET
+    return LocalRoute(enabled=True, bucket=bucket, folder="")
 
 
 # ---------------------------------------------------------------------------------------- status

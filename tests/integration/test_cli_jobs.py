@@ -167,6 +167,32 @@ def test_dry_run_checks_every_row_without_any_aws_call(cli, tmp_path, monkeypatc
     assert "API keys are checked on the stack, not here" in out
 
 
+def test_dry_run_checks_local_comfyui_rows_by_the_splitters_rules_and_prices_only_cloud_rows(cli, tmp_path):
+    # Given a mixed file: a plain row, two good local rows, one image given as a URL, one mask without an image
+    path = write(
+        tmp_path,
+        "hybrid.csv",
+        "id,prompt,init_image,mask_image,control_image,controlnet\n"
+        "plain,a calm lake,,,,\n"
+        "door,a green door,house.png,door-mask.png,,\n"
+        "edges,a skyline,,,s3://my-input/edges.png,canny\n"
+        "url,a url,https://example.com/x.png,,,\n"
+        "mask,a mask alone,,door-mask.png,,\n",
+    )
+
+    code, out, err = cli("submit", "--dry-run", path)
+
+    # Then the local rows are checked as the splitter checks them (not all rejected for want of the stack's route)
+    assert code == 1, err
+    lines = out.splitlines()
+    assert lines[0] == f"{path}: 5 rows (csv) - 3 would be queued, 2 would be rejected"
+    assert "row 4 (id 'url')" in lines[1] and "no URLs are fetched" in lines[1]
+    assert "row 5 (id 'mask')" in lines[2] and "needs an init_image" in lines[2]
+    # And the estimate counts the one cloud image; the local ones cost no API dollars
+    assert lines[3] == "estimated cost: $0.0030 (atlascloud: 1 image(s) x $0.003)"
+    assert "2 row(s) go to the local ComfyUI route: the stack needs HybridMode=enabled" in out
+
+
 def test_dry_run_lists_the_first_20_rejected_rows_and_says_how_many_more(cli, tmp_path):
     path = write(tmp_path, "empty.jsonl", '{"prompt": ""}\n' * 25 + '{"prompt": "a cat"}\n')
 
