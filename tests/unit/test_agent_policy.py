@@ -61,6 +61,8 @@ def test_the_agent_may_do_only_what_the_agent_needs(template):
         ("Allow", "sqs:SendMessage", outcomes),
         ("Allow", "s3:GetObject", {"Fn::Sub": INPUT_OBJECTS + "*"}),
         ("Allow", "s3:PutObject", {"Fn::Sub": OUTPUT_OBJECTS + "jobs/*/images/*"}),
+        # the agent finds its queues and buckets in this stack's Outputs (imagepipe agent --stack NAME)
+        ("Allow", "cloudformation:DescribeStacks", {"Ref": "AWS::StackId"}),
     ]
 
     assert agent_grants(template) == {(e, a, json.dumps(r, sort_keys=True)) for e, a, r in expected}
