@@ -133,3 +133,18 @@ def test_every_link_between_the_docs_leads_somewhere_in_the_repository(doc):
         if anchor and linked.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
             assert anchor in {_anchor(h) for h in headings}, f"{doc.name} links to {target}: no such heading"
+
+
+# What the documents once named that a reader of the repository cannot open.
+OUTSIDE = re.compile(r"\bthe brief\b|(?<![\w/-])providers\.md|\bshared/|\bissue \d+|\bnext issue\b", re.I)
+
+
+def _prose(text: str) -> str:
+    """The document without what programs print: code blocks and the table `make bench` wrote."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return re.sub(r"^`make bench` on .*?\n\n\|.*?\n\n", "", text, flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d.name != "hybrid.md"], ids=lambda d: d.name)
+def test_the_docs_name_nothing_outside_the_repository(doc):
+    assert OUTSIDE.findall(_prose(doc.read_text())) == []
