@@ -14,6 +14,7 @@ from moto import mock_aws
 
 from imagepipe.ratelimit import (
     BETA,
+    PLATEAU_CUT,
     SLOW_START_CUT,
     SRE_WINDOW_S,
     START_RATE,
@@ -165,6 +166,19 @@ def test_a_configured_limit_is_used_as_it_is_and_after_a_refusal_never_exceeded_
     assert take(limiter, 1, "qianfan", "irag-1.0")[0].rate < 20.0 * BETA + 0.01
     clock.now += 3600  # an hour of successes: the probe never goes past the configured limit
     assert take(limiter, 1, "qianfan", "irag-1.0")[0].rate == pytest.approx(20.0)
+
+
+def test_a_refusal_right_after_start_up_cuts_a_configured_limit_just_below_it_not_by_half(fake):
+    # Given a configured 20/s whose first calls went late and bunched up: the provider refused one in the
+    # first second, when this instance had seen the schedule run for only a few calls
+    make, clock = fake
+    limiter = make({"qianfan": 20.0})
+    tokens = take(limiter, 4, "qianfan", "irag-1.0")
+    limiter.refused(tokens[-1])
+
+    # Then the rate comes back to 0.9 x 20 within seconds (CUBIC's plateau), not to half of it
+    clock.now += 5
+    assert take(limiter, 1, "qianfan", "irag-1.0")[0].rate >= 20.0 * PLATEAU_CUT * 0.99
 
 
 def test_when_the_provider_refuses_most_calls_the_instance_holds_calls_back_until_it_takes_them_again(

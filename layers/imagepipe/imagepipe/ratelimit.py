@@ -15,7 +15,7 @@ a delayed message. HORIZON_S keeps the tokens handed out ahead short, so a lower
 each slot; here a refused caller knows when to come back.)
 
 The rate: a configured limit (ProviderRateLimits) is used as it is until the provider refuses a call
-(then it is too high: the controller takes over below it). An unknown limit is found adaptively: a slow
+(then it is too high, or late calls bunched up: the controller takes over just below it, PLATEAU_CUT). An unknown limit is found adaptively: a slow
 start from START_RATE doubling every DOUBLING_S until the first rate-limit answer, then CUBIC as
 botocore's adaptive retry mode computes it (botocore.retries.throttling.CubicCalculator: cut to
 BETA x the rate at the refusal, grow back concavely to it), with the probe beyond that rate slowed to
@@ -225,8 +225,14 @@ class RateLimiter:
         now = self.clock()
         measured = self.measured_rate(key, now)
         known = self._known.get(key)
-        slow_start = known is None or known.cut_at is None
-        w_max = min(token.rate, measured or token.rate) * (SLOW_START_CUT if slow_start else PLATEAU_CUT)
+        if configured is not None:
+            # A configured schedule runs at its rate by construction (no slow start overshot it, and what an
+            # instance measured over a second just after start-up says nothing): a refusal - the limit set
+            # too high, or calls that went late and bunched up - cuts just below the rate the call came at.
+            w_max = token.rate * PLATEAU_CUT
+        else:
+            slow_start = known is None or known.cut_at is None
+            w_max = min(token.rate, measured or token.rate) * (SLOW_START_CUT if slow_start else PLATEAU_CUT)
         w_max = max(MIN_RATE, min(w_max, configured or MAX_RATE))
         try:
             item = self.client.update_item(
