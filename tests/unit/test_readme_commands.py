@@ -145,6 +145,6 @@ def _prose(text: str) -> str:
     return re.sub(r"^`make bench` on .*?\n\n\|.*?\n\n", "", text, flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if d.name != "hybrid.md"], ids=lambda d: d.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
 def test_the_docs_name_nothing_outside_the_repository(doc):
     assert OUTSIDE.findall(_prose(doc.read_text())) == []
