@@ -149,6 +149,7 @@ def test_refusals_that_keep_coming_keep_cutting_and_each_cut_is_shared_by_every_
     take(one, 20)
     rate = take(one, 1)[0].rate
     for _ in range(4):
+        clock.now += 2  # refusals that keep coming, each a provider's counting window after the last cut
         token = take(two, 1)[0]
         two.refused(token)
     # The other instance paces at the rate the refusals left, which is far below where it was
@@ -175,6 +176,9 @@ def test_a_refusal_right_after_start_up_cuts_a_configured_limit_just_below_it_no
     limiter = make({"qianfan": 20.0})
     tokens = take(limiter, 4, "qianfan", "irag-1.0")
     limiter.refused(tokens[-1])
+    # and refused a call sent just after the cut too: it met the same burst, in the provider's same second
+    clock.now += 0.3
+    limiter.refused(take(limiter, 1, "qianfan", "irag-1.0", answer=False)[0])
 
     # Then the rate comes back to 0.9 x 20 within seconds (CUBIC's plateau), not to half of it
     clock.now += 5

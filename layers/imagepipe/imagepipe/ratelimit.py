@@ -22,10 +22,11 @@ BETA x the rate at the refusal, grow back concavely to it), with the probe beyon
 PROBE of it per second - a provider's burst allowance hides an overshoot until it is spent, so a fast
 probe overshoots far before the first refusal arrives. The learnt state (the rate at the last refusal
 and when it came) lives in the same item, so N instances share one rate and together converge to the
-limit, not N x it. A refusal lowers the rate once per "epoch": only a call admitted after the last cut
-may cut again (TCP's once-per-round-trip rule), and the rate it records is the lower of the refused
-call's rate and the rate the instance saw the schedule run at over the last second, less PLATEAU_CUT
-(halved when it ends the slow start, which overshoots by up to a doubling before the burst runs out).
+limit, not N x it. A refusal lowers the rate once per "epoch": only a call admitted EPOCH_S after the last
+cut may cut again (TCP's once-per-round-trip rule, the provider's counting window as the round trip), and
+the rate it records is the lower of the refused call's rate and the rate the instance saw the schedule
+run at over the last second, less PLATEAU_CUT (halved when it ends the slow start, which overshoots by up
+to a doubling before the burst runs out; a configured rate is taken as it is).
 
 Per instance, Google SRE's client-side throttling guards the rest: when the provider has refused most
 recent calls for their rate, calls are refused here before they are sent (see SRE_K).
@@ -52,7 +53,7 @@ from imagepipe.observability import logger
 from imagepipe.providers.base import time_left
 
 START_RATE = 10.0  # calls/s before a limit is known
-DOUBLING_S = 2.0  # the slow start doubles the rate this often, until the first refusal
+DOUBLING_S = 3.0  # the slow start doubles the rate this often, until the first refusal
 BETA = 0.7  # botocore's: a refusal cuts the rate to BETA x the rate it came at
 SCALE = 0.4  # botocore's CUBIC scale constant
 PROBE = 0.02  # past the last refused rate, the rate grows by this share of it per second
@@ -65,6 +66,9 @@ MAX_WAIT_S = 60.0  # the longest a task waits for a token inside one invocation
 CALL_ROOM_S = 15.0  # a token must come this long before the invocation's deadline (for the call itself)
 TTL_S = 30 * 24 * 3600
 MEASURE_S = 1.0  # the schedule's recent rate is measured over this long
+# A refusal cuts again only for a call admitted this long after the last cut: a provider counts calls over a
+# window (a second, typically), so calls sent just after a cut still meet the burst that caused it.
+EPOCH_S = 1.0
 # Google SRE client-side throttling (SRE book, "Handling Overload"): over the last SRE_WINDOW_S, a call is
 # refused here with probability (requests - SRE_K x accepts) / (requests + 1) - a guard for when the
 # provider refuses most calls anyway (a quota spent, a limit far below the schedule's rate).
@@ -245,7 +249,7 @@ class RateLimiter:
                     ":w": _n(w_max),
                     ":ttl": {"N": str(int(now) + TTL_S)},
                     ":one": {"N": "1"},
-                    ":admitted": _n(token.admitted_at),
+                    ":admitted": _n(token.admitted_at - EPOCH_S),
                 },
                 ReturnValues="ALL_NEW",
             )["Attributes"]
