@@ -253,7 +253,7 @@ def _check_file(path: Path) -> None:
     if not path.is_file():
         raise JobError(f"{path}: no such file")
     if path.suffix.lower() not in FORMATS:
-        raise JobError(f"{path}: the input bucket only takes .csv and .jsonl files")
+        raise JobError(f"{path}: the input bucket only takes .csv, .jsonl and .json files")
     try:
         with path.open("rb") as handle:
             handle.read(1)

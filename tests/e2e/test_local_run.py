@@ -125,7 +125,7 @@ def test_misuse_exits_2_with_a_reason_and_no_traceback(tmp_path):
         (["run", str(EXAMPLES / "prompts.csv"), "--concurrency", "0"], "must be at least 1"),
         (["run", str(EXAMPLES / "prompts.csv"), "--batch-size", "many"], "is not a whole number"),
         (["run", str(EXAMPLES / "prompts.csv"), "--emulator-fault", "explode"], "unknown fault"),
-        (["run", str(ROOT / "pyproject.toml")], "only takes .csv and .jsonl"),
+        (["run", str(ROOT / "pyproject.toml")], "only takes .csv, .jsonl and .json"),
         (["run", str(EXAMPLES / "prompts.csv"), "--out", str(ROOT / "pyproject.toml")], "is not a folder"),
         (["emulator", "--port", "99999"], "not a port number"),
         (["run", str(EXAMPLES / "prompts.csv"), "--provider", "dalle"], "invalid choice"),

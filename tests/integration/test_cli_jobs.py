@@ -76,7 +76,7 @@ def test_submit_uploads_the_file_to_the_inbox_with_its_job_id_and_budget(pipelin
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("missing.csv", "missing.csv: no such file"), ("notes.txt", "only takes .csv and .jsonl files")],
+    [("missing.csv", "missing.csv: no such file"), ("notes.txt", "only takes .csv, .jsonl and .json files")],
 )
 def test_submit_of_a_file_the_stack_cannot_take_is_one_line_and_exit_2(cli, tmp_path, name, message):
     # Given a file that does not exist, or one of another type

@@ -128,7 +128,7 @@ def _check_options(options: RunOptions) -> None:
     if not options.input.is_file():
         raise RunError(f"{options.input}: no such file")
     if options.input.suffix.lower() not in FORMATS:
-        raise RunError(f"{options.input}: the input bucket only takes .csv and .jsonl files")
+        raise RunError(f"{options.input}: the input bucket only takes .csv, .jsonl and .json files")
     if not os.access(options.input, os.R_OK):
         raise RunError(f"{options.input}: not readable")
     if options.out.exists() and not options.out.is_dir():
