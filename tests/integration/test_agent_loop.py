@@ -182,7 +182,9 @@ def test_comfyui_restarting_mid_task_gets_the_task_done_once_after_it_returns(aw
     # Then the task went back to the queue once, ran again after the restart and succeeded: one outcome
     assert outcome.status == "succeeded"
     assert comfy.stats()["restarts"] == 1
-    assert running.stats.released == 1
+    # (released at least once: a busy machine may take it again before the restarted ComfyUI answers, and
+    # release it again - without running it)
+    assert running.stats.released >= 1
     assert comfy.runs(prompt_id_for(JOB, "r-restart")) == 2  # the lost run and the one that finished
     assert (running.stats.succeeded, running.stats.failed) == (1, 0)
 
