@@ -93,6 +93,26 @@ def test_a_task_that_cannot_get_a_token_before_its_deadline_comes_back_later_wit
     assert attrs["ApproximateNumberOfMessagesDelayed"] == "1"
 
 
+def test_a_submit_refused_for_its_rate_waits_for_the_next_token_and_succeeds_in_the_same_invocation(
+    pipeline_factory,
+):
+    # Given a configured limit above what the provider allows (2/s against its 1/s), its one burst token spent
+    pipeline = pipeline_factory(provider="qianfan", parameters=LIMITED, rate_limit=1.0)
+    pipeline.generator.invoke(one_task("1"))
+
+    # When the next task's call is refused for its rate
+    response = pipeline.generator.invoke(one_task("2"))
+
+    # Then it waited for another token (the limiter slowed down) and made its image then: no retry message,
+    # no rate-limit answer counted on the row, paid once
+    assert response == {"batchItemFailures": []}
+    outcome = pipeline.outcome("spring-campaign", "2")
+    assert outcome["status"] == "succeeded" and outcome["throttles"] == 0
+    stats = pipeline.emulator.stats()
+    assert stats["paid"] == 2 and stats.get("rate_limited", 0) >= 1
+    assert pipeline.queued_messages() == []
+
+
 def test_a_refusal_for_the_rate_lowers_the_shared_rate_below_the_configured_one(pipeline_factory):
     # Given a configured limit the provider does not keep to (it allows far fewer calls)
     pipeline = pipeline_factory(provider="qianfan", parameters=LIMITED, rate_limit=0.01)

@@ -63,6 +63,11 @@ class SendFailed(Exception):
         self.delay_s = delay_s
 
 
+# A submit refused for its rate waits for another token in the invocation this many times before it is retried
+# from the queue (only with the shared limiter on).
+TOKEN_RETRIES = 3
+
+
 def backoff(
     n: int, base_s: float, max_s: float, rand: Callable[[float, float], float] = random.uniform
 ) -> float:
@@ -406,7 +411,7 @@ class _Run:
                 self.record(CANCELLED if stop["type"] in ("cancelled", "budget") else FAILED, error=stop)
                 return
             else:
-                outcome = self.paced_start(token)
+                outcome = self.start_on_tokens(token)
                 submitted_at = self.p.clock()
                 if isinstance(outcome, Pending):
                     assert self.claim is not None
@@ -443,6 +448,24 @@ class _Run:
             return self.p.limiter.acquire(self.task.provider, self.model)
         except NoToken as exc:
             raise RetryLater(str(exc), exc.after_s) from exc
+
+    def start_on_tokens(self, token: Token | None) -> Generation | Pending:
+        """The paid submit. With the shared limiter on, a refusal for the rate (which the limiter has heard
+        and slowed down for) waits here for the next token, up to TOKEN_RETRIES times, instead of going back
+        to the queue for a backoff: a throttled task waits for a token, not for a retry. No token in time
+        for the invocation: the refusal takes the ordinary retry path, which releases the claim."""
+        for _ in range(TOKEN_RETRIES):
+            try:
+                return self.paced_start(token)
+            except ProviderError as exc:
+                if token is None or exc.kind != "rate_limited" or exc.maybe_accepted:
+                    raise
+                self.batch.count(self.task.provider, "RateLimited")
+                try:
+                    token = self.rate_token()
+                except RetryLater:
+                    raise exc from None
+        return self.paced_start(token)
 
     def paced_start(self, token: Token | None) -> Generation | Pending:
         """The paid submit; the limiter hears whether the provider took it or refused it for its rate."""
