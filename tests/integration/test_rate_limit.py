@@ -96,20 +96,22 @@ def test_a_task_that_cannot_get_a_token_before_its_deadline_comes_back_later_wit
 def test_a_submit_refused_for_its_rate_waits_for_the_next_token_and_succeeds_in_the_same_invocation(
     pipeline_factory,
 ):
-    # Given a configured limit above what the provider allows (2/s against its 1/s), its one burst token spent
-    pipeline = pipeline_factory(provider="qianfan", parameters=LIMITED, rate_limit=1.0)
-    pipeline.generator.invoke(one_task("1"))
+    # Given the limiter on, and a provider that refuses the row's first call for its rate
+    pipeline = pipeline_factory("rate-limit=lighthouse:1", provider="qianfan", parameters=LIMITED)
+    # (after a call it took: with one refusal as its only answer, Google SRE's guard would hold half the
+    # next calls back in the instance)
+    pipeline.generator.invoke(one_task("0", prompt="a harbour at noon"))
 
-    # When the next task's call is refused for its rate
-    response = pipeline.generator.invoke(one_task("2"))
+    # When the task arrives
+    response = pipeline.generator.invoke(one_task("1"))
 
-    # Then it waited for another token (the limiter slowed down) and made its image then: no retry message,
-    # no rate-limit answer counted on the row, paid once
+    # Then it waited for another token (the limiter heard the refusal) and made its image then: no retry
+    # message, no rate-limit answer counted on the row, paid once
     assert response == {"batchItemFailures": []}
-    outcome = pipeline.outcome("spring-campaign", "2")
+    outcome = pipeline.outcome("spring-campaign", "1")
     assert outcome["status"] == "succeeded" and outcome["throttles"] == 0
     stats = pipeline.emulator.stats()
-    assert stats["paid"] == 2 and stats.get("rate_limited", 0) >= 1
+    assert stats["paid"] == 2  # the harbour and the lighthouse, once each (its first call was refused)
     assert pipeline.queued_messages() == []
 
 
