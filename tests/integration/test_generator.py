@@ -187,3 +187,56 @@ def test_the_metrics_say_per_provider_how_many_images_and_what_they_cost(pipelin
     assert record["ImagesGenerated"] == [2.0]
     assert record["RateLimited"] == [1.0]
     assert record["Cost"][0] > 0
+
+
+def ten_task_event(pipeline) -> dict:
+    """events/sqs_tasks.json's first task, ten times over as rows 1-10 of one job."""
+    event = sqs_event(pipeline)
+    first = event["Records"][0]
+    event["Records"] = []
+    for row in range(1, 11):
+        record = copy.deepcopy(first)
+        record["messageId"] = f"{first['messageId'][:-2]}{row:02d}"
+        task = json.loads(record["body"])
+        record["body"] = json.dumps(
+            {**task, "row_id": str(row), "row_number": row, "prompt": f"a cat, take {row}"}
+        )
+        event["Records"].append(record)
+    return event
+
+
+def test_a_cold_batch_of_ten_reads_the_keys_secret_once_and_the_job_record_once(pipeline, monkeypatch):
+    # Given a new execution environment (no secrets provider, nothing cached) whose secret takes a while to
+    # read - long enough for all ten of a batch's task threads to ask for the keys while it is being read
+    import botocore.client
+    from aws_lambda_powertools.utilities.parameters.base import DEFAULT_PROVIDERS
+
+    monkeypatch.delitem(DEFAULT_PROVIDERS, "secrets", raising=False)
+    calls: list[tuple[str, dict]] = []
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def counted(client, operation, params):
+        calls.append((operation, params))
+        if operation == "GetSecretValue":
+            time.sleep(0.5)
+        return real_call(client, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+
+    # When a batch of ten tasks of one job runs
+    response = pipeline.generator.invoke(ten_task_event(pipeline))
+
+    # Then all ten images are made, from one read of the secret and one read of the job record (with the
+    # provider's stop) - not one per task thread
+    assert response == {"batchItemFailures": []}
+    assert len(pipeline.client("s3").list_objects_v2(Bucket=pipeline.output_bucket)["Contents"]) == 10
+    assert [op for op, _ in calls].count("GetSecretValue") == 1
+    job_reads = [
+        params
+        for op, params in calls
+        if op == "BatchGetItem"
+        and any(
+            key["sk"] == "STOP#atlascloud" for keys in params["RequestItems"].values() for key in keys["Keys"]
+        )
+    ]
+    assert len(job_reads) == 1

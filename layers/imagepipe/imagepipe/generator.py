@@ -210,6 +210,7 @@ class Batch:
         self._lock = threading.Lock()
         self._stops: dict[str, dict[str, str] | None] = {}
         self._jobs: dict[str, dict[str, Any]] = {}
+        self._job_reads: dict[str, threading.RLock] = {}
         self._metrics: dict[str, Counter[str]] = {}
         self._scouts: dict[tuple[str, str], threading.Event] = {}
         self.jobs: set[str] = set()
@@ -238,7 +239,16 @@ class Batch:
 
     def job(self, job_id: str, provider: str | None = None) -> dict[str, Any]:
         """The job record, read once per invocation (with `provider`'s stop for the job, in the same
-        request, when that is not known yet either)."""
+        request, when that is not known yet either): the batch's other tasks wait for its first read."""
+        with self._reading(job_id):
+            return self._read_job(job_id, provider)
+
+    def _reading(self, job_id: str) -> threading.RLock:
+        """The job's reads in this batch go one at a time: the first reads, the others find its answer."""
+        with self._lock:
+            return self._job_reads.setdefault(job_id, threading.RLock())
+
+    def _read_job(self, job_id: str, provider: str | None) -> dict[str, Any]:
         key = _provider_key(job_id, provider)
         with self._lock:
             if job_id in self._jobs:
@@ -257,6 +267,10 @@ class Batch:
     def job_stop(self, job_id: str, provider: str | None = None) -> dict[str, str] | None:
         """Why the job makes no more paid calls (cancelled, budget spent), read once per invocation.
         The budget counts what was spent and what the paid calls in flight are expected to cost."""
+        with self._reading(job_id):
+            return self._job_stop(job_id, provider)
+
+    def _job_stop(self, job_id: str, provider: str | None) -> dict[str, str] | None:
         with self._lock:
             if job_id in self._stops:
                 return self._stops[job_id]

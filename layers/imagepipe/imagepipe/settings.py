@@ -4,6 +4,7 @@ come from the stack's secret (cached by Powertools), never from the environment.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -39,6 +40,8 @@ class _Common(_EnvSettings):
     default_model: str | None = None
 
     def keys(self) -> Keys:
+        """The keys, read from the secret when first asked for; its client is made now, on this thread."""
+        _secrets()
         return Keys(lambda force: read_keys(self.provider_keys_secret, force=force))
 
 
@@ -145,15 +148,20 @@ class FinisherSettings(_EnvSettings):
     event_source: str = "imagepipe"
 
 
+_SECRETS_LOCK = threading.Lock()
+
+
 def _secrets() -> parameters.SecretsProvider:
     """Powertools' default Secrets Manager provider (the one parameters.get_secret uses and
-    clear_caches clears), made with the stack's botocore retry policy."""
+    clear_caches clears), made with the stack's botocore retry policy - once: a batch's ten task threads
+    asking at once on a cold start would otherwise each make a client (seconds of CPU, billed)."""
     from aws_lambda_powertools.utilities.parameters.base import DEFAULT_PROVIDERS
 
-    provider = DEFAULT_PROVIDERS.get("secrets")
-    if provider is None:
-        provider = DEFAULT_PROVIDERS["secrets"] = parameters.SecretsProvider(boto_config=aws.config())
-    return provider
+    with _SECRETS_LOCK:
+        provider = DEFAULT_PROVIDERS.get("secrets")
+        if provider is None:
+            provider = DEFAULT_PROVIDERS["secrets"] = parameters.SecretsProvider(boto_config=aws.config())
+        return provider
 
 
 def read_keys(secret_name: str, *, force: bool = False) -> dict[str, str]:

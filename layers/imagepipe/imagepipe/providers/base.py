@@ -109,6 +109,9 @@ class Keys:
         self._load = load
         self._force = False
         self._lock = threading.Lock()
+        # One read at a time: threads asking together on a cold start wait for the first read and get
+        # its answer from the cache, instead of each reading the secret.
+        self._reading = threading.Lock()
 
     def get(self, name: str) -> str:
         return self.get_many(name)[0]
@@ -116,9 +119,10 @@ class Keys:
     def get_many(self, *names: str) -> tuple[str, ...]:
         """Several keys from one read, so a re-read after refresh() gives them all fresh (a provider
         with an API key and a secret never pairs a new one with an old one)."""
-        with self._lock:
-            force, self._force = self._force, False
-        values = self._load(force)
+        with self._reading:
+            with self._lock:
+                force, self._force = self._force, False
+            values = self._load(force)
         return tuple(str(values.get(name) or "") for name in names)
 
     def refresh(self) -> None:
