@@ -15,6 +15,7 @@ from aws_lambda_powertools.utilities.batch import (
     async_process_partial_response,
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import ValidationError
 
 from imagepipe import aws
 from imagepipe.contract import TaskRecord
@@ -31,26 +32,34 @@ processor = AsyncBatchProcessor(
     event_type=EventType.SQS, model=TaskRecord, raise_on_entire_batch_failure=False
 )
 # The tasks of one batch (at most 10) wait on the network side by side.
-_threads = ThreadPoolExecutor(max_workers=10, thread_name_prefix="task")
+THREADS = 10
+_threads = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="task")
 # Time kept back from the function's Timeout for recording outcomes after the last poll or call: no
 # provider call runs into it (every HTTP call's timeout is cut to the time left before it).
 _RESERVE_S = 20.0
 
 
-def _per_thread(table_name: str, retention_days: int):
-    """A JobState per thread: boto3 resources (the Table) are not thread-safe, so each task thread
-    makes its own - from one session, one at a time. A session per thread loads botocore's service
-    models once per thread: ten threads doing that at once held a cold batch for seconds (billed), where
-    one session's models are loaded once and each further Table takes milliseconds."""
+def _per_thread(table_name: str, retention_days: int, threads: int):
+    """A JobState per thread: boto3 resources (the Table) are not thread-safe, so each task thread gets
+    its own - made here, for the pool's `threads`, from one session (a session per thread would load
+    botocore's service models once per thread: ten threads doing that at once held a cold batch for
+    seconds, billed). Made at init, a cold batch's threads start on them at once."""
     local = threading.local()
     session = boto3.session.Session()
     lock = threading.Lock()  # a session is not thread-safe: resources are made from it one at a time
 
+    def make() -> JobState:
+        with lock:
+            table = session.resource("dynamodb", config=aws.config()).Table(table_name)
+        return JobState(table, retention_days=retention_days)
+
+    spare = [make() for _ in range(threads)]
+
     def state() -> JobState:
         if getattr(local, "state", None) is None:
             with lock:
-                table = session.resource("dynamodb", config=aws.config()).Table(table_name)
-            local.state = JobState(table, retention_days=retention_days)
+                ready = spare.pop() if spare else None
+            local.state = ready or make()
         return local.state
 
     return state
@@ -76,7 +85,8 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
         providers=provider,
         s3=aws.client("s3"),
         sqs=aws.client("sqs"),
-        states=_per_thread(settings.jobs_table, settings.job_retention_days),
+        # THREADS task threads and the main thread
+        states=_per_thread(settings.jobs_table, settings.job_retention_days, THREADS + 1),
         limiter=(
             RateLimiter(aws.client("dynamodb"), settings.jobs_table, settings.rate_limits())
             if settings.shared_rate_limiter
@@ -98,6 +108,21 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
             prices=settings.prices(),
         ),
     )
+
+
+def _init() -> None:
+    """Lambda's init phase: the clients, the connection pool and the keys' provider are made once per
+    execution environment before its first invocation (AWS: "initialize SDK clients outside the function
+    handler"), not inside the first, billed one - where ten environments starting together spent seconds.
+    Settings this environment does not have (a test importing the module): the first invocation makes them."""
+    try:
+        settings = GeneratorSettings.from_env()
+    except ValidationError:
+        return
+    _task_processor(settings)
+
+
+_init()
 
 
 @logger.inject_lambda_context
