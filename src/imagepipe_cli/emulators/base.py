@@ -580,6 +580,10 @@ def serve(emulator: BaseEmulator, out: TextIO = sys.stdout) -> None:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's listen backlog is 5: a batch of generators connecting at once overflowed it, and each
+    # dropped connection waited for TCP's 1 s SYN retry - a second of billed Lambda time that a real API,
+    # behind its load balancer, never costs. The kernel caps it at net.core.somaxconn.
+    request_queue_size = 1024
 
     def __init__(self, addr: tuple[str, int], emulator: BaseEmulator) -> None:
         self.emulator = emulator
