@@ -299,8 +299,16 @@ def scenario_async(args: argparse.Namespace, report: dict) -> list[Row]:
                 generator = run.pop("stats")["functions"]["ImageGeneratorFunction"]
                 stats = api.stats()
                 images = max(1, stats.get("images", 0))
+                # Lambda bills each environment's init phase: the local one is forked from a process that
+                # has imported boto3 and the rest already, so each cold start is billed at the init a fresh
+                # process takes here (generator_init) instead.
+                init = generator_init(args, report).get("median_s", 0.0)
+                handler_s = generator["billed_seconds"] - generator["init_seconds"]
                 run.update(
-                    billed_s_per_image=generator["billed_seconds"] / images,
+                    billed_s_per_image=(handler_s + generator["cold_starts"] * init) / images,
+                    handler_s_per_image=handler_s / images,
+                    cold_starts=generator["cold_starts"],
+                    init_s=init,
                     invocations=generator["invocations"],
                     http_calls_per_image=sum(stats.get(k, 0) for k in ("submits", "polls", "downloads"))
                     / images,
@@ -313,8 +321,9 @@ def scenario_async(args: argparse.Namespace, report: dict) -> list[Row]:
             continue
         calls = " + ".join(f"{v:.2f} {k}" for k, v in run["calls"].items())
         out += [
-            Row(title, "Lambda seconds billed per image", "≤ 0.15", f"{run['billed_s_per_image']:.2f}", "n/a",
-                run["billed_s_per_image"] <= 0.15),
+            Row(title, "Lambda seconds billed per image (handler + init phases)", "≤ 0.15",
+                f"{run['billed_s_per_image']:.3f} ({run['handler_s_per_image']:.3f} + {run['cold_starts']} cold starts"
+                f" × {run['init_s'] * 1000:.0f} ms)", "n/a", run["billed_s_per_image"] <= 0.15),
             Row(title, "HTTP calls per image", "≤ 3.2", f"{run['http_calls_per_image']:.2f} ({calls})", "n/a",
                 run["http_calls_per_image"] <= 3.2),
         ]  # fmt: skip
@@ -375,9 +384,12 @@ _INIT_ENV = {
 }  # fmt: skip
 
 
-def scenario_coldstart(args: argparse.Namespace, report: dict) -> list[Row]:
-    """The generator's init in a fresh process, as Lambda's does it (the import, which makes its clients): its layer and boto3 only,
-    tracing on (Lambda's environment: LAMBDA_TASK_ROOT set), no bytecode written (/opt is read-only)."""
+def generator_init(args: argparse.Namespace, report: dict) -> dict:
+    """The generator's init in a fresh process, as Lambda's does it (the import, which makes its clients): its
+    layer and boto3 only, tracing on (Lambda's environment: LAMBDA_TASK_ROOT set), no bytecode written (/opt is
+    read-only). Measured once per bench run; the Atlas scenario bills it per cold start."""
+    if "coldstart" in report:
+        return report["coldstart"]
     build = ROOT / ".aws-sam" / "build"
     py312 = next(iter(sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12"))), None)
     py312 = py312 or shutil.which("python3.12")
@@ -400,13 +412,23 @@ def scenario_coldstart(args: argparse.Namespace, report: dict) -> list[Row]:
         )
         if probe.returncode != 0:
             report["coldstart"] = {"error": probe.stderr[-2000:]}
-            return [Row("generator cold start", "import app", "", f"failed: {probe.stderr.strip()[-160:]}")]
+            return report["coldstart"]
         seconds.append(float(probe.stdout.strip().splitlines()[-1]))
     layer = build / "SharedLayer"
     layer_mb = du(layer) / 1e6 if built and layer.is_dir() else None
-    report["coldstart"] = {"where": where, "import_s": seconds, "layer_mb": layer_mb}
+    report["coldstart"] = {"where": where, "import_s": seconds, "median_s": statistics.median(seconds),
+                           "layer_mb": layer_mb}  # fmt: skip
+    print(f"  init: {[round(s * 1000) for s in seconds]} ms; layer {layer_mb} MB ({where})", flush=True)
+    return report["coldstart"]
+
+
+def scenario_coldstart(args: argparse.Namespace, report: dict) -> list[Row]:
+    init = generator_init(args, report)
+    if "error" in init:
+        failed = init["error"].strip()[-160:]
+        return [Row("generator cold start", "import app", "", f"failed: {failed}")]
+    seconds, layer_mb, where = init["import_s"], init["layer_mb"], init["where"]
     median_ms, best_ms = statistics.median(seconds) * 1000, min(seconds) * 1000
-    print(f"  import: {[round(s * 1000) for s in seconds]} ms; layer {layer_mb} MB ({where})", flush=True)
     title = f"generator cold start ({where}, tracing on)"
     return [
         Row(title, f"init: import of functions/image_generator/app.py, its clients made: median of {len(seconds)} (best)",

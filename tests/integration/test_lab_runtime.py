@@ -69,6 +69,27 @@ def test_an_invocation_within_its_timeout_keeps_its_warm_environment(slow_functi
     assert function.timeouts == 0 and function.cold_starts == 1
 
 
+def test_each_environments_init_phase_is_billed_once_beside_its_invocations(tmp_path: Path):
+    # Lambda bills the init phase of on-demand functions (since August 2025): an environment that takes
+    # 0.6 s to import its handler bills that once, then only its invocations.
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "app.py").write_text("import time\ntime.sleep(0.6)\n" + SLOW_FUNCTION)
+    fn = DeployedFunction("SlowInit", "slow-init", code, "app.handler", {}, timeout=5, memory=128)
+    function = ProcessFunction(
+        fn, concurrency=1, env_overrides={}, log_path=tmp_path / "l.log", region="us-east-1"
+    )
+    try:
+        function.invoke({"sleep": 0.2})
+        function.invoke({"sleep": 0.2})
+    finally:
+        function.close()
+
+    assert function.cold_starts == 1
+    assert function.init_s >= 0.6
+    assert function.billed_s >= function.init_s + 2 * 0.2
+
+
 class _Recorder:
     def __init__(self, fail_times: int = 0):
         self.events: list[dict] = []

@@ -139,7 +139,9 @@ class ProcessFunction:
         init_timeout_s: float = 120.0,
     ) -> None:
         self.function, self.region = function, region
-        self.invocations, self.billed_s = 0, 0.0  # what Lambda would bill: handler time per invocation
+        # What Lambda bills: handler time per invocation, plus each environment's init phase (billed for
+        # on-demand functions since August 2025), which init_s also counts apart.
+        self.invocations, self.billed_s, self.init_s = 0, 0.0, 0.0
         self.failures = 0  # invocations that raised, timed out or were killed by --chaos
         self.timeouts = 0  # invocations killed at the function's Timeout
         self.cold_starts = 0
@@ -185,6 +187,7 @@ class ProcessFunction:
         )
         with self._lock:
             self._all.add(environment)
+        started = time.monotonic()
         try:
             environment.wait_ready(self.function.logical_id, self._init_timeout_s)
         except FunctionError:
@@ -192,6 +195,11 @@ class ProcessFunction:
                 self._all.discard(environment)
             environment.stop()
             raise
+        finally:
+            with self._lock:
+                init_s = time.monotonic() - started
+                self.init_s += init_s
+                self.billed_s += init_s
         return environment
 
     def close(self) -> None:

@@ -315,7 +315,8 @@ class LocalRuntime:
             "functions": {
                 name: {
                     "invocations": fn.invocations,
-                    "billed_seconds": round(fn.billed_s, 3),
+                    "billed_seconds": round(fn.billed_s, 3),  # init phases included
+                    "init_seconds": round(fn.init_s, 3),
                     "timed_out": fn.timeouts,
                     "cold_starts": fn.cold_starts,
                 }
