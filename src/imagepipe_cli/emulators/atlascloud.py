@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import threading
 import time
 import uuid
@@ -60,6 +61,7 @@ class Prediction:
     answer_5xx: bool = False  # a failed prediction is answered with HTTP 500 carrying the payload
     poll_failures_left: int = 0  # poll-flaky: this many more polls answer 503
     outputs: list[str] | None = None  # made once, when first seen completed
+    pngs: list[bytes] | None = None  # the images, drawn while it runs (see AtlasCloudEmulator._draw)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -104,6 +106,23 @@ class AtlasCloudEmulator(BaseEmulator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.predictions: OrderedDict[str, Prediction] = OrderedDict()
+        # The images are drawn while the prediction runs, one at a time on a thread of their own, as the
+        # provider's GPUs work during the generation: not all at once when a burst of polls finds a burst
+        # of predictions done (tens of ms of CPU each, which a real provider does not charge the poll).
+        self._to_draw: queue.SimpleQueue[Prediction] = queue.SimpleQueue()
+        threading.Thread(target=self._draw, name="atlascloud-draw", daemon=True).start()
+
+    def _draw(self) -> None:
+        while True:
+            prediction = self._to_draw.get()
+            if prediction.outputs is None and prediction.pngs is None:
+                pngs = [self._png(prediction, i) for i in range(prediction.n)]
+                with prediction.lock:
+                    prediction.pngs = prediction.pngs or pngs
+
+    @staticmethod
+    def _png(prediction: Prediction, index: int) -> bytes:
+        return render_png(prediction.prompt, prediction.width, prediction.height, index)
 
     def routes(self) -> list[Route]:
         return [
@@ -178,6 +197,8 @@ class AtlasCloudEmulator(BaseEmulator):
                 self.predictions.popitem(last=False)
         if not prediction.error:  # failed predictions are not billed
             self.charge(prompt)
+            if not prediction.nsfw:
+                self._to_draw.put(prediction)
         self.hang(prompt)  # accepted (and billed); the answer comes too late for the client
         if self.prompt_fault("sync", prompt):
             # A model in sync mode answers when it has finished, with the poll's shape.
@@ -297,13 +318,9 @@ class AtlasCloudEmulator(BaseEmulator):
     def _outputs(self, prediction: Prediction) -> list[str]:
         with prediction.lock:  # two concurrent polls make the images once
             if prediction.outputs is None:
-                prediction.outputs = [
-                    self.store_file(
-                        render_png(prediction.prompt, prediction.width, prediction.height, i),
-                        prompt=prediction.prompt,
-                    )
-                    for i in range(prediction.n)
-                ]
+                pngs = prediction.pngs or [self._png(prediction, i) for i in range(prediction.n)]
+                prediction.outputs = [self.store_file(png, prompt=prediction.prompt) for png in pngs]
+                prediction.pngs = None
                 self.count("images", prediction.n)
             return prediction.outputs
 

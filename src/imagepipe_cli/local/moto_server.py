@@ -19,6 +19,7 @@ answers:
   `speed_up_moto_dynamodb` snapshots and restores only the items a transaction names.
 - moto 5.2.5 spends most of a DynamoDB update on parsing and validating its UpdateExpression anew
   (`speed_up_moto_update_expressions`), and works out which service a request is for anew each time.
+- no access-log line per request (errors are still logged).
 
 And one addition, off until the stack is set up: `--chaos` faults as AWS answers them (`AwsChaos`), turned on
 with `POST /_imagepipe/chaos` (a JSON object of probabilities) and counted by `GET /_imagepipe/chaos`, so
@@ -32,6 +33,7 @@ import copy
 import functools
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -913,6 +915,9 @@ def main(argv: list[str] | None = None) -> None:
     # (walking every backend's URL patterns and moto's module list): remember it.
     app.get_backend_for_host = functools.lru_cache(maxsize=1024)(app.get_backend_for_host)
     app = _OneAtATime(app, os.environ.get("IMAGEPIPE_DYNAMODB_WRITE_LOG"))
+    # No line per request in moto.log (werkzeug's access log: a seventh of the server's CPU under load, on
+    # the interpreter lock every request waits for); errors are still logged.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
 
 
