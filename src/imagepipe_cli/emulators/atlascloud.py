@@ -109,16 +109,32 @@ class AtlasCloudEmulator(BaseEmulator):
         # The images are drawn while the prediction runs, one at a time on a thread of their own, as the
         # provider's GPUs work during the generation: not all at once when a burst of polls finds a burst
         # of predictions done (tens of ms of CPU each, which a real provider does not charge the poll).
-        self._to_draw: queue.SimpleQueue[Prediction] = queue.SimpleQueue()
-        threading.Thread(target=self._draw, name="atlascloud-draw", daemon=True).start()
+        # The thread starts with the first prediction to draw and ends with stop().
+        self._to_draw: queue.SimpleQueue[Prediction | None] = queue.SimpleQueue()
+        self._drawer: threading.Thread | None = None
+
+    def _draw_later(self, prediction: Prediction) -> None:
+        with self.lock:
+            if self._drawer is None:
+                self._drawer = threading.Thread(target=self._draw, name="atlascloud-draw", daemon=True)
+                self._drawer.start()
+        self._to_draw.put(prediction)
 
     def _draw(self) -> None:
-        while True:
-            prediction = self._to_draw.get()
-            if prediction.outputs is None and prediction.pngs is None:
+        while (prediction := self._to_draw.get()) is not None:
+            if prediction.outputs is None:
                 pngs = [self._png(prediction, i) for i in range(prediction.n)]
                 with prediction.lock:
-                    prediction.pngs = prediction.pngs or pngs
+                    if prediction.outputs is None:  # not already made by a poll that came first
+                        prediction.pngs = pngs
+
+    def stop(self) -> None:
+        with self.lock:
+            drawer, self._drawer = self._drawer, None
+        if drawer is not None:
+            self._to_draw.put(None)
+            drawer.join(timeout=5)
+        super().stop()
 
     @staticmethod
     def _png(prediction: Prediction, index: int) -> bytes:
@@ -198,7 +214,7 @@ class AtlasCloudEmulator(BaseEmulator):
         if not prediction.error:  # failed predictions are not billed
             self.charge(prompt)
             if not prediction.nsfw:
-                self._to_draw.put(prediction)
+                self._draw_later(prediction)
         self.hang(prompt)  # accepted (and billed); the answer comes too late for the client
         if self.prompt_fault("sync", prompt):
             # A model in sync mode answers when it has finished, with the poll's shape.
