@@ -302,8 +302,11 @@ def scenario_async(args: argparse.Namespace, report: dict) -> list[Row]:
                 # Lambda bills each environment's init phase: the local one is forked from a process that
                 # has imported boto3 and the rest already, so each cold start is billed at the init a fresh
                 # process takes here (generator_init) instead.
-                init = generator_init(args, report).get("median_s", 0.0)
+                init = generator_init(args, report).get("median_s")
                 handler_s = generator["billed_seconds"] - generator["init_seconds"]
+                if init is None:  # never billed as 0: the row says why there is no figure
+                    run["error"] = "the generator's init could not be measured (see the cold start row)"
+                    init = 0.0
                 run.update(
                     billed_s_per_image=(handler_s + generator["cold_starts"] * init) / images,
                     handler_s_per_image=handler_s / images,

@@ -113,8 +113,10 @@ def _task_processor(settings: GeneratorSettings) -> TaskProcessor:
 def _init() -> None:
     """Lambda's init phase: the clients, the connection pool and the keys' provider are made once per
     execution environment before its first invocation (AWS: "initialize SDK clients outside the function
-    handler"), not inside the first, billed one - where ten environments starting together spent seconds.
-    Settings this environment does not have (a test importing the module): the first invocation makes them."""
+    handler"), on one thread - not by ten task threads at once inside the first invocation, where ten
+    environments starting together spent seconds. Init is billed too (since August 2025): the saving is
+    the contention. Settings this environment does not have (a test importing the module): the first
+    invocation makes them."""
     try:
         settings = GeneratorSettings.from_env()
     except ValidationError:
