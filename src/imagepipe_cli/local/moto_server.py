@@ -20,6 +20,9 @@ answers:
 - moto 5.2.5 spends most of a DynamoDB update on parsing and validating its UpdateExpression anew
   (`speed_up_moto_update_expressions`), and works out which service a request is for anew each time.
 - no access-log line per request (errors are still logged).
+- connections are kept open (`_KeepAliveHandler`): werkzeug's development server closes each one after a
+  single request, so every AWS call here cost a TCP connection, a server thread and botocore a new
+  connection - a fifth of moto's CPU under load. AWS keeps them open, and botocore reuses them.
 
 And one addition, off until the stack is set up: `--chaos` faults as AWS answers them (`AwsChaos`), turned on
 with `POST /_imagepipe/chaos` (a JSON object of probabilities) and counted by `GET /_imagepipe/chaos`, so
@@ -894,12 +897,67 @@ def speed_up_moto_dynamodb_answers() -> None:
     responses.DynamoResult.execute_result = execute_result
 
 
+def _keep_alive_handler() -> type:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+
+    class _KeepAliveHandler(MotoRequestHandler):
+        """moto's request handler (its environ: S3 metadata names with underscores kept) on HTTP/1.1
+        connections that stay open, as AWS's do. werkzeug's `run_wsgi` cannot keep them: after each answer
+        it reads and discards whatever the socket holds, which on a kept connection is the next request.
+        Here the request's body is read whole (its Content-Length, or to the end of its chunks) before moto
+        sees it, and the answer is written in one piece with its length, so each request ends exactly where
+        the next one starts."""
+
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def run_wsgi(self) -> None:
+            if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            environ = self.environ = self.make_environ()
+            stream = environ["wsgi.input"]
+            if environ.get("wsgi.input_terminated"):  # chunked: werkzeug's de-chunking stream, to its end
+                body = stream.read()
+            else:
+                body = stream.read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            captured, capture = _capturing()
+            try:
+                answer = self.server.app(environ, capture)
+                try:
+                    payload = b"".join(answer)
+                finally:
+                    if hasattr(answer, "close"):
+                        answer.close()
+                status, headers = captured
+            except Exception:  # moto's own failure: a 500, as werkzeug answers it, on a closed connection
+                logging.getLogger("werkzeug").exception("Error on request %s %s", self.command, self.path)
+                status, headers, payload = "500 INTERNAL SERVER ERROR", [("Content-Type", "text/plain")], b""
+                self.close_connection = True
+            code, _, reason = status.partition(" ")
+            head = self.command == "HEAD" or int(code) in (204, 304) or int(code) < 200
+            lines = [f"{self.protocol_version} {status}", f"Server: {self.version_string()}",
+                     f"Date: {self.date_time_string()}"]  # fmt: skip
+            for name, value in headers:
+                if name.lower() in ("connection", "transfer-encoding", "date", "server") or (
+                    name.lower() == "content-length" and not head
+                ):
+                    continue
+                lines.append(f"{name}: {value}")
+            if not head:
+                lines.append(f"Content-Length: {len(payload)}")
+            if self.close_connection:
+                lines.append("Connection: close")
+            self.wfile.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (b"" if head else payload))
+
+    return _KeepAliveHandler
+
+
 def main(argv: list[str] | None = None) -> None:
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import run_simple
 
     parser = argparse.ArgumentParser(description="moto server, one request at a time")
@@ -918,7 +976,7 @@ def main(argv: list[str] | None = None) -> None:
     # No line per request in moto.log (werkzeug's access log: a seventh of the server's CPU under load, on
     # the interpreter lock every request waits for); errors are still logged.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    run_simple(args.host, args.port, app, threaded=True, request_handler=_keep_alive_handler())
 
 
 if __name__ == "__main__":
