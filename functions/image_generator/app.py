@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
-import boto3
 import httpx
 from aws_lambda_powertools.utilities.batch import (
     AsyncBatchProcessor,
@@ -41,25 +40,18 @@ _RESERVE_S = 20.0
 
 def _per_thread(table_name: str, retention_days: int, threads: int):
     """A JobState per thread: boto3 resources (the Table) are not thread-safe, so each task thread gets
-    its own - made here, for the pool's `threads`, from one session (a session per thread would load
-    botocore's service models once per thread: ten threads doing that at once held a cold batch for
-    seconds, billed). Made at init, a cold batch's threads start on them at once."""
+    its own - made here for the pool's `threads`, on one shared client (`aws.tables`: a client per thread
+    would load botocore's service model once per thread, a quarter of a second of init for eleven). Made at
+    init, a cold batch's threads start on them at once."""
     local = threading.local()
-    session = boto3.session.Session()
-    lock = threading.Lock()  # a session is not thread-safe: resources are made from it one at a time
-
-    def make() -> JobState:
-        with lock:
-            table = session.resource("dynamodb", config=aws.config()).Table(table_name)
-        return JobState(table, retention_days=retention_days)
-
-    spare = [make() for _ in range(threads)]
+    lock = threading.Lock()
+    spare = [JobState(table, retention_days=retention_days) for table in aws.tables(table_name, threads)]
 
     def state() -> JobState:
         if getattr(local, "state", None) is None:
             with lock:
                 ready = spare.pop() if spare else None
-            local.state = ready or make()
+            local.state = ready or JobState(aws.table(table_name), retention_days=retention_days)
         return local.state
 
     return state
