@@ -214,13 +214,16 @@ class ProcessFunction:
 # Libraries every function imports and that read none of a function's settings at import. A new
 # environment is forked from a server process that has imported them once, instead of each importing
 # them again (about a second of CPU each, ten at once on a cold start): its own module state, environment
-# variables and handler import (Lambda's init phase) stay its own.
+# variables and handler import (Lambda's init phase) stay its own. botocore's data files are parsed there
+# once, and compiled bytecode is kept (preload.py): a generator's init then takes 0.2 s of CPU, not 0.56 s.
 PRELOAD = [
     "boto3",
     "httpx",
     "pydantic",
     "aws_lambda_powertools.utilities.batch",
     "aws_lambda_powertools.utilities.parser",
+    "aws_xray_sdk.core",  # Powertools' Tracer imports it even with tracing off
+    "imagepipe_cli.local.preload",
     "imagepipe_cli.local.lambda_runtime",
 ]
 _context_lock = threading.Lock()
