@@ -52,7 +52,8 @@ def tables(name: str, count: int) -> list[Any]:
     """`count` DynamoDB Table resources for as many threads: each its own resource object (resources are
     not thread-safe), all on one client (clients are), with a pooled connection for each. Making a resource
     makes a client, which loads the service's model and endpoint rules (~25 ms of CPU each, at init): ten
-    threads' tables now cost one."""
-    first = boto3.session.Session().resource("dynamodb", config=config(max_pool_connections=max(10, count)))
+    threads' tables now cost one. Made from the default session, as `client`'s clients are (a session of
+    its own parses botocore's endpoint data again): call it from one thread at a time (the init phase)."""
+    first = boto3.resource("dynamodb", config=config(max_pool_connections=max(10, count)))
     service = type(first)
     return [first.Table(name)] + [service(client=first.meta.client).Table(name) for _ in range(count - 1)]

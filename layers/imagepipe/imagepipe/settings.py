@@ -160,7 +160,11 @@ def _secrets() -> parameters.SecretsProvider:
     with _SECRETS_LOCK:
         provider = DEFAULT_PROVIDERS.get("secrets")
         if provider is None:
-            provider = DEFAULT_PROVIDERS["secrets"] = parameters.SecretsProvider(boto_config=aws.config())
+            # its client from the default session, as the function's others: a session of its own would
+            # parse botocore's endpoint data once more (init time, billed)
+            provider = DEFAULT_PROVIDERS["secrets"] = parameters.SecretsProvider(
+                boto3_client=aws.client("secretsmanager")
+            )
         return provider
 
 
