@@ -108,20 +108,27 @@ class AtlasCloudEmulator(BaseEmulator):
         self.predictions: OrderedDict[str, Prediction] = OrderedDict()
         # The images are drawn while the prediction runs, one at a time on a thread of their own, as the
         # provider's GPUs work during the generation: not all at once when a burst of polls finds a burst
-        # of predictions done (tens of ms of CPU each, which a real provider does not charge the poll).
+        # of predictions done (tens of ms of CPU each, which a real provider does not charge the poll), nor
+        # as a burst of submits comes in: each halfway through its generation, when the client is waiting.
         # The thread starts with the first prediction to draw and ends with stop().
         self._to_draw: queue.SimpleQueue[Prediction | None] = queue.SimpleQueue()
         self._drawer: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def _draw_later(self, prediction: Prediction) -> None:
         with self.lock:
             if self._drawer is None:
+                self._stopping.clear()
                 self._drawer = threading.Thread(target=self._draw, name="atlascloud-draw", daemon=True)
                 self._drawer.start()
         self._to_draw.put(prediction)
 
     def _draw(self) -> None:
         while (prediction := self._to_draw.get()) is not None:
+            # FIFO is the order they are due in: every prediction runs for the same latency.
+            halfway = prediction.created_at + self.config.latency_ms / 2000.0
+            if self._stopping.wait(max(0.0, halfway - time.monotonic())):
+                return
             if prediction.outputs is None:
                 pngs = [self._png(prediction, i) for i in range(prediction.n)]
                 with prediction.lock:
@@ -132,6 +139,7 @@ class AtlasCloudEmulator(BaseEmulator):
         with self.lock:
             drawer, self._drawer = self._drawer, None
         if drawer is not None:
+            self._stopping.set()
             self._to_draw.put(None)
             drawer.join(timeout=5)
         super().stop()
