@@ -133,3 +133,30 @@ def test_a_message_moved_to_the_dead_letter_queue_reaches_a_poll_waiting_there(s
 
     assert [m["Body"] for m in answers] == ["poison"]
     assert again == []
+
+
+def test_a_batch_of_delayed_messages_reaches_the_waiting_polls_when_due_and_not_before(sqs):
+    # A send of delayed messages wakes no waiting poll (nothing is receivable yet): the queue's leading poll
+    # sees when they are due and looks then.
+    url = sqs.create_queue(QueueName="handed-back")["QueueUrl"]
+    answers: list = []
+    threads = [long_poll(sqs, url, answers) for _ in range(4)]  # one message each
+    time.sleep(0.2)  # the polls are waiting
+
+    sent = time.monotonic()
+    sqs.send_message_batch(
+        QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": f"d{i}", "DelaySeconds": 2} for i in range(3)]
+    )
+    sqs.send_message(QueueUrl=url, MessageBody="now")
+    while not answers and time.monotonic() - sent < WAIT_S:
+        time.sleep(0.02)
+    first = list(answers)
+    while len(answers) < 4 and time.monotonic() - sent < WAIT_S:
+        time.sleep(0.02)
+    received_all_s = time.monotonic() - sent
+    for thread in threads:
+        thread.join()
+
+    assert [m["Body"] for m in first] == ["now"]  # the undelayed one at once, none of the delayed with it
+    assert sorted(m["Body"] for m in answers) == ["d0", "d1", "d2", "now"]
+    assert received_all_s >= 2.0  # never before their delay

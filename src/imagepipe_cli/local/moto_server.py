@@ -183,7 +183,7 @@ class _OneAtATime:
                 start_response(status, headers)
                 answer = [body]
         if request.service == "sqs" and request.operation in SQS_MAKES_VISIBLE:
-            self._wake(request.queue(), len(request.json().get("Entries") or [None]))
+            self._wake(request.queue(), _visible_now(request.json()))
         return answer
 
     def _long_poll(self, poll: _LongPoll, environ: dict, start_response: Any) -> Any:
@@ -290,6 +290,25 @@ class _OneAtATime:
             self._write_log.write(f"{request.operation}\t{pk}\t{sk}\n")
 
 
+def _visible_now(body: dict) -> int:
+    """How many of a send's or visibility change's messages are receivable at once: a turn for a waiting poll
+    each. A message delayed (or hidden) for a second or more needs none - the queue's leading poll looks
+    again at least every LONG_POLL_IDLE_RECHECK_S, sees when it is due and looks then - and one for each
+    would be a receive that finds nothing (ten per batch of hand-backs, a third of moto's receives)."""
+
+    def hidden_s(entry: dict) -> float:
+        value = entry.get("DelaySeconds", entry.get("VisibilityTimeout")) or 0
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return 0.0
+
+    entries = body.get("Entries") or [body]
+    return sum(
+        1 for entry in entries if isinstance(entry, dict) and hidden_s(entry) < LONG_POLL_IDLE_RECHECK_S
+    )
+
+
 def _capturing() -> tuple[list[Any], Any]:
     """A start_response that keeps the status and headers (moto answers by returning its body, never by
     write()), for an answer to be looked at before it is sent."""
@@ -306,7 +325,7 @@ CHAOS_PATH = "/_imagepipe/chaos"
 # POST: every long poll answers now and none waits from then on (the local runtime is stopping).
 WAKE_PATH = "/_imagepipe/stop-long-polls"
 LONG_POLL_RECHECK_S = 0.2  # when moto's model cannot say when a queue's next message is due
-LONG_POLL_IDLE_RECHECK_S = 1.0
+LONG_POLL_IDLE_RECHECK_S = 1.0  # at most SQS's smallest delay (1 s): see _visible_now
 # Calls that may make messages receivable at once (a delete or a receive never does).
 SQS_MAKES_VISIBLE = {
     "SendMessage",
