@@ -8,6 +8,7 @@ from moto import mock_aws
 
 from imagepipe.jobstate import JobState
 from imagepipe_cli.local.moto_server import (
+    speed_up_moto_dispatch,
     speed_up_moto_dynamodb,
     speed_up_moto_dynamodb_answers,
     speed_up_moto_update_expressions,
@@ -148,3 +149,23 @@ def test_dynamodb_answers_are_the_same_json_as_moto_writes_them(monkeypatch):
 
     assert answers() == as_moto_writes_them
     assert as_moto_writes_them[0]["Item"]["bins"] == {"BS": [b"\x01", b"\x02"]}
+
+
+def test_every_service_still_finds_its_actions_with_the_listing_kept(monkeypatch):
+    from moto.core import responses
+
+    monkeypatch.setattr(responses, "method_names_from_class", responses.method_names_from_class)
+    speed_up_moto_dispatch()
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        for _ in range(2):  # the second time from the kept listing
+            url = sqs.create_queue(QueueName="q")["QueueUrl"]
+            sqs.send_message(QueueUrl=url, MessageBody="task")
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="dispatch")
+        s3.put_object(Bucket="dispatch", Key="k", Body=b"v")
+        received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        body = s3.get_object(Bucket="dispatch", Key="k")["Body"].read()
+
+    assert [m["Body"] for m in received] == ["task", "task"]
+    assert body == b"v"
