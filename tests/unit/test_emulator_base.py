@@ -765,7 +765,7 @@ def imagepipe_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "imagepipe_cli.cli"]
 
 
-@pytest.mark.parametrize("name", APIS)
+@pytest.mark.parametrize("name", [*APIS, "comfyui"])
 def test_the_emulator_command_announces_itself_and_stops_cleanly_on_ctrl_c(name):
     # Given `imagepipe emulator --provider NAME` running in its own process on a free port
     proc = subprocess.Popen(
@@ -781,6 +781,8 @@ def test_the_emulator_command_announces_itself_and_stops_cleanly_on_ctrl_c(name)
 
         # Then the banner says it is an emulator, not the real API, and where it listens
         assert "EMULATOR" in banner and "not the real API" in banner, banner
+        # and which keys it takes (or that it takes none), never an empty "keys:"
+        assert banner.split("-- keys:")[1].split(" -- ")[0].strip(), banner
         url = next(word for word in banner.split() if word.startswith("http://127.0.0.1:"))
         assert httpx.get(f"{url}/_emulator/stats", timeout=5).json()["emulator"] == name
 

@@ -561,7 +561,7 @@ def serve(emulator: BaseEmulator, out: TextIO = sys.stdout) -> None:
     emulator.start()
     try:
         faults = ", ".join(str(f) for f in emulator.config.faults) or "none"
-        keys = ", ".join(f"{k}={v}" for k, v in emulator.keys.items())
+        keys = ", ".join(f"{k}={v}" for k, v in emulator.keys.items()) or "none (this API takes no key)"
         print(
             f"imagepipe {emulator.title} EMULATOR (not the real API) listening on {emulator.base_url} "
             f"-- keys: {keys} -- faults: {faults} -- Ctrl-C to stop",
