@@ -326,7 +326,7 @@ CHAOS_PATH = "/_imagepipe/chaos"
 # POST: every long poll answers now and none waits from then on (the local runtime is stopping).
 WAKE_PATH = "/_imagepipe/stop-long-polls"
 LONG_POLL_RECHECK_S = 0.2  # when moto's model cannot say when a queue's next message is due
-SWITCH_INTERVAL_S = 0.05  # the server process's sys.setswitchinterval (see main)
+SWITCH_INTERVAL_S = 1.0  # the server process's sys.setswitchinterval (see main)
 LONG_POLL_IDLE_RECHECK_S = 1.0  # at most SQS's smallest delay (1 s): see _visible_now
 # Calls that may make messages receivable at once (a delete or a receive never does).
 SQS_MAKES_VISIBLE = {
@@ -1005,8 +1005,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # One request runs in moto at a time, among a thread per kept connection: with the interpreter's 5 ms
     # switch interval the thread in moto is made to hand the interpreter lock over to threads that only
-    # wait for moto's lock, then queues for it again. 50 ms lets it finish: a 200-row Atlas run at the
-    # template's concurrency billed 0.10 s per image here instead of 0.11-0.12 (two runs each).
+    # wait for moto's lock, then queues for it again. With 1 s a request runs on until it waits on its
+    # socket. Billed handler seconds per image, 200-row Atlas runs at the template's concurrency, two runs
+    # each, interleaved: 5 ms 0.111-0.117 vs 50 ms 0.096-0.104; later, on a busier machine, 50 ms
+    # 0.172-0.174 vs 200 ms 0.136-0.155 vs 1 s 0.115-0.123.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     speed_up_moto_sqs()
     speed_up_moto_dynamodb()
