@@ -27,6 +27,7 @@ from imagepipe_cli.emulators import BaseEmulator, EmulatorConfig, emulator_class
 from imagepipe_cli.emulators.base import parse_fault
 from imagepipe_cli.local.event_sources import SqsPoller
 from imagepipe_cli.local.lambda_runtime import InlineFunction
+from imagepipe_cli.local.moto_server import MotoServer
 from imagepipe_cli.local.stack import LocalStack, deploy_stack
 from imagepipe_cli.local.template import load_template
 
@@ -53,6 +54,13 @@ def _one_request_at_a_time(self: BotocoreStubber, request: Any) -> Any:
 
 
 BotocoreStubber.process_request = _one_request_at_a_time  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """The local moto server (server mode, over HTTP on loopback), one for the test module."""
+    with MotoServer(log_path=tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
 
 
 def create_jobs_table(resource: Any, name: str = "jobs") -> Any:

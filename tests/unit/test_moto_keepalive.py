@@ -11,14 +11,6 @@ import boto3
 import pytest
 import urllib3.util.connection
 
-from imagepipe_cli.local.moto_server import MotoServer
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    with MotoServer(log_path=tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        yield server
-
 
 @pytest.fixture
 def connections(monkeypatch):
@@ -34,15 +26,15 @@ def connections(monkeypatch):
     return opened
 
 
-def client(moto, service: str):
+def client(moto_server, service: str):
     session = boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
     )
-    return session.client(service, endpoint_url=moto.url)
+    return session.client(service, endpoint_url=moto_server.url)
 
 
-def test_one_client_makes_its_calls_on_one_connection_and_every_answer_is_whole(moto, connections):
-    s3, sqs = client(moto, "s3"), client(moto, "sqs")
+def test_one_client_makes_its_calls_on_one_connection_and_every_answer_is_whole(moto_server, connections):
+    s3, sqs = client(moto_server, "s3"), client(moto_server, "sqs")
     s3.create_bucket(Bucket="kept")
     big = bytes(range(256)) * 12_000  # 3 MB: botocore asks Expect: 100-continue
     for i in range(20):
@@ -64,8 +56,8 @@ def test_one_client_makes_its_calls_on_one_connection_and_every_answer_is_whole(
     assert len(connections) == 2
 
 
-def test_a_request_body_moto_does_not_read_does_not_spill_into_the_next_request(moto):
-    conn = http.client.HTTPConnection(moto.host, moto.port, timeout=10)
+def test_a_request_body_moto_does_not_read_does_not_spill_into_the_next_request(moto_server):
+    conn = http.client.HTTPConnection(moto_server.host, moto_server.port, timeout=10)
     conn.request("GET", "/moto-api/", body=b"left unread " * 1000)
     first = conn.getresponse()
     first.read()
@@ -80,8 +72,8 @@ def test_a_request_body_moto_does_not_read_does_not_spill_into_the_next_request(
     conn.close()
 
 
-def test_a_client_that_asks_to_close_is_answered_and_closed(moto):
-    conn = http.client.HTTPConnection(moto.host, moto.port, timeout=10)
+def test_a_client_that_asks_to_close_is_answered_and_closed(moto_server):
+    conn = http.client.HTTPConnection(moto_server.host, moto_server.port, timeout=10)
     conn.request("GET", "/moto-api/", headers={"Connection": "close"})
     answer = conn.getresponse()
     answer.read()

@@ -22,7 +22,6 @@ from imagepipe.ratelimit import (
     RateLimiter,
     parse_rate_limits,
 )
-from imagepipe_cli.local.moto_server import MotoServer
 from imagepipe_cli.local.template import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,12 +242,6 @@ def _admit_calls(url: str, table: str, ready, go, out) -> None:
     for thread in threads:
         thread.join()
     out.put(admitted)
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    with MotoServer(log_path=tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        yield server
 
 
 def test_the_shared_schedule_never_lets_more_than_its_rate_through_across_processes(moto_server):
