@@ -8,6 +8,8 @@ from moto import mock_aws
 
 from imagepipe.jobstate import JobState
 from imagepipe_cli.local.moto_server import (
+    speed_up_http_headers,
+    speed_up_moto_condition_expressions,
     speed_up_moto_dispatch,
     speed_up_moto_dynamodb,
     speed_up_moto_dynamodb_answers,
@@ -169,3 +171,72 @@ def test_every_service_still_finds_its_actions_with_the_listing_kept(monkeypatch
 
     assert [m["Body"] for m in received] == ["task", "task"]
     assert body == b"v"
+
+
+def test_a_condition_expression_decides_anew_for_each_request(monkeypatch):
+    from botocore.exceptions import ClientError
+    from moto.dynamodb.comparisons import ConditionExpressionParser
+
+    monkeypatch.setattr(
+        ConditionExpressionParser,
+        "_lex_condition_expression",
+        ConditionExpressionParser._lex_condition_expression,
+    )
+    speed_up_moto_condition_expressions()
+    with mock_aws():
+        table = create_jobs_table(boto3.resource("dynamodb", region_name="us-east-1"))
+
+        def claim(name: str, holder: str) -> bool:
+            try:
+                table.update_item(
+                    Key={"pk": "job", "sk": name},
+                    UpdateExpression="SET holder = :h",
+                    ConditionExpression="attribute_not_exists(pk) OR holder = :h",
+                    ExpressionAttributeValues={":h": holder},
+                )
+                return True
+            except ClientError as exc:
+                assert exc.response["Error"]["Code"] == "ConditionalCheckFailedException"
+                return False
+
+        # The same text each time, with other values and other items: each request is judged on its own.
+        claims = [claim("a", "x"), claim("a", "y"), claim("a", "x"), claim("b", "y")]
+        assert claims == [True, False, True, True]
+        for _ in range(2):  # a text that does not lex is refused every time (moto 5.2.5 raises, a 500 served)
+            with pytest.raises((ClientError, ValueError), match="Cannot parse condition"):
+                table.update_item(
+                    Key={"pk": "job", "sk": "a"},
+                    UpdateExpression="SET holder = :h",
+                    ConditionExpression="holder = :h AND ~",
+                    ExpressionAttributeValues={":h": "x"},
+                )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # as botocore sends them
+        b"Host: 127.0.0.1:5000\r\nAccept-Encoding: identity\r\nX-Amz-Target: DynamoDB_20120810.UpdateItem\r\n"
+        b"Content-Type: application/x-amz-json-1.0\r\nAuthorization: AWS4-HMAC-SHA256 Credential=x/20261204/"
+        b"us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=ab\r\nContent-Length: 2\r\n\r\n",
+        # a header twice, an empty value, spaces around a value, no space after the colon
+        b"X-Amz-Meta-A: 1\r\nX-Amz-Meta-A: 2\r\nX-Empty:\r\nX-Spaced:   v  \r\nX-Tight:v\r\n\r\n",
+        # what only the email parser reads: a folded line, a line without a colon, a space before the colon
+        b"X-Long: one\r\n two\r\nHost: h\r\n\r\n",
+        b"Host: h\r\nnot a header\r\n\r\n",
+        b"X-Odd : v\r\n\r\n",
+    ],
+)
+def test_request_headers_read_as_the_email_parser_reads_them(monkeypatch, head):
+    import http.client
+    import io
+
+    monkeypatch.setattr(http.client, "parse_headers", http.client.parse_headers)
+    expected = http.client.parse_headers(io.BytesIO(head + b"{}"))
+    speed_up_http_headers()
+    stream = io.BytesIO(head + b"{}")
+    got = http.client.parse_headers(stream)
+
+    assert type(got) is type(expected)
+    assert got.items() == expected.items()
+    assert stream.read() == b"{}"  # the body is left where it starts
