@@ -769,16 +769,16 @@ def speed_up_moto_update_expressions() -> None:
 
     validators.deepcopy = copy_tree
 
-    def processing(self: Any) -> tuple[dict, tuple, list]:
+    def processing(self: Any) -> tuple[tuple, tuple]:
+        """The pass's node types and, in the same order, the processor of each (its map built once)."""
         cached = self.__dict__.get("_imagepipe_map")
         if cached is None:
             processing_map = self._processing_map()
-            cached = (processing_map, tuple(processing_map), list(processing_map.values()))
-            self.__dict__["_imagepipe_map"] = cached
+            cached = self.__dict__["_imagepipe_map"] = (tuple(processing_map), tuple(processing_map.values()))
         return cached
 
     traverser = ast_nodes.DepthFirstTraverser
-    traverser.nodes_to_be_processed = lambda self: processing(self)[1]
+    traverser.nodes_to_be_processed = lambda self: processing(self)[0]
     no_hook = traverser.pre_processing_of_child
     # isinstance() on moto's nodes goes through ABCMeta (they are abstract classes), four times per node and
     # pass: what a node's type is, and which of a pass's processors takes it, is looked up once per type.
@@ -786,7 +786,7 @@ def speed_up_moto_update_expressions() -> None:
     processor_of: dict[tuple[type, type], int] = {}  # (pass, node type) -> index of its processor, -1: none
 
     def traverse_node_recursively(self: Any, node: Any, child_id: int = -1) -> Any:
-        processing_map, types, processors = processing(self)
+        types, processors = processing(self)
         hook = None if type(self).pre_processing_of_child is no_hook else self.pre_processing_of_child
         kind = type(self)
 
