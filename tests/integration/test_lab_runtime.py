@@ -189,3 +189,45 @@ def test_imagepipe_run_exits_0_only_when_the_job_completed_with_every_row(status
     from imagepipe_cli.local.runner import exit_code
 
     assert exit_code({"status": status}, rows) == code
+
+
+def test_started_event_deliveries_reach_the_function_as_events_arrive_on_long_polls(moto_server):
+    # `imagepipe run` and `up` start the deliveries: an EventBridge event reaches its function without anyone
+    # polling for it, and an idle delivery queue is one waiting receive, not one every quarter second.
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    events = session.client("events", endpoint_url=moto_server.url)
+    sqs = session.client("sqs", endpoint_url=moto_server.url)
+    receives: list[str] = []
+    sqs.meta.events.register("before-call.sqs.ReceiveMessage", lambda **kw: receives.append("receive"))
+    events.put_rule(
+        Name="requested", EventPattern=json.dumps({"source": ["test.deliveries"]}), State="ENABLED"
+    )
+    events.put_targets(
+        Rule="requested",
+        Targets=[{"Id": "fn", "Arn": "arn:aws:lambda:us-east-1:123456789012:function:imagepipe-splitter"}],
+    )
+    splitter = _Recorder()
+    rules = EventBridgeRules(events, sqs, {"Splitter": splitter}, {"imagepipe-splitter": "Splitter"})
+    rules.setup()
+    rules.start(wait_s=2)
+    try:
+        time.sleep(3)
+        idle_receives = len(receives)
+        events.put_events(
+            Entries=[{"Source": "test.deliveries", "DetailType": "ImageJob Requested", "Detail": "{}"}]
+        )
+        delivered = []
+        deadline = time.monotonic() + 10
+        while not delivered and time.monotonic() < deadline:  # nobody receives here: only hands over
+            time.sleep(0.05)
+            delivered += rules.poll_once()
+    finally:
+        rules.stop()
+
+    assert idle_receives <= 3  # 3 s idle: long polls of 2 s (short polls every 0.25 s would be 12)
+    (event,) = splitter.events
+    assert event["source"] == "test.deliveries" and event["detail-type"] == "ImageJob Requested"
+    assert [(d.function, d.error) for d in delivered] == [("Splitter", None)]
+    assert rules.poll_once() == [] and rules.fatal is None  # handed over once

@@ -64,3 +64,32 @@ def test_bytecode_is_kept_outside_the_sources_when_python_is_told_not_to_write_i
 
     assert not (code / "__pycache__").exists()  # nothing beside the sources
     assert list(cache.rglob("handler_module*.pyc"))  # the next environment reads it instead of compiling
+
+
+TLS = """
+import json, ssl, httpx
+from imagepipe_cli.local import preload
+def context(client):
+    return client._transport._pool._ssl_context
+ahead = [context for _, context in preload._made_ahead]
+first, second, unverified = httpx.Client(), httpx.Client(), httpx.Client(verify=False)
+def shape(ctx):
+    return {"verify_mode": int(ctx.verify_mode), "check_hostname": ctx.check_hostname,
+            "cas": len(ctx.get_ca_certs()), "minimum": str(ctx.minimum_version)}
+print(json.dumps({
+    "first": shape(context(first)), "second": shape(context(second)), "unverified": shape(context(unverified)),
+    "own": len({id(context(c)) for c in (first, second, unverified)}),
+    "first_was_made_ahead": [id(c) for c in ahead] == [id(context(first))],
+}))
+"""
+
+
+def test_the_first_httpx_client_gets_a_tls_context_made_ahead_that_verifies_as_httpx_default_does():
+    shared = json.loads(run(TLS, {}).strip().splitlines()[-1])
+
+    assert shared["first_was_made_ahead"]
+    assert shared["own"] == 3  # every client its own context (httpcore sets ALPN on it per connection)
+    assert shared["first"] == shared["second"]  # the one made ahead is httpx's default: certifi's CAs
+    assert shared["first"]["verify_mode"] == 2 and shared["first"]["check_hostname"] is True
+    assert shared["first"]["cas"] > 100
+    assert shared["unverified"]["verify_mode"] == 0  # verify=False still gets what it asked for

@@ -1,8 +1,9 @@
 """Lambda's event sources, played locally: the SQS poller (batch size, partial batch response,
-concurrency) and S3 -> function notifications."""
+concurrency), and S3 notifications and EventBridge rules invoking a function asynchronously."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -338,14 +339,96 @@ class Delivery:
     error: str | None = None
 
 
-class S3Notifications:
+class AsyncInvocations:
+    """Lambda's asynchronous invocation, played locally: each event that reaches one of a source's delivery
+    queues invokes its function (a failed invocation is tried twice more). `poll_once` delivers what is there
+    now. `start` has a thread per queue deliver each event as it arrives instead, on long polls (an idle
+    queue then costs moto one look a second, not a receive from the runner every quarter second), and
+    `poll_once` hands over what they delivered since it was last called."""
+
+    def __init__(self, sqs: Any, functions: dict[str, Invocable]) -> None:
+        self._sqs, self._functions = sqs, functions
+        self._lock = threading.Lock()
+        self._delivered: list[Delivery] = []
+        self._stop = threading.Event()
+        self._watchers: list[threading.Thread] = []
+        self.fatal: str | None = None  # why a delivery thread stopped (the runtime stops the job with it)
+
+    def delivery_queues(self) -> list[str]:
+        raise NotImplementedError
+
+    def _route(self, queue_url: str, event: dict) -> tuple[str | None, dict]:
+        """The function (logical id) an event of `queue_url` goes to, if any, and the event it gets."""
+        raise NotImplementedError
+
+    def poll_once(self) -> list[Delivery]:
+        if self._watchers:
+            with self._lock:
+                delivered, self._delivered = self._delivered, []
+            return delivered
+        return [delivery for url in self.delivery_queues() for delivery in self._poll(url, 0)]
+
+    def start(self, wait_s: int) -> None:
+        for index, url in enumerate(self.delivery_queues()):
+            thread = threading.Thread(
+                target=self._watch, args=(url, wait_s), name=f"{type(self).__name__}-{index}", daemon=True
+            )
+            thread.start()
+            self._watchers.append(thread)
+
+    def stopping(self) -> None:
+        """No new receive from now on (`stop` waits for the ones under way)."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._watchers:
+            thread.join()
+
+    def _watch(self, url: str, wait_s: int) -> None:
+        try:
+            while not self._stop.is_set():
+                deliveries = self._poll(url, wait_s)
+                with self._lock:
+                    self._delivered += deliveries
+        except Exception as exc:  # moto gone: the runtime stops the job with this reason
+            with self._lock:
+                self.fatal = self.fatal or f"{type(exc).__name__}: {exc}"
+
+    def _poll(self, url: str, wait_s: int) -> list[Delivery]:
+        messages = self._sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s
+        ).get("Messages", [])
+        deliveries = []
+        for message in messages:
+            function, event = self._route(url, json.loads(message["Body"]))
+            if function:
+                deliveries.append(self._deliver(function, event))
+            # SQS kept failing the delete (--chaos sqs-error): the event comes again (at-least-once)
+            with contextlib.suppress(ClientError):
+                self._sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        return deliveries
+
+    def _deliver(self, function: str, event: dict) -> Delivery:
+        delivery = Delivery(function, event)
+        for _ in range(1 + ASYNC_RETRIES):
+            try:
+                delivery.result, delivery.error = self._functions[function].invoke(event), None
+                break
+            except FunctionError as exc:
+                delivery.error = str(exc)
+        return delivery
+
+
+class S3Notifications(AsyncInvocations):
     """S3 -> function notifications. moto does not deliver the template's S3 -> Lambda
     notification, but it does deliver S3 -> SQS; so the bucket notifies a local queue with the
     template's own events and filters, and each event is passed to the function as Lambda would
     (asynchronously: a failed invocation is tried twice more)."""
 
     def __init__(self, s3: Any, sqs: Any, triggers: list[S3Trigger], functions: dict[str, Invocable]) -> None:
-        self._s3, self._sqs, self._triggers, self._functions = s3, sqs, triggers, functions
+        super().__init__(sqs, functions)
+        self._s3, self._triggers = s3, triggers
         self._queue_url = ""
 
     def setup(self) -> None:
@@ -369,18 +452,12 @@ class S3Notifications:
                 Bucket=bucket, NotificationConfiguration={"QueueConfigurations": configs}
             )
 
-    def poll_once(self) -> list[Delivery]:
-        messages = self._sqs.receive_message(
-            QueueUrl=self._queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0
-        ).get("Messages", [])
-        deliveries = []
-        for message in messages:
-            event = complete_s3_event(json.loads(message["Body"]))
-            function = self._function_for(event)
-            if function:
-                deliveries.append(self._deliver(function, event))
-            self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
-        return deliveries
+    def delivery_queues(self) -> list[str]:
+        return [self._queue_url]
+
+    def _route(self, queue_url: str, event: dict) -> tuple[str | None, dict]:
+        event = complete_s3_event(event)
+        return self._function_for(event), event
 
     def _function_for(self, event: dict) -> str | None:
         records = event.get("Records") or []
@@ -390,18 +467,8 @@ class S3Notifications:
         bucket = event.get("Bucket")  # s3:TestEvent: no configuration id, only the bucket
         return next((t.function for t in self._triggers if t.bucket == bucket), None)
 
-    def _deliver(self, function: str, event: dict) -> Delivery:
-        delivery = Delivery(function, event)
-        for _ in range(1 + ASYNC_RETRIES):
-            try:
-                delivery.result, delivery.error = self._functions[function].invoke(event), None
-                break
-            except FunctionError as exc:
-                delivery.error = str(exc)
-        return delivery
 
-
-class EventBridgeRules:
+class EventBridgeRules(AsyncInvocations):
     """EventBridge -> function, for the stack's rules (the splitter's "Object Created" and "ImageJob
     Requested"). moto keeps the rules and matches events, but cannot run a Lambda target; so each rule's
     Lambda target is swapped for an SQS target here, and each event is passed to the function as Lambda would
@@ -417,11 +484,11 @@ class EventBridgeRules:
         region: str = "us-east-1",
     ) -> None:
         # names: function name (as the stack named it) -> logical id
-        self._events, self._sqs, self._functions, self._names = events, sqs, functions, names
-        self._region = region
+        super().__init__(sqs, functions)
+        self._events, self._names, self._region = events, names, region
         self._queues: dict[str, str] = {}  # queue url -> logical id
         self.schedules: list[Schedule] = []  # rules with a rate(...): moto keeps them but never fires them
-        self._stop = threading.Event()
+        self._schedules_stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def setup(self) -> None:
@@ -453,19 +520,19 @@ class EventBridgeRules:
         due = {s.rule: now + (s.period_s if first_after_s is None else first_after_s) for s in self.schedules}
 
         def run() -> None:
-            while not self._stop.is_set():
+            while not self._schedules_stop.is_set():
                 now = time.monotonic()
                 for schedule in self.schedules:
                     if now >= due[schedule.rule]:
                         due[schedule.rule] = now + schedule.period_s
                         self._fire(schedule)
-                self._stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+                self._schedules_stop.wait(max(0.05, min(due.values()) - time.monotonic()))
 
         self._thread = threading.Thread(target=run, name="eventbridge-schedules", daemon=True)
         self._thread.start()
 
     def stop_schedules(self) -> None:
-        self._stop.set()
+        self._schedules_stop.set()
         if self._thread is not None:
             self._thread.join()
 
@@ -496,26 +563,11 @@ class EventBridgeRules:
         self._events.put_targets(Rule=name, Targets=[{"Id": "tap", "Arn": arn}])
         return url
 
-    def poll_once(self) -> list[Delivery]:
-        deliveries = []
-        for url, logical_id in self._queues.items():
-            messages = self._sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
-                "Messages", []
-            )
-            for message in messages:
-                delivery = Delivery(logical_id, json.loads(message["Body"]))
-                for _ in range(1 + ASYNC_RETRIES):
-                    try:
-                        delivery.result, delivery.error = (
-                            self._functions[logical_id].invoke(delivery.event),
-                            None,
-                        )
-                        break
-                    except FunctionError as exc:
-                        delivery.error = str(exc)
-                deliveries.append(delivery)
-                self._sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-        return deliveries
+    def delivery_queues(self) -> list[str]:
+        return list(self._queues)
+
+    def _route(self, queue_url: str, event: dict) -> tuple[str | None, dict]:
+        return self._queues[queue_url], event
 
 
 @dataclass

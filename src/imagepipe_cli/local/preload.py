@@ -9,6 +9,11 @@ fresh python3.12 process takes, not at this). Nothing here changes what a call s
   here: botocore parses it anew per session (about 40 ms of CPU for a new session's first client of a
   service; the generator's init makes several sessions). botocore already treats the data as read-only - a
   session's clients share it - so sessions sharing it changes nothing else.
+- httpx's default TLS context is made here once, for the first httpx client an environment makes (the
+  generator's): making it loads a CA bundle (certifi's, or SSL_CERT_FILE's), about 20 ms of CPU per
+  environment. Each context is still used by one client only (httpcore sets its ALPN protocols per
+  connection): a second client, one asking for other verification, or one made after SSL_CERT_FILE or
+  SSL_CERT_DIR changed gets its own, as without the preload.
 - Compiled bytecode is kept. Each environment imports its function and the shared package afresh (its init
   phase); with PYTHONDONTWRITEBYTECODE set nothing kept their bytecode, and every environment compiled them
   from source. It goes to a cache directory of its own (`sys.pycache_prefix`), never beside the sources.
@@ -60,6 +65,29 @@ def share_botocore_data() -> None:
         session.resource(service)
 
 
+_made_ahead: list[tuple[tuple, Any]] = []
+
+
+def _trusted() -> tuple:
+    """What httpx's default verification trusts: SSL_CERT_FILE or SSL_CERT_DIR when set, else certifi's CAs."""
+    return (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+def make_tls_context_ahead() -> None:
+    from httpx import _config
+    from httpx._transports import default
+
+    create = _config.create_ssl_context
+    _made_ahead.append((_trusted(), create()))
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if _made_ahead and verify is True and cert is None and trust_env and _made_ahead[0][0] == _trusted():
+            return _made_ahead.pop()[1]
+        return create(verify, cert, trust_env)
+
+    _config.create_ssl_context = default.create_ssl_context = create_ssl_context  # type: ignore[assignment]
+
+
 def keep_bytecode() -> None:
     if sys.dont_write_bytecode and sys.pycache_prefix is None:
         sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"imagepipe-pycache-{os.getuid()}")
@@ -67,4 +95,5 @@ def keep_bytecode() -> None:
 
 
 share_botocore_data()
+make_tls_context_ahead()
 keep_bytecode()

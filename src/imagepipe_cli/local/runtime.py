@@ -189,6 +189,10 @@ class LocalRuntime:
         for poller in self.pollers:
             poller.start()
             cleanup.callback(poller.stop)
+        # S3 and EventBridge events reach their functions as they arrive, as on AWS (see AsyncInvocations).
+        for source in (self.notifications, self.rules):
+            source.start(LONG_POLL_S)
+            cleanup.callback(source.stop)
         cleanup.callback(self._stop_polling)
         if parameters.get("HybridMode") == "enabled":
             self.agent = start_agent(self, cleanup)
@@ -203,6 +207,8 @@ class LocalRuntime:
         """Before the pollers are joined: none starts another receive, and those waiting answer now."""
         for poller in self.pollers:
             poller.stopping()
+        self.notifications.stopping()
+        self.rules.stopping()
         self.moto.stop_long_polls()
 
     def _shorten_visibility(self, seconds: int) -> None:
@@ -244,12 +250,16 @@ class LocalRuntime:
         return stats
 
     def pump(self) -> list[Delivery]:
-        """Deliver pending S3 events to their function (Lambda's asynchronous invocation, with its
-        retries); raise RuntimeFailure if the splitter kept failing or a poller stopped."""
+        """The S3 and EventBridge events delivered to their functions since the last call (Lambda's
+        asynchronous invocation, with its retries); raise RuntimeFailure if the splitter kept failing or a
+        poller stopped."""
         deliveries = self.notifications.poll_once() + self.rules.poll_once()
         for delivery in deliveries:
             if delivery.error:
                 raise RuntimeFailure(f"{delivery.function} failed 3 times on an event: {delivery.error}")
+        for source in (self.notifications, self.rules):
+            if source.fatal:
+                raise RuntimeFailure(f"the event deliveries stopped: {source.fatal}")
         for poller in self.pollers:
             if poller.stats.fatal:
                 raise RuntimeFailure(f"the queue poller stopped: {poller.stats.fatal}")
