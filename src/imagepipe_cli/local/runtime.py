@@ -257,13 +257,20 @@ class LocalRuntime:
         for delivery in deliveries:
             if delivery.error:
                 raise RuntimeFailure(f"{delivery.function} failed 3 times on an event: {delivery.error}")
+        reason = self.stopped()
+        if reason:
+            raise RuntimeFailure(reason)
+        return deliveries
+
+    def stopped(self) -> str | None:
+        """Why the runtime can run nothing more (an event delivery thread or a queue poller stopped), if so."""
         for source in (self.notifications, self.rules):
             if source.fatal:
-                raise RuntimeFailure(f"the event deliveries stopped: {source.fatal}")
+                return f"the event deliveries stopped: {source.fatal}"
         for poller in self.pollers:
             if poller.stats.fatal:
-                raise RuntimeFailure(f"the queue poller stopped: {poller.stats.fatal}")
-        return deliveries
+                return f"the queue poller stopped: {poller.stats.fatal}"
+        return None
 
     def completions(self) -> list[dict]:
         """ "ImageJob Completed" events published since the last call."""

@@ -61,11 +61,7 @@ def up(options: UpOptions, out: TextIO | None = None, ready: list[str] | None = 
                     for event in runtime.completions():
                         print(_completed_line(event, outputs["OutputBucketName"]), file=out, flush=True)
                 except RuntimeFailure as exc:
-                    if (
-                        any(p.stats.fatal for p in runtime.pollers)
-                        or runtime.notifications.fatal
-                        or runtime.rules.fatal
-                    ):
+                    if runtime.stopped():
                         print(f"imagepipe: error: {exc} (see {logs})", file=sys.stderr, flush=True)
                         return 3
                     # A file the splitter could not take is that upload's problem, not the stack's.
